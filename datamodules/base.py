@@ -1,0 +1,238 @@
+"""The episodic datamodule base: deterministic meta-batches, rank/worker partitioning, exact resume."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_meta.episode import Episode, collate_episodes
+from lightning_meta.errors import MetaConfigError
+
+__all__ = ["EpisodeSource", "EpisodicDataModule", "MetaBatchSampler"]
+
+
+class EpisodeSource(Protocol):
+    """Anything that makes episode ``index`` of ``(split, epoch)`` as a pure function (picklable)."""
+
+    def episode(self, split: str, epoch: int, index: int) -> Episode: ...
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _MetaBatchDataset(Dataset):
+    """Map-style dataset whose keys are ``(epoch, episode indices)``; returns a collated meta-batch."""
+
+    def __init__(self, source: EpisodeSource, split: str) -> None:
+        self.source = source
+        self.split = split
+
+    def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> Episode:
+        epoch, indices = key
+        return collate_episodes([self.source.episode(self.split, epoch, i) for i in indices])
+
+    def __len__(self) -> int:  # only used by samplers that ask; keys are not positions
+        return 0
+
+
+class MetaBatchSampler(DistributedSampler):
+    """Yields ``(epoch, global episode indices)`` keys: this rank's share of each meta-batch.
+
+    Training: meta-batch ``b`` of an epoch holds global episodes ``b*B .. b*B+B-1``; rank ``r`` of
+    ``W`` takes the contiguous slice ``r*B/W .. (r+1)*B/W - 1``. Evaluation: episode ``i`` of the
+    fixed list goes to rank ``i mod W``, in chunks of ``B`` per step. Keys are made in the main
+    process, so dataloader workers only decode; episodes never depend on the worker count.
+
+    It subclasses :class:`~torch.utils.data.DistributedSampler` only so that Lightning does not
+    wrap it in another distributed sampler: the partitioning here is already per rank.
+    """
+
+    def __init__(
+        self,
+        num_episodes: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        train: bool = True,
+        resume: tuple[int, int] | None = None,
+    ) -> None:
+        # deliberately not calling DistributedSampler.__init__ (it wants a dataset and a process group)
+        self.num_episodes = num_episodes
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.train = train
+        self.epoch = 0
+        self.resume = resume  # (epoch, batches already consumed in that epoch)
+        # attributes Lightning may read from a DistributedSampler
+        self.num_replicas, self.shuffle, self.drop_last, self.seed, self.dataset = world_size, False, False, 0, None
+        if train and batch_size % world_size:
+            raise MetaConfigError(
+                f"meta_batch_size={batch_size} is global and must be divisible by the world size {world_size}; "
+                f"use a multiple of {world_size}"
+            )
+
+    @property
+    def num_batches(self) -> int:
+        """Meta-batches in a full epoch on this rank."""
+        if self.train:
+            return self.num_episodes // self.batch_size
+        mine = len(range(self.rank, self.num_episodes, self.world_size))
+        return -(-mine // self.batch_size)
+
+    def start_batch(self) -> int:
+        """First meta-batch of the current epoch (non-zero only in the epoch a run resumed in)."""
+        if self.train and self.resume is not None and self.resume[0] == self.epoch:
+            return min(self.resume[1], self.num_batches)
+        return 0
+
+    def set_epoch(self, epoch: int) -> None:  # noqa: D102
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch()
+
+    def __iter__(self):
+        if self.train:
+            per_rank = self.batch_size // self.world_size
+            for b in range(self.start_batch(), self.num_batches):
+                first = b * self.batch_size + self.rank * per_rank
+                yield (self.epoch, tuple(range(first, first + per_rank)))
+        else:
+            mine = list(range(self.rank, self.num_episodes, self.world_size))
+            for s in range(0, len(mine), self.batch_size):
+                yield (0, tuple(mine[s : s + self.batch_size]))
+
+
+class EpisodicDataModule(L.LightningDataModule):
+    """Base of every episodic datamodule.
+
+    Subclasses build an :class:`EpisodeSource` per split in :meth:`setup` (stored in
+    ``self.sources``); this base turns them into dataloaders honouring the sampling contract
+    (DESIGN §2) and saves its position in the Lightning checkpoint for exact resume.
+
+    Args:
+        ways, shots, queries: training episode shape (N-way K-shot, Q queries per class).
+        eval_ways, eval_shots, eval_queries: validation/test shape (default: ways, shots, 15).
+        meta_batch_size: episodes per optimizer step, global over all devices.
+        eval_meta_batch_size: episodes per validation/test step on each device.
+        train_episodes: training episodes per epoch (global).
+        val_episodes, test_episodes: size of the fixed validation/test lists.
+        seed: the data seed; episodes are a pure function of (seed, split, epoch, index).
+        num_workers: dataloader worker processes (episodes do not depend on it).
+    """
+
+    task = "classification"
+
+    def __init__(
+        self,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        eval_ways: int | None = None,
+        eval_shots: int | None = None,
+        eval_queries: int = 15,
+        meta_batch_size: int = 4,
+        eval_meta_batch_size: int = 8,
+        train_episodes: int = 2000,
+        val_episodes: int = 100,
+        test_episodes: int = 600,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        checks = {"ways": ways, "shots": shots, "queries": queries, "eval_queries": eval_queries,
+                  "meta_batch_size": meta_batch_size, "eval_meta_batch_size": eval_meta_batch_size,
+                  "train_episodes": train_episodes, "val_episodes": val_episodes, "test_episodes": test_episodes}
+        for name, value in checks.items():
+            if value < 1:
+                raise MetaConfigError(f"{name}={value} must be >= 1")
+        if eval_ways is not None and eval_ways < 1:
+            raise MetaConfigError(f"eval_ways={eval_ways} must be >= 1 or null (same as ways)")
+        if eval_shots is not None and eval_shots < 1:
+            raise MetaConfigError(f"eval_shots={eval_shots} must be >= 1 or null (same as shots)")
+        if train_episodes < meta_batch_size:
+            raise MetaConfigError(
+                f"train_episodes={train_episodes} is smaller than meta_batch_size={meta_batch_size}; "
+                "an epoch needs at least one meta-batch"
+            )
+        if num_workers < 0:
+            raise MetaConfigError(f"num_workers={num_workers} must be >= 0")
+        self.ways = ways
+        self.shots = shots
+        self.queries = queries
+        self.eval_ways = eval_ways or ways
+        self.eval_shots = eval_shots or shots
+        self.eval_queries = eval_queries
+        self.meta_batch_size = meta_batch_size
+        self.eval_meta_batch_size = eval_meta_batch_size
+        self.train_episodes = train_episodes
+        self.val_episodes = val_episodes
+        self.test_episodes = test_episodes
+        self.seed = seed
+        self.num_workers = num_workers
+        self.sources: dict[str, EpisodeSource] = {}
+        self._resume: tuple[int, int] | None = None
+        self._train_sampler: MetaBatchSampler | None = None
+
+    # ------------------------------------------------------------ topology
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, split: str) -> DataLoader:
+        if split not in self.sources:
+            raise RuntimeError(f"{type(self).__name__}.setup() did not create a source for split {split!r}")
+        rank, world = self._rank_world()
+        if split == "train":
+            sampler = MetaBatchSampler(self.train_episodes, self.meta_batch_size, rank, world, True, self._resume)
+            self._train_sampler = sampler
+        else:
+            n = self.val_episodes if split == "val" else self.test_episodes
+            sampler = MetaBatchSampler(n, self.eval_meta_batch_size, rank, world, train=False)
+        return DataLoader(
+            _MetaBatchDataset(self.sources[split], split),
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("test")
+
+    # -------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch and meta-batches consumed in it, read from the trainer's progress counters."""
+        state: dict[str, Any] = {"seed": self.seed, "meta_batch_size": self.meta_batch_size}
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            loop = trainer.fit_loop
+            state["epoch"] = loop.epoch_progress.current.processed
+            state["batches"] = loop.epoch_loop.batch_progress.current.processed
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continues the episode stream where the checkpoint left it."""
+        if state_dict.get("seed", self.seed) != self.seed:
+            raise MetaConfigError(
+                f"the checkpoint was trained with data seed {state_dict['seed']} but seed={self.seed}; "
+                "resume with the same seed (or start a new run) to keep the episode stream exact"
+            )
+        if "epoch" in state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))

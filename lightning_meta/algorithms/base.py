@@ -1,0 +1,197 @@
+"""The shared base of every meta-learner: episode handling, metrics, evaluation protocol, optimizer."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_meta.episode import Episode
+from lightning_meta.errors import MetaConfigError
+from lightning_meta.metrics import EpisodicMean
+
+__all__ = ["MetaLearner", "TaskKind"]
+
+TaskKind = Literal["classification", "regression"]
+
+
+class MetaLearner(L.LightningModule):
+    """Base LightningModule for meta-learning algorithms.
+
+    Subclasses implement three public hooks (DESIGN §3):
+
+    - :meth:`adapt` ``(episode) -> state``: task-specific adaptation (fast weights, prototypes, ...).
+    - :meth:`predict` ``(state, x) -> outputs``: logits (classification) or values (regression).
+    - :meth:`meta_loss` ``(batch) -> Tensor``: the outer loss of a meta-batch; the default adapts
+      and predicts each task and averages the query losses.
+
+    The base runs evaluation with gradients enabled even though Lightning validates and tests
+    under ``torch.inference_mode`` (gradient-based learners must adapt at test time), and logs
+    ``{split}/acc`` (or ``{split}/mse``) with its 95% CI half-width ``{split}/acc_ci95`` over
+    episodes, computed from sufficient statistics so the value is exact under DDP.
+
+    Args:
+        ways: classes per episode (the output size of a task head); linked from the datamodule.
+        task: ``classification`` (cross-entropy, accuracy) or ``regression`` (MSE).
+        lr: outer (meta) learning rate of Adam.
+        weight_decay: Adam weight decay.
+    """
+
+    def __init__(self, ways: int = 5, task: TaskKind = "classification", lr: float = 1e-3, weight_decay: float = 0.0):
+        super().__init__()
+        if task not in ("classification", "regression"):
+            raise MetaConfigError(f"task={task!r} is not supported; use 'classification' or 'regression'")
+        if task == "classification" and ways < 2:
+            raise MetaConfigError(f"ways={ways} is too small for classification; use ways >= 2")
+        if lr <= 0:
+            raise MetaConfigError(f"lr={lr} must be positive; typical values are 1e-3 (Adam)")
+        if weight_decay < 0:
+            raise MetaConfigError(f"weight_decay={weight_decay} must be >= 0")
+        self.ways = ways
+        self.task = task
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.score_name = "acc" if task == "classification" else "mse"
+        self.val_metric = EpisodicMean()
+        self.test_metric = EpisodicMean()
+        self.extra_val_metrics = torch.nn.ModuleDict()
+        self.extra_test_metrics = torch.nn.ModuleDict()
+
+    # ------------------------------------------------------------------ hooks
+    def adapt(self, episode: Episode) -> Any:
+        """Task-specific adaptation of one (unbatched) episode; returns the state ``predict`` needs."""
+        raise NotImplementedError(f"{type(self).__name__} must implement adapt(episode)")
+
+    def predict(self, state: Any, x: Tensor) -> Tensor:
+        """Outputs for inputs ``x`` of the task described by ``state``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement predict(state, x)")
+
+    def meta_loss(self, batch: Episode) -> Tensor:
+        """Mean query loss over the tasks of a meta-batch (the training objective)."""
+        losses, scores = [], []
+        for ep in batch.tasks():
+            out = self.predict(self.adapt(ep), ep.query_x)
+            losses.append(self.loss_fn(out, ep.query_y))
+            scores.append(self.score_fn(out.detach(), ep.query_y))
+        self._train_scores = torch.stack(scores)
+        return torch.stack(losses).mean()
+
+    def evaluate(self, batch: Episode) -> dict[str, Tensor]:
+        """Per-episode scores ``{name: [B]}`` for validation/test; ``name`` = ``acc`` or ``mse`` at least."""
+        scores = []
+        for ep in batch.tasks():
+            out = self.predict(self.adapt(ep), ep.query_x)
+            scores.append(self.score_fn(out.detach(), ep.query_y))
+        return {self.score_name: torch.stack(scores)}
+
+    # --------------------------------------------------------------- losses
+    def loss_fn(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy for classification, mean squared error for regression."""
+        if self.task == "classification":
+            return F.cross_entropy(outputs, targets)
+        return F.mse_loss(outputs, targets)
+
+    def score_fn(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Accuracy (classification) or MSE (regression) of one episode, a 0-d tensor."""
+        if self.task == "classification":
+            return (outputs.argmax(-1) == targets).to(torch.float32).mean()
+        return F.mse_loss(outputs, targets)
+
+    def check_batch(self, batch: Episode) -> None:
+        """Refuses batches that do not fit the model, with a message naming the fix."""
+        if not isinstance(batch, Episode):
+            raise MetaConfigError(
+                f"{type(self).__name__} expects lightning_meta.Episode batches, got {type(batch).__name__}; "
+                "use a lightning_meta datamodule or collate_episodes"
+            )
+        is_regression = batch.ways == 0
+        if is_regression != (self.task == "regression"):
+            raise MetaConfigError(
+                f"model task={self.task!r} but the datamodule produces "
+                f"{'regression' if is_regression else 'classification'} episodes; set model task accordingly"
+            )
+
+    # -------------------------------------------------------------- Lightning
+    def training_step(self, batch: Episode, batch_idx: int) -> Tensor:  # noqa: D102
+        self.check_batch(batch)
+        self._train_scores = None
+        loss = self.meta_loss(batch)
+        bs = batch.num_tasks
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        if self._train_scores is not None:
+            self.log(f"train/{self.score_name}", self._train_scores.mean(), prog_bar=True, batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: Episode, stage: str) -> None:
+        self.check_batch(batch)
+        # Lightning evaluates under torch.inference_mode(); adaptation needs autograd, so leave it
+        # and copy the batch into ordinary tensors.
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = batch.clone()
+            scores = self.evaluate(batch)
+        main = self.val_metric if stage == "val" else self.test_metric
+        extras = self.extra_val_metrics if stage == "val" else self.extra_test_metrics
+        for name, values in scores.items():
+            if name == self.score_name:
+                main.update(values)
+            else:
+                if name not in extras:
+                    extras[name] = EpisodicMean().to(self.device)
+                extras[name].update(values)
+
+    def validation_step(self, batch: Episode, batch_idx: int) -> None:  # noqa: D102
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Episode, batch_idx: int) -> None:  # noqa: D102
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Query predictions of each task: class ids (classification) or values (regression)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = batch.clone()
+            outs = [self.predict(self.adapt(ep), ep.query_x).detach() for ep in batch.tasks()]
+        out = torch.stack(outs)
+        if self.task == "classification":
+            labels = out.argmax(-1)
+            return {"labels": labels, "classes": torch.gather(batch.classes, 1, labels)}
+        return {"values": out}
+
+    def _log_epoch(self, stage: str) -> None:
+        main = self.val_metric if stage == "val" else self.test_metric
+        extras = self.extra_val_metrics if stage == "val" else self.extra_test_metrics
+        results = {}
+        if main.update_count > 0 or stage == "test":
+            r = main.compute()
+            results[f"{stage}/{self.score_name}"] = r["mean"].float()
+            results[f"{stage}/{self.score_name}_ci95"] = r["ci95"].float()
+            results[f"{stage}/episodes"] = r["n"].float()
+        for name, metric in extras.items():
+            r = metric.compute()
+            results[f"{stage}/{name}"] = r["mean"].float()
+            results[f"{stage}/{name}_ci95"] = r["ci95"].float()
+            metric.reset()
+        main.reset()
+        if results:
+            self.log_dict(results, sync_dist=False)  # already synchronised by the metrics
+            if stage == "test":
+                m, h = results[f"test/{self.score_name}"].item(), results[f"test/{self.score_name}_ci95"].item()
+                n = int(results["test/episodes"].item())
+                scale, unit = (100.0, "%") if self.task == "classification" else (1.0, "")
+                rank_zero_info(
+                    f"meta-test {self.score_name}: {m * scale:.2f}{unit} ± {h * scale:.2f}{unit} (95% CI, {n} episodes)"
+                )
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:  # noqa: D102
+        self._log_epoch("test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over all trainable parameters (override with LightningCLI's ``--optimizer``)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)

@@ -1,0 +1,211 @@
+"""Model-Agnostic Meta-Learning (Finn, Abbeel and Levine, 2017), second and first order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from lightning_meta.algorithms.base import MetaLearner, TaskKind
+from lightning_meta.episode import Episode
+from lightning_meta.errors import MetaConfigError
+from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
+
+__all__ = ["MAML", "BackboneWithHead"]
+
+
+class BackboneWithHead(nn.Module):
+    """A body followed by a linear task head: ``head(backbone(x))``.
+
+    Args:
+        backbone: any module mapping inputs to ``[b, d]``; ``d`` is read from ``backbone.out_features``.
+        out_features: head outputs (the way for classification, the target size for regression).
+    """
+
+    def __init__(self, backbone: nn.Module, out_features: int) -> None:
+        super().__init__()
+        d = getattr(backbone, "out_features", None)
+        if not isinstance(d, int) or d <= 0:
+            raise MetaConfigError(
+                f"backbone {type(backbone).__name__} has no positive integer attribute 'out_features'; "
+                "set backbone.out_features to its embedding size"
+            )
+        self.backbone = backbone
+        self.head = nn.Linear(d, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.head(self.backbone(x))
+
+
+class MAML(MetaLearner):
+    """MAML: learn an initialisation from which a few gradient steps solve a new task.
+
+    The inner loop is functional (:func:`lightning_meta.functional.inner_adapt`): fast weights are
+    new tensors, the module is never modified, and the outer loss is an ordinary Lightning
+    backward. Second order by default; ``first_order=True`` detaches the inner gradients.
+
+    Args:
+        backbone: the body; a linear head with ``ways`` outputs (1 for regression) is added.
+        ways: classes per episode (linked from the datamodule).
+        inner_lr: inner-loop step size alpha (> 0).
+        inner_steps: inner steps during meta-training (>= 1).
+        eval_inner_steps: inner steps at validation/test (default: ``inner_steps``).
+        first_order: first-order MAML (no second derivatives).
+        task_batching: ``loop`` adapts tasks one by one; ``vmap`` batches them with ``torch.func.vmap``.
+        vmap_chunk_size: tasks per vmap chunk (bounds memory); ``None`` = all at once.
+        bn: BatchNorm behaviour in the inner loop, see :func:`lightning_meta.functional.bn_policy`.
+        eval_report_steps: also report the query score after each of these inner steps at
+            evaluation (logged as ``{split}/{acc|mse}_step{k}``); the largest must not exceed
+            ``eval_inner_steps``.
+        task: ``classification`` or ``regression``.
+        lr, weight_decay: outer Adam settings.
+
+    Example:
+        >>> from lightning_meta.backbones import MLP
+        >>> from lightning_meta import Episode
+        >>> model = MAML(MLP(1, [40, 40]), task="regression", inner_lr=0.01)
+        >>> ep = Episode(torch.randn(10, 1), torch.randn(10, 1), torch.randn(10, 1), torch.randn(10, 1),
+        ...              torch.zeros(0, dtype=torch.long))
+        >>> from lightning_meta import collate_episodes
+        >>> model.meta_loss(collate_episodes([ep, ep])).backward()
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        ways: int = 5,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        task_batching: Literal["loop", "vmap"] = "loop",
+        vmap_chunk_size: int | None = None,
+        bn: BNPolicy = "transductive",
+        eval_report_steps: Sequence[int] | None = None,
+        task: TaskKind = "classification",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(ways=ways, task=task, lr=lr, weight_decay=weight_decay)
+        if not inner_lr > 0:
+            raise MetaConfigError(f"inner_lr={inner_lr} must be > 0 (MAML uses 0.4 on Omniglot, 0.01 on sinusoid)")
+        if inner_steps < 1:
+            raise MetaConfigError(f"inner_steps={inner_steps} must be >= 1; MAML needs at least one inner step")
+        eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        if eval_inner_steps < 1:
+            raise MetaConfigError(f"eval_inner_steps={eval_inner_steps} must be >= 1")
+        if task_batching not in ("loop", "vmap"):
+            raise MetaConfigError(f"task_batching={task_batching!r} is not supported; use 'loop' or 'vmap'")
+        if vmap_chunk_size is not None and vmap_chunk_size < 1:
+            raise MetaConfigError(f"vmap_chunk_size={vmap_chunk_size} must be >= 1 or null")
+        if bn not in ("transductive", "frozen"):
+            raise MetaConfigError(f"bn={bn!r} is not supported; use 'transductive' or 'frozen'")
+        report = sorted({int(s) for s in (eval_report_steps or [])})
+        if report and (report[0] < 1 or report[-1] > eval_inner_steps):
+            raise MetaConfigError(
+                f"eval_report_steps={list(eval_report_steps or [])} must lie in 1..eval_inner_steps={eval_inner_steps}"
+            )
+        self.save_hyperparameters(ignore=["backbone"])
+        self.model = BackboneWithHead(backbone, ways if task == "classification" else 1)
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = eval_inner_steps
+        self.first_order = first_order
+        self.task_batching = task_batching
+        self.vmap_chunk_size = vmap_chunk_size
+        self.bn = bn
+        self.eval_report_steps = report
+
+    # ------------------------------------------------------------- params
+    def meta_parameters(self) -> Params:
+        """The parameters adapted in the inner loop (all of ``self.model``)."""
+        return dict(self.model.named_parameters())
+
+    def _buffers(self) -> Params:
+        return dict(self.model.named_buffers())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The meta-learned initialisation applied to ``x`` (no adaptation)."""
+        return self.model(x)
+
+    # --------------------------------------------------------------- hooks
+    def adapt(self, episode: Episode, steps: int | None = None, first_order: bool | None = None) -> Params:
+        """Fast weights after ``steps`` inner steps on the support set of one episode.
+
+        In training mode the result is differentiable w.r.t. the meta-parameters (second order
+        unless ``first_order``); in evaluation mode the meta-parameters are detached first, so no
+        outer graph is kept.
+        """
+        steps = (self.inner_steps if self.training else self.eval_inner_steps) if steps is None else steps
+        first_order = self.first_order if first_order is None else first_order
+        params = self.meta_parameters()
+        if not self.training:
+            params = {k: v.detach() for k, v in params.items()}
+        with bn_policy(self.model, self.bn):
+            return inner_adapt(
+                self.model, params, self._buffers(), episode.support_x, episode.support_y,
+                self.loss_fn, self.inner_lr, steps, first_order,
+            )
+
+    def predict(self, state: Params, x: Tensor) -> Tensor:
+        """Outputs of the adapted network (fast weights ``state``) on ``x``."""
+        with bn_policy(self.model, self.bn):
+            return functional_call(self.model, (state, self._buffers()), (x,))
+
+    def _task_query_outputs(self, params: Params, buffers: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
+        fast = inner_adapt(self.model, params, buffers, sx, sy, self.loss_fn, self.inner_lr,
+                           self.inner_steps, self.first_order)
+        return functional_call(self.model, (fast, buffers), (qx,))
+
+    def meta_loss(self, batch: Episode) -> Tensor:
+        """Mean query loss after adaptation, over the tasks of the meta-batch."""
+        if batch.ways and batch.ways != self.ways:
+            raise MetaConfigError(
+                f"episodes are {batch.ways}-way but MAML was built with ways={self.ways}; "
+                "link model ways to data ways (the CLI does) or set eval_ways equal to ways"
+            )
+        if self.task_batching == "loop":
+            return super().meta_loss(batch)
+        params, buffers = self.meta_parameters(), self._buffers()
+        with bn_policy(self.model, self.bn):
+            out = vmap(
+                self._task_query_outputs, in_dims=(None, None, 0, 0, 0), randomness="different",
+                chunk_size=self.vmap_chunk_size,
+            )(params, buffers, batch.support_x, batch.support_y, batch.query_x)
+        # equal query counts per task: the mean over all queries is the mean of per-task means
+        losses = torch.stack([self.loss_fn(out[i], batch.query_y[i]) for i in range(batch.num_tasks)])
+        self._train_scores = torch.stack(
+            [self.score_fn(out[i].detach(), batch.query_y[i]) for i in range(batch.num_tasks)]
+        )
+        return losses.mean()
+
+    def evaluate(self, batch: Episode) -> dict[str, Tensor]:
+        """Per-episode query scores after ``eval_inner_steps`` (and after each ``eval_report_steps``)."""
+        if batch.ways and batch.ways != self.ways:
+            raise MetaConfigError(
+                f"evaluation episodes are {batch.ways}-way but MAML was built with ways={self.ways}; "
+                "set the datamodule's eval_ways to the model's ways"
+            )
+        name = self.score_name
+        results: dict[str, list[Tensor]] = {name: []}
+        results.update({f"{name}_step{k}": [] for k in self.eval_report_steps})
+        for ep in batch.tasks():
+            per_step: dict[int, Tensor] = {}
+
+            def monitor(step: int, fast: Params, ep: Episode = ep, per_step: dict[int, Tensor] = per_step) -> None:
+                if step + 1 in self.eval_report_steps:
+                    with torch.no_grad():
+                        per_step[step + 1] = self.score_fn(self.predict(fast, ep.query_x), ep.query_y)
+
+            params = {k: v.detach() for k, v in self.meta_parameters().items()}
+            with bn_policy(self.model, self.bn):
+                fast = inner_adapt(self.model, params, self._buffers(), ep.support_x, ep.support_y, self.loss_fn,
+                                   self.inner_lr, self.eval_inner_steps, True, callback=monitor)
+            with torch.no_grad():
+                results[name].append(self.score_fn(self.predict(fast, ep.query_x), ep.query_y))
+            for k, v in per_step.items():
+                results[f"{name}_step{k}"].append(v)
+        return {k: torch.stack(v) for k, v in results.items()}

@@ -1,0 +1,89 @@
+"""Prototypical Networks (Snell, Swersky and Zemel, 2017)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_meta.algorithms.base import MetaLearner
+from lightning_meta.episode import Episode
+from lightning_meta.errors import MetaConfigError
+from lightning_meta.functional import pairwise_distance, prototypes
+
+__all__ = ["ProtoNet"]
+
+
+class ProtoNet(MetaLearner):
+    """Classifies queries by their distance to per-class mean embeddings (prototypes).
+
+    The way may differ between training and evaluation (the paper trains 60-way on Omniglot and
+    tests 5-way): the model has no task head, so ``ways`` is informative only.
+
+    Args:
+        backbone: embedding network (any ``nn.Module`` mapping images to ``[b, d]``).
+        distance: ``euclidean`` (squared, as in the paper) or ``cosine``.
+        temperature: logits are ``-distance / temperature``; must be > 0.
+        ways, lr, weight_decay: see :class:`MetaLearner`.
+
+    Example:
+        >>> from lightning_meta.backbones import Conv4
+        >>> from lightning_meta import Episode
+        >>> model = ProtoNet(Conv4(1, 16, 28))
+        >>> ep = Episode(torch.randn(5, 1, 28, 28), torch.arange(5), torch.randn(10, 1, 28, 28),
+        ...              torch.arange(5).repeat(2), torch.arange(5))
+        >>> model.predict(model.adapt(ep), ep.query_x).shape
+        torch.Size([10, 5])
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        distance: Literal["euclidean", "cosine"] = "euclidean",
+        temperature: float = 1.0,
+        ways: int = 5,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(ways=ways, task="classification", lr=lr, weight_decay=weight_decay)
+        if distance not in ("euclidean", "cosine"):
+            raise MetaConfigError(f"distance={distance!r} is not supported; use 'euclidean' or 'cosine'")
+        if temperature <= 0:
+            raise MetaConfigError(f"temperature={temperature} must be > 0 (logits are -distance / temperature)")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        self.distance = distance
+        self.temperature = temperature
+
+    def adapt(self, episode: Episode) -> Tensor:
+        """Prototypes ``[N, d]`` of the support set."""
+        return prototypes(self.backbone(episode.support_x), episode.support_y, episode.ways)
+
+    def predict(self, state: Tensor, x: Tensor) -> Tensor:
+        """Logits ``[m, N]`` = negative distance to each prototype, divided by the temperature."""
+        return -pairwise_distance(self.backbone(x), state, self.distance) / self.temperature
+
+    def _batched_logits(self, batch: Episode) -> Tensor:
+        """Embeds every support and query image of the meta-batch in one forward pass."""
+        b, ns = batch.support_y.shape
+        nq = batch.query_y.shape[1]
+        images = torch.cat([batch.support_x, batch.query_x], dim=1).flatten(0, 1)
+        emb = self.backbone(images).unflatten(0, (b, ns + nq))
+        s_emb, q_emb = emb[:, :ns], emb[:, ns:]
+        protos = prototypes(s_emb, batch.support_y, batch.ways)  # [b, N, d]
+        d = pairwise_distance(q_emb, protos, self.distance)  # [b, nq, N]
+        return -d / self.temperature  # [b, nq, N]
+
+    def meta_loss(self, batch: Episode) -> Tensor:
+        """Cross-entropy of the queries of all tasks (tasks embedded together)."""
+        logits = self._batched_logits(batch)
+        self._train_scores = (logits.detach().argmax(-1) == batch.query_y).float().mean(1)
+        return F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+
+    def evaluate(self, batch: Episode) -> dict[str, Tensor]:
+        """Per-episode query accuracy."""
+        with torch.no_grad():
+            logits = self._batched_logits(batch)
+        return {"acc": (logits.argmax(-1) == batch.query_y).float().mean(1)}

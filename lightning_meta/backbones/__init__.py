@@ -1,0 +1,6 @@
+"""Embedding networks ("bodies"); algorithms add their own task head."""
+
+from lightning_meta.backbones.conv4 import Conv4
+from lightning_meta.backbones.mlp import MLP
+
+__all__ = ["Conv4", "MLP"]

@@ -1,0 +1,60 @@
+"""The Conv-4 embedding network of Vinyals et al. (2016), used by MAML, ProtoNet and most few-shot papers."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Conv4"]
+
+Norm = Literal["batch", "batch_no_stats", "none"]
+
+
+class Conv4(nn.Module):
+    """Four blocks of 3x3 conv -> norm -> ReLU -> 2x2 max-pool, flattened.
+
+    For 28x28 inputs and ``hidden=64`` the output has 64 features (1x1 spatial); for 84x84 it has
+    ``hidden * 5 * 5``. ``out_features`` holds the flattened size for the configured ``image_size``.
+
+    Args:
+        in_channels: input channels (1 for glyphs/Omniglot, 3 for miniImageNet).
+        hidden: channels of every block (64 for Omniglot, 32 for MAML on miniImageNet).
+        image_size: input height/width, used to compute ``out_features``.
+        norm: ``batch`` (BatchNorm with running statistics), ``batch_no_stats`` (BatchNorm that always
+            uses batch statistics, as MAML's reference code) or ``none``.
+
+    Example:
+        >>> net = Conv4(in_channels=1, hidden=64, image_size=28)
+        >>> net(torch.zeros(2, 1, 28, 28)).shape, net.out_features
+        (torch.Size([2, 64]), 64)
+    """
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28, norm: Norm = "batch") -> None:
+        super().__init__()
+        if in_channels <= 0 or hidden <= 0:
+            raise ValueError(f"Conv4 needs positive in_channels and hidden, got {in_channels} and {hidden}")
+        if image_size < 16:
+            raise ValueError(f"Conv4 halves the image four times; image_size={image_size} is below the minimum 16")
+        if norm not in ("batch", "batch_no_stats", "none"):
+            raise ValueError(f"norm={norm!r} is not supported; use 'batch', 'batch_no_stats' or 'none'")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(4):
+            layers.append(nn.Conv2d(channels, hidden, kernel_size=3, padding=1))
+            if norm != "none":
+                layers.append(nn.BatchNorm2d(hidden, track_running_stats=(norm == "batch")))
+            layers += [nn.ReLU(inplace=False), nn.MaxPool2d(2)]
+            channels = hidden
+        self.encoder = nn.Sequential(*layers)
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        self.out_features = hidden * side * side
+        self.in_channels = in_channels
+        self.image_size = image_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[b, C, H, W] -> [b, out_features]``."""
+        return torch.flatten(self.encoder(x), 1)

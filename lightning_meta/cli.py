@@ -1,0 +1,68 @@
+"""The ``lightning-meta`` command: LightningCLI with meta-learning defaults.
+
+``lightning-meta fit|validate|test|predict --config CONFIG [--key value ...]``. Models and
+datamodules are chosen by class name (``--model MAML``, ``--data ShardDataModule``) or by a full
+``class_path`` for classes in your own project. ``data.ways`` is linked to ``model.ways``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+import lightning_meta.algorithms  # noqa: F401  - registers the short class names
+import lightning_meta.backbones  # noqa: F401
+import lightning_meta.callbacks  # noqa: F401
+import lightning_meta.datamodules  # noqa: F401
+from lightning_meta.algorithms import MetaLearner
+from lightning_meta.datamodules import EpisodicDataModule
+from lightning_meta.errors import MetaConfigError
+
+__all__ = ["MetaCLI", "main"]
+
+
+class MetaCLI(LightningCLI):
+    """LightningCLI with the data/model links and the ``--test_after_fit`` option."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
+        parser.link_arguments("data", "model.init_args.ways", compute_fn=lambda dm: dm.ways, apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False,
+            help="After `fit`, run `test` on the final model (the meta-test accuracy ± 95% CI is logged and printed).",
+        )
+
+    def after_fit(self) -> None:
+        """Runs the meta-test when ``--test_after_fit true``."""
+        if self.config.get(self.subcommand, {}).get("test_after_fit", False):
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def main(args: list[str] | None = None, run: bool = True) -> MetaCLI:
+    """Entry point of ``lightning-meta`` and ``python -m lightning_meta``; tests call it in-process.
+
+    Configuration errors (:class:`~lightning_meta.errors.MetaConfigError`) are printed as one
+    line and exit with status 2; set ``LIGHTNING_META_DEBUG=1`` to see the traceback.
+    """
+    try:
+        return MetaCLI(
+            MetaLearner,
+            EpisodicDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            save_config_kwargs={"overwrite": True},
+        )
+    except MetaConfigError as e:
+        if os.environ.get("LIGHTNING_META_DEBUG"):
+            raise
+        print(f"lightning-meta: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def console_main() -> None:
+    """The ``lightning-meta`` console script (returns nothing, so the exit status is 0 on success)."""
+    main()

@@ -1,0 +1,18 @@
+"""Pure functions with no Lightning dependency: inner loops, metric-space maths, statistics."""
+
+from lightning_meta.functional.inner_loop import BNPolicy, Params, bn_policy, inner_adapt, sgd_step
+from lightning_meta.functional.metric import accuracy, pairwise_distance, prototypes
+from lightning_meta.functional.stats import mean_ci95, mean_ci95_from_stats
+
+__all__ = [
+    "BNPolicy",
+    "Params",
+    "accuracy",
+    "bn_policy",
+    "inner_adapt",
+    "mean_ci95",
+    "mean_ci95_from_stats",
+    "pairwise_distance",
+    "prototypes",
+    "sgd_step",
+]

@@ -1,0 +1,56 @@
+"""Metric-space few-shot primitives: class prototypes and distances."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["prototypes", "pairwise_distance", "accuracy"]
+
+Distance = Literal["euclidean", "cosine"]
+
+
+def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
+    """Per-class mean embedding.
+
+    Args:
+        embeddings: ``[..., n, d]`` support embeddings (leading axes are tasks).
+        labels: ``[..., n]`` integer labels in ``0..ways-1``.
+        ways: number of classes ``N``.
+
+    Returns:
+        ``[..., N, d]`` prototypes; row ``c`` is the mean of the embeddings labelled ``c``.
+
+    A class without support examples gets a zero prototype (the data layer never produces one).
+
+    Example:
+        >>> prototypes(torch.tensor([[0.0], [2.0], [5.0]]), torch.tensor([0, 0, 1]), 2)
+        tensor([[1.],
+                [5.]])
+    """
+    onehot = F.one_hot(labels, ways).to(embeddings.dtype)  # [..., n, N]
+    counts = onehot.sum(-2).clamp(min=1.0)  # [..., N]
+    return (onehot.transpose(-1, -2) @ embeddings) / counts.unsqueeze(-1)
+
+
+def pairwise_distance(queries: Tensor, protos: Tensor, kind: Distance = "euclidean") -> Tensor:
+    """Distances between ``[..., m, d]`` queries and ``[..., N, d]`` prototypes, shape ``[..., m, N]``.
+
+    ``euclidean`` is the squared Euclidean distance (Snell et al. 2017); ``cosine`` is ``1 - cos``.
+    """
+    if kind == "euclidean":
+        # expanded form is faster than cdist for small d and exact enough in float32
+        q2 = (queries**2).sum(-1, keepdim=True)
+        p2 = (protos**2).sum(-1).unsqueeze(-2)
+        return (q2 + p2 - 2.0 * queries @ protos.transpose(-1, -2)).clamp(min=0.0)
+    if kind == "cosine":
+        return 1.0 - F.normalize(queries, dim=-1) @ F.normalize(protos, dim=-1).transpose(-1, -2)
+    raise ValueError(f"distance={kind!r} is not supported; use 'euclidean' or 'cosine'")
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of correct arg-max predictions (a 0-d tensor)."""
+    return (logits.argmax(-1) == labels).to(torch.float32).mean()

@@ -1,0 +1,5 @@
+"""torchmetrics metrics for episodic evaluation."""
+
+from lightning_meta.metrics.episodic import EpisodicMean
+
+__all__ = ["EpisodicMean"]
