@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -63,6 +64,46 @@ def main(args: list[str] | None = None, run: bool = True) -> MetaCLI:
         raise SystemExit(2) from None
 
 
-def console_main() -> None:
-    """The ``lightning-meta`` console script (returns nothing, so the exit status is 0 on success)."""
-    main()
+def index_main(argv: list[str]) -> None:
+    """``lightning-meta index SHARDS``: (re)builds ``index.json`` for a folder or pattern of shards."""
+    import argparse
+
+    from lightning_meta.data.shards import INDEX_NAME, build_index, resolve_shards
+
+    p = argparse.ArgumentParser(prog="lightning-meta index", description=index_main.__doc__)
+    p.add_argument("shards", help="a folder of .tar shards, a brace pattern or a glob")
+    p.add_argument("--output", help="index path (default: index.json beside the shards)")
+    a = p.parse_args(argv)
+    try:
+        paths = resolve_shards(a.shards)
+        out = a.output or os.path.join(os.path.dirname(paths[0]), INDEX_NAME)
+        old = {}
+        if os.path.exists(out):  # keep names/splits of an index written by the converter
+            from lightning_meta.data.shards import _parse_index
+
+            try:
+                old = {c.id: {"name": c.name, "split": c.split, "group": c.group} for c in _parse_index(Path(out)).classes}
+            except MetaConfigError:
+                old = {}
+        index = build_index(paths, class_meta=old, meta={"source": "lightning-meta index"})
+        index.save(out)
+    except MetaConfigError as e:
+        print(f"lightning-meta index: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {out}: {len(index.classes)} classes in {len(paths)} shard(s)")
+
+
+def console_main(argv: list[str] | None = None) -> None:
+    """The ``lightning-meta`` console script (returns nothing, so the exit status is 0 on success).
+
+    ``fit|validate|test|predict`` go to LightningCLI; ``index`` rebuilds a shard index and
+    ``convert`` turns image folders into shards (see ``lightning-meta convert --help``).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "index":
+        return index_main(argv[1:])
+    if argv and argv[0] == "convert":
+        from lightning_meta.data.convert import main as convert_main
+
+        return convert_main(argv[1:])
+    main(argv)
