@@ -234,5 +234,11 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"the checkpoint was trained with data seed {state_dict['seed']} but seed={self.seed}; "
                 "resume with the same seed (or start a new run) to keep the episode stream exact"
             )
+        saved_batch = state_dict.get("meta_batch_size", self.meta_batch_size)
+        if saved_batch != self.meta_batch_size:
+            raise MetaConfigError(
+                f"the checkpoint was trained with meta_batch_size={saved_batch} but meta_batch_size="
+                f"{self.meta_batch_size}; resume with the same global meta-batch size to keep the episode stream exact"
+            )
         if "epoch" in state_dict:
             self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))

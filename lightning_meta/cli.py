@@ -46,6 +46,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MetaCLI:
     Configuration errors (:class:`~lightning_meta.errors.MetaConfigError`) are printed as one
     line and exit with status 2; set ``LIGHTNING_META_DEBUG=1`` to see the traceback.
     """
+    MetaConfigError.last = None
     try:
         return MetaCLI(
             MetaLearner,
@@ -57,10 +58,11 @@ def main(args: list[str] | None = None, run: bool = True) -> MetaCLI:
             parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
             save_config_kwargs={"overwrite": True},
         )
-    except MetaConfigError as e:
-        if os.environ.get("LIGHTNING_META_DEBUG"):
+    except Exception as e:
+        cause = e if isinstance(e, MetaConfigError) else MetaConfigError.last
+        if os.environ.get("LIGHTNING_META_DEBUG") or cause is None or str(cause) not in str(e):
             raise
-        print(f"lightning-meta: error: {e}", file=sys.stderr)
+        print(f"lightning-meta: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -8,8 +8,16 @@ __all__ = ["MetaConfigError", "ShardError"]
 class MetaConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the fix.
 
-    The ``lightning-meta`` command prints these as one-line errors instead of tracebacks.
+    The ``lightning-meta`` command prints these as one-line errors instead of tracebacks. The
+    most recent instance is remembered so that the command can find it again when a library
+    (jsonargparse, while instantiating classes) re-raises it wrapped in another exception.
     """
+
+    last: MetaConfigError | None = None
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        MetaConfigError.last = self
 
 
 class ShardError(MetaConfigError):

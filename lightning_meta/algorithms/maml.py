@@ -17,6 +17,31 @@ from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
 __all__ = ["MAML", "BackboneWithHead"]
 
 
+def _refuse_vmap_through_fused_norms(model: nn.Module, bn: BNPolicy) -> None:
+    """Refuses second-order ``vmap`` over tasks when the adapted weights include affine normalisation.
+
+    PyTorch (checked with 2.13) returns silently wrong second-order gradients when the fused
+    ``layer_norm`` / ``batch_norm`` / ``instance_norm`` kernels run under ``vmap`` with a batched
+    (per-task adapted) weight or bias and the result is differentiated again: errors of 1e-3 to
+    1e-1, not rounding. The per-task loop, first-order MAML, frozen BatchNorm statistics and
+    ``GroupNorm`` are exact, so only this combination is refused.
+    """
+    bad = [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._NormBase))
+        and not (bn == "frozen" and isinstance(m, nn.modules.batchnorm._BatchNorm))
+        and any(True for _ in m.parameters(recurse=False))
+    ]
+    if bad:
+        raise MetaConfigError(
+            f"task_batching='vmap' with second-order MAML would give wrong meta-gradients through the affine "
+            f"normalisation layers {bad} (a PyTorch vmap limitation of fused norm kernels); use "
+            "task_batching='loop', first_order=true, bn='frozen' (BatchNorm only) or a backbone without them "
+            "(e.g. Conv4 norm='none')"
+        )
+
+
 class BackboneWithHead(nn.Module):
     """A body followed by a linear task head: ``head(backbone(x))``.
 
@@ -110,6 +135,8 @@ class MAML(MetaLearner):
             )
         self.save_hyperparameters(ignore=["backbone"])
         self.model = BackboneWithHead(backbone, ways if task == "classification" else 1)
+        if task_batching == "vmap" and not first_order:
+            _refuse_vmap_through_fused_norms(self.model, bn)
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
@@ -124,7 +151,7 @@ class MAML(MetaLearner):
         """The parameters adapted in the inner loop (all of ``self.model``)."""
         return dict(self.model.named_parameters())
 
-    def _buffers(self) -> Params:
+    def model_buffers(self) -> Params:
         return dict(self.model.named_buffers())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -146,14 +173,14 @@ class MAML(MetaLearner):
             params = {k: v.detach() for k, v in params.items()}
         with bn_policy(self.model, self.bn):
             return inner_adapt(
-                self.model, params, self._buffers(), episode.support_x, episode.support_y,
+                self.model, params, self.model_buffers(), episode.support_x, episode.support_y,
                 self.loss_fn, self.inner_lr, steps, first_order,
             )
 
     def predict(self, state: Params, x: Tensor) -> Tensor:
         """Outputs of the adapted network (fast weights ``state``) on ``x``."""
         with bn_policy(self.model, self.bn):
-            return functional_call(self.model, (state, self._buffers()), (x,))
+            return functional_call(self.model, (state, self.model_buffers()), (x,))
 
     def _task_query_outputs(self, params: Params, buffers: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
         fast = inner_adapt(self.model, params, buffers, sx, sy, self.loss_fn, self.inner_lr,
@@ -169,7 +196,7 @@ class MAML(MetaLearner):
             )
         if self.task_batching == "loop":
             return super().meta_loss(batch)
-        params, buffers = self.meta_parameters(), self._buffers()
+        params, buffers = self.meta_parameters(), self.model_buffers()
         with bn_policy(self.model, self.bn):
             out = vmap(
                 self._task_query_outputs, in_dims=(None, None, 0, 0, 0), randomness="different",
@@ -202,7 +229,7 @@ class MAML(MetaLearner):
 
             params = {k: v.detach() for k, v in self.meta_parameters().items()}
             with bn_policy(self.model, self.bn):
-                fast = inner_adapt(self.model, params, self._buffers(), ep.support_x, ep.support_y, self.loss_fn,
+                fast = inner_adapt(self.model, params, self.model_buffers(), ep.support_x, ep.support_y, self.loss_fn,
                                    self.inner_lr, self.eval_inner_steps, True, callback=monitor)
             with torch.no_grad():
                 results[name].append(self.score_fn(self.predict(fast, ep.query_x), ep.query_y))

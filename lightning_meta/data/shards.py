@@ -226,9 +226,8 @@ def resolve_shards(shards: str | Sequence[str]) -> list[str]:
             out += sorted(glob.glob(os.path.join(item, "*.tar")))
             continue
         for pat in braceexpand(item):
-            matched = sorted(glob.glob(pat)) if any(ch in pat for ch in "*?[") else ([pat] if os.path.exists(pat) else [])
-            out += matched
-    if not out:
+            out += sorted(glob.glob(pat)) if any(ch in pat for ch in "*?[") else [pat]
+    if not any(os.path.exists(p) for p in out):
         raise ShardError(
             f"shards={shards!r} matched no .tar files; check the path or pattern (brace patterns like "
             "'dir/train-{000000..000009}.tar', globs and directories are accepted), or create shards with "
@@ -236,7 +235,8 @@ def resolve_shards(shards: str | Sequence[str]) -> list[str]:
         )
     missing = [p for p in out if not os.path.isfile(p)]
     if missing:
-        raise ShardError(f"shards={shards!r}: {missing[0]} does not exist or is not a file")
+        raise ShardError(f"shards={shards!r}: {missing[0]} does not exist or is not a file; restore it or "
+                         "leave it out of the pattern")
     return [str(Path(p).resolve()) for p in out]
 
 
@@ -249,8 +249,20 @@ def scan_tar(path: str) -> list[tuple[str, int, int]]:
     try:
         with tarfile.open(path, "r:") as tar:
             entries = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+            stop = tar.offset  # where tarfile stopped reading headers: the end-of-archive marker
+        with open(path, "rb") as f:
+            f.seek(stop)
+            marker = f.read(tarfile.BLOCKSIZE)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"shard {path} cannot be read as a tar file ({e}); it is truncated or corrupt: re-create it") from e
+    # tarfile silently stops at a missing or unreadable header after the first one; a complete tar
+    # ends with a zero block there, so anything else means members were lost
+    if len(marker) < tarfile.BLOCKSIZE:
+        raise ShardError(f"shard {path} is truncated: it ends at byte {os.path.getsize(path)} without the "
+                         f"end-of-archive marker, after {len(entries)} member(s); re-create it")
+    if marker.count(0) != len(marker):
+        raise ShardError(f"shard {path} is corrupt: unreadable tar header at byte {stop} after {len(entries)} "
+                         "member(s); re-create it")
     end = os.path.getsize(path)
     for name, off, size in entries:
         if off + size > end:
@@ -469,11 +481,19 @@ class ShardWriter:
         return n
 
     def abort(self) -> None:
-        """Drops the shard being written (its temporary file) and writes no index."""
+        """Drops the shard being written (its temporary file) and the shards it completed; writes no index.
+
+        Completed shards are removed too: without an index they would still look like a valid
+        (third-party) shard set holding only part of the data.
+        """
         if self._tar is not None:
             self._tar.close()
             os.unlink(self._tmp)
             self._tar = None
+        for p in self.paths:
+            if os.path.exists(p):
+                os.unlink(p)
+        self.paths = []
 
     def close(self) -> ShardIndex:
         """Finishes the last shard and writes ``index.json`` (atomically)."""

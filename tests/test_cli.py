@@ -1,0 +1,112 @@
+"""The lightning-meta command: every shipped config runs, errors are clear, TensorBoard gets the result."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_meta.cli import console_main, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(glob.glob(str(ROOT / "configs" / "**" / "*.yaml"), recursive=True))
+
+# small overrides that keep each config's structure but make it run in seconds
+FAST = [
+    "--trainer.fast_dev_run", "2",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]
+
+
+def test_configs_found():
+    assert len(CONFIGS) >= 4, CONFIGS
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[os.path.relpath(c, ROOT / "configs") for c in CONFIGS])
+def test_config_header_and_fast_run(config, tmp_path, monkeypatch):
+    text = Path(config).read_text()
+    assert text.startswith("#"), "each config opens with a comment block"
+    assert "Launch:" in text and "Override:" in text and "Purpose:" in text
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", config, *FAST])
+
+
+def test_unknown_config_key_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", CONFIGS[0], "--data.init_args.wayz", "5"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "wayz" in err
+
+
+def test_bad_value_is_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = str(ROOT / "configs" / "maml_glyphs.yaml")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", cfg, "--model.init_args.inner_lr", "-0.5", *FAST])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "inner_lr=-0.5" in err and "Traceback" not in err
+
+
+def test_ways_are_linked_from_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = str(ROOT / "configs" / "maml_glyphs.yaml")
+    cli = main(["--config", cfg, "--data.init_args.ways", "3", "--data.init_args.meta_batch_size", "2"],
+               run=False)
+    assert cli.model.ways == 3 and cli.model.model.head.out_features == 3
+
+
+def test_quickstart_logs_test_accuracy_to_tensorboard(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.max_steps", "30",
+          "--trainer.val_check_interval", "15", "--data.init_args.val_episodes", "16",
+          "--data.init_args.test_episodes", "40", "--trainer.enable_progress_bar", "false"])
+    events = glob.glob(str(tmp_path / "lightning_logs" / "quickstart" / "version_*" / "events.out.tfevents.*"))
+    assert events
+    scalars = {}
+    for ev in events:
+        acc = EventAccumulator(ev)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = acc.Scalars(tag)[-1].value
+    assert "test/acc" in scalars and "test/acc_ci95" in scalars
+    assert scalars["test/acc"] > 0.3  # chance is 0.2 for 5-way
+    assert (tmp_path / "lightning_logs" / "quickstart").exists()
+    results = glob.glob(str(tmp_path / "lightning_logs" / "quickstart" / "version_*" / "results.json"))
+    assert results
+
+
+def test_index_subcommand(tmp_path, capsys):
+    import numpy as np
+
+    from lightning_meta.data.shards import ShardWriter, load_index
+
+    with ShardWriter(tmp_path, max_samples=4) as w:
+        for c in range(3):
+            w.add_class(c, [np.full((8, 8), c * 40, np.uint8)] * 4, name=f"c{c}", split="train")
+    os.remove(tmp_path / "index.json")
+    console_main(["index", str(tmp_path)])
+    assert "3 classes" in capsys.readouterr().out
+    assert len(load_index(str(tmp_path)).classes) == 3
+
+
+def test_python_dash_m_help():
+    out = subprocess.run([sys.executable, "-m", "lightning_meta", "fit", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--test_after_fit" in out.stdout
+
+
+def test_import_does_not_import_deepspeed():
+    code = "import sys, lightning_meta, lightning_meta.cli; print('deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
