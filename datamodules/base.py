@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lightning_meta.episode import Episode, collate_episodes
 from lightning_meta.errors import MetaConfigError
 
-__all__ = ["EpisodeSource", "EpisodicDataModule", "MetaBatchSampler"]
+__all__ = ["EpisodeLoader", "EpisodeSource", "EpisodicDataModule", "MetaBatchSampler"]
 
 
 class EpisodeSource(Protocol):
@@ -36,6 +36,22 @@ class _MetaBatchDataset(Dataset):
 
     def __len__(self) -> int:  # only used by samplers that ask; keys are not positions
         return 0
+
+
+class EpisodeLoader(DataLoader):
+    """A DataLoader that tells Lightning it resumes exactly mid-epoch.
+
+    The position itself is saved by :meth:`EpisodicDataModule.state_dict` (epoch and meta-batches
+    consumed, read from the trainer's progress counters) and restored into the sampler; this
+    loader's own ``state_dict`` only mirrors it so Lightning does not warn that it is not resumable.
+    """
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        s = self.sampler
+        return {"epoch": getattr(s, "epoch", 0), "resume": getattr(s, "resume", None)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        pass  # restored through the datamodule, which Lightning loads first
 
 
 class MetaBatchSampler(DistributedSampler):
@@ -93,7 +109,9 @@ class MetaBatchSampler(DistributedSampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_batches - self.start_batch()
+        # the full epoch length even in a resumed epoch: Lightning counts the restored progress
+        # (batches already consumed) towards it, and caches this length for later epochs
+        return self.num_batches
 
     def __iter__(self):
         if self.train:
@@ -195,7 +213,7 @@ class EpisodicDataModule(L.LightningDataModule):
         else:
             n = self.val_episodes if split == "val" else self.test_episodes
             sampler = MetaBatchSampler(n, self.eval_meta_batch_size, rank, world, train=False)
-        return DataLoader(
+        return EpisodeLoader(
             _MetaBatchDataset(self.sources[split], split),
             batch_size=None,
             sampler=sampler,

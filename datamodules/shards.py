@@ -36,10 +36,14 @@ class ShardEpisodeSource:
         self.shape = shape
         self.seed = seed
 
+    def sample(self, rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
+        """The classes (local positions) and members of one episode; subclasses may sample differently."""
+        return sample_fixed(rng, self.counts, self.shape)
+
     def episode(self, split: str, epoch: int, index: int) -> Episode:
         """Episode ``index`` of ``(split, epoch)``; a pure function of (seed, split, epoch, index)."""
         rng = episode_rng(self.seed, split, epoch, index)
-        draw = sample_fixed(rng, self.counts, self.shape)
+        draw = self.sample(rng)
         k = self.shape.shots
         sx, qx, ids = [], [], []
         for local, members in draw:

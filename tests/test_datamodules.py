@@ -532,7 +532,8 @@ def test_resume_continues_the_episode_stream_exactly():
     assert tail_keys == keys[3:]
     sampler = resumed.train_dataloader().sampler
     sampler.set_epoch(2)
-    assert len(sampler) == 2  # Lightning sizes the epoch from len()
+    # len() stays the full epoch: Lightning adds the restored progress (3 consumed) to the 2 yielded
+    assert len(sampler) == 5 and sampler.start_batch() == 3
     _assert_same_batches(tail, batches[3:])
     # the next epoch is whole again, and equals the uninterrupted run's
     next_keys, next_batches = _epoch(resumed, 3)

@@ -65,7 +65,7 @@ def test_collate_shapes_and_roundtrip():
         assert_episodes_equal(batch.task(i), ep)
     tasks = batch.tasks()
     assert len(tasks) == 4
-    for t, ep in zip(tasks, eps):
+    for t, ep in zip(tasks, eps, strict=True):
         assert_episodes_equal(t, ep)
     # re-collating the split tasks gives the same batch back
     assert_episodes_equal(collate_episodes(tasks), batch)

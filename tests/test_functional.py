@@ -153,8 +153,9 @@ def test_inner_adapt_matches_manual_gradient_descent_and_leaves_module_alone():
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
     params = dict(net.named_parameters())
     seen = []
-    fast = inner_adapt(net, params, {}, x, y, nn.functional.mse_loss, lr=0.3, steps=3,
-                       callback=lambda step, p: seen.append(step))
+    fast = inner_adapt(
+        net, params, {}, x, y, nn.functional.mse_loss, lr=0.3, steps=3, callback=lambda step, p: seen.append(step)
+    )
     assert seen == [0, 1, 2]
     w, b = net.weight.detach().clone(), net.bias.detach().clone()
     for _ in range(3):

@@ -187,7 +187,7 @@ def explicit_maml_grads(weights: list[torch.Tensor], batch: Episode, lr: float, 
             grads = torch.autograd.grad(support_loss, fast, create_graph=not first_order)
             if first_order:
                 grads = [g.detach() for g in grads]
-            fast = [p - lr * g for p, g in zip(fast, grads)]
+            fast = [p - lr * g for p, g in zip(fast, grads, strict=True)]
         losses.append(F.cross_entropy(forward(fast, batch.query_x[i]), batch.query_y[i]))
     meta = sum(losses) / len(losses)
     return meta.detach(), torch.autograd.grad(meta, leaves)
@@ -213,7 +213,7 @@ def test_classification_matches_explicit_loop(first_order, steps):
     loss = model.meta_loss(batch)
     loss.backward()
     torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-10, atol=1e-10)
-    for p, g in zip(maml_weights(model), ref_grads):
+    for p, g in zip(maml_weights(model), ref_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-6)
         torch.testing.assert_close(p.grad, g, rtol=1e-8, atol=1e-12)
     # the training accuracy logged by training_step is the per-task query accuracy
@@ -225,7 +225,7 @@ def test_classification_second_and_first_order_differ():
     _, so = explicit_maml_grads(maml_weights(classification_maml()), batch, 0.5, 2, False)
     model = classification_maml(inner_steps=2, first_order=True)
     model.meta_loss(batch).backward()
-    assert max((p.grad - g).abs().max().item() for p, g in zip(maml_weights(model), so)) > 1e-3
+    assert max((p.grad - g).abs().max().item() for p, g in zip(maml_weights(model), so, strict=True)) > 1e-3
 
 
 # ------------------------------------------------------------------------------ vmap == loop
@@ -262,9 +262,13 @@ def test_vmap_equals_loop(first_order, chunk, kind):
 def conv4_batch(tasks: int = 2) -> Episode:
     g = torch.Generator().manual_seed(0)
     eps = [
-        Episode(torch.randn(4, 1, 16, 16, generator=g, dtype=torch.float64), torch.tensor([0, 0, 1, 1]),
-                torch.randn(4, 1, 16, 16, generator=g, dtype=torch.float64), torch.tensor([0, 1, 0, 1]),
-                torch.tensor([5, 2]))
+        Episode(
+            torch.randn(4, 1, 16, 16, generator=g, dtype=torch.float64),
+            torch.tensor([0, 0, 1, 1]),
+            torch.randn(4, 1, 16, 16, generator=g, dtype=torch.float64),
+            torch.tensor([0, 1, 0, 1]),
+            torch.tensor([5, 2]),
+        )
         for _ in range(tasks)
     ]
     return collate_episodes(eps)
@@ -313,13 +317,13 @@ def test_loop_second_order_through_batchnorm_matches_explicit_autograd():
     leaves = [p.detach().clone().requires_grad_(True) for _, p in ref.named_parameters()]
     losses = []
     for ep in batch.tasks():
-        out = functional_call(ref, dict(zip(names, leaves)), (ep.support_x,))
+        out = functional_call(ref, dict(zip(names, leaves, strict=True)), (ep.support_x,))
         grads = torch.autograd.grad(F.cross_entropy(out, ep.support_y), leaves, create_graph=True)
-        fast = dict(zip(names, [p - 0.3 * g for p, g in zip(leaves, grads)]))
+        fast = dict(zip(names, [p - 0.3 * g for p, g in zip(leaves, grads, strict=True)], strict=True))
         losses.append(F.cross_entropy(functional_call(ref, fast, (ep.query_x,)), ep.query_y))
     ref_grads = torch.autograd.grad(sum(losses) / len(losses), leaves)
     model.meta_loss(batch).backward()
-    for (k, p), g in zip(model.model.named_parameters(), ref_grads):
+    for (k, p), g in zip(model.model.named_parameters(), ref_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-6, msg=k)
 
 
@@ -351,8 +355,10 @@ def test_second_order_vmap_through_affine_norms_is_refused(backbone, named):
     MAML(backbone(), ways=2, task_batching="vmap", first_order=True)
 
 
-@pytest.mark.xfail(reason="PyTorch bug: vmap + second order through fused layer_norm with a batched weight; "
-                          "when this passes, MAML's refusal of vmap with affine norm layers can be lifted")
+@pytest.mark.xfail(
+    reason="PyTorch bug: vmap + second order through fused layer_norm with a batched weight; "
+    "when this passes, MAML's refusal of vmap with affine norm layers can be lifted"
+)
 def test_pytorch_vmap_second_order_through_layer_norm():
     from torch.func import grad, vmap
 
@@ -370,7 +376,7 @@ def test_pytorch_vmap_second_order_through_layer_norm():
 
     g_vmap = torch.autograd.grad(vmap(task, in_dims=(None, 0))((w, gamma), x).sum(), (w, gamma))
     g_loop = torch.autograd.grad(sum(task((w, gamma), x[i]) for i in range(2)), (w, gamma))
-    for a, b in zip(g_vmap, g_loop):
+    for a, b in zip(g_vmap, g_loop, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -396,12 +402,13 @@ def test_adapt_and_predict_match_closed_form():
     model = linear_maml(inner_lr=0.1, inner_steps=2)
     batch = regression_batch()
     _, _, fast_ref = closed_form_maml(theta_of(model), batch, 0.1, 2, first_order=False)
-    for ep, t in zip(batch.tasks(), fast_ref):
+    for ep, t in zip(batch.tasks(), fast_ref, strict=True):
         fast = model.adapt(ep)
         np.testing.assert_allclose(fast["head.weight"].detach().numpy().ravel(), t[:-1], rtol=1e-10)
         np.testing.assert_allclose(fast["head.bias"].detach().numpy(), t[-1:], rtol=1e-10)
-        np.testing.assert_allclose(model.predict(fast, ep.query_x).detach().numpy().ravel(), augment(ep.query_x) @ t,
-                                   rtol=1e-10)
+        np.testing.assert_allclose(
+            model.predict(fast, ep.query_x).detach().numpy().ravel(), augment(ep.query_x) @ t, rtol=1e-10
+        )
     # steps override: zero steps gives the meta-parameters back
     zero = model.adapt(batch.task(0), steps=0)
     assert torch.equal(zero["head.weight"], model.model.head.weight)
@@ -489,8 +496,13 @@ def test_trainer_test_and_fit(tmp_path):
     eps = [regression_batch(tasks=1, seed=s).task(0).to(torch.float32) for s in range(6)]
     loader = DataLoader(eps, batch_size=3, collate_fn=collate_episodes)
     trainer_kwargs = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     model.eval()
     expected = torch.cat([model.evaluate(b)["mse"] for b in loader]).mean().item()

@@ -75,11 +75,18 @@ def test_batched_meta_loss_equals_per_task_path(distance, backbone):
         batch = collate_episodes([episode(ways=3, seed=s) for s in range(4)])
     else:
         g = torch.Generator().manual_seed(1)
-        batch = collate_episodes([
-            Episode(torch.randn(6, 1, 16, 16, generator=g), torch.arange(3).repeat(2),
-                    torch.randn(9, 1, 16, 16, generator=g), torch.arange(3).repeat(3), torch.arange(3))
-            for _ in range(3)
-        ])
+        batch = collate_episodes(
+            [
+                Episode(
+                    torch.randn(6, 1, 16, 16, generator=g),
+                    torch.arange(3).repeat(2),
+                    torch.randn(9, 1, 16, 16, generator=g),
+                    torch.arange(3).repeat(3),
+                    torch.arange(3),
+                )
+                for _ in range(3)
+            ]
+        )
     loss_b = batched.meta_loss(batch)
     loss_t = MetaLearner.meta_loss(per_task, batch)  # the base class' adapt/predict loop
     torch.testing.assert_close(loss_b, loss_t, rtol=1e-5, atol=1e-5)
@@ -87,7 +94,7 @@ def test_batched_meta_loss_equals_per_task_path(distance, backbone):
     loss_b.backward()
     loss_t.backward()
     grads = 0
-    for (k, p), (_, q) in zip(batched.named_parameters(), per_task.named_parameters()):
+    for (k, p), (_, q) in zip(batched.named_parameters(), per_task.named_parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=k)
         grads += int(p.grad.abs().sum() > 0)
     assert grads > 0
@@ -98,7 +105,7 @@ def test_evaluate_matches_per_task_accuracy():
     eps = [episode(ways=3, seed=s) for s in range(4)]
     acc = model.evaluate(collate_episodes(eps))["acc"]
     assert acc.shape == (4,)
-    for a, ep in zip(acc, eps):
+    for a, ep in zip(acc, eps, strict=True):
         with torch.no_grad():
             logits = model.predict(model.adapt(ep), ep.query_x)
         assert a.item() == pytest.approx((logits.argmax(-1) == ep.query_y).float().mean().item())
@@ -151,8 +158,16 @@ def test_bad_configuration_raises_meta_config_error(kwargs, named):
 
 def test_regression_batches_are_refused():
     model = protonet()
-    reg = collate_episodes([
-        Episode(torch.randn(4, 6), torch.randn(4, 1), torch.randn(4, 6), torch.randn(4, 1), torch.zeros(0, dtype=torch.long))
-    ])
+    reg = collate_episodes(
+        [
+            Episode(
+                torch.randn(4, 6),
+                torch.randn(4, 1),
+                torch.randn(4, 6),
+                torch.randn(4, 1),
+                torch.zeros(0, dtype=torch.long),
+            )
+        ]
+    )
     with pytest.raises(MetaConfigError, match="regression"):
         model.training_step(reg, 0)

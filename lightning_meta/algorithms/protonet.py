@@ -66,15 +66,19 @@ class ProtoNet(MetaLearner):
         return -pairwise_distance(self.backbone(x), state, self.distance) / self.temperature
 
     def _batched_logits(self, batch: Episode) -> Tensor:
-        """Embeds every support and query image of the meta-batch in one forward pass."""
-        b, ns = batch.support_y.shape
-        nq = batch.query_y.shape[1]
-        images = torch.cat([batch.support_x, batch.query_x], dim=1).flatten(0, 1)
-        emb = self.backbone(images).unflatten(0, (b, ns + nq))
-        s_emb, q_emb = emb[:, :ns], emb[:, ns:]
-        protos = prototypes(s_emb, batch.support_y, batch.ways)  # [b, N, d]
-        d = pairwise_distance(q_emb, protos, self.distance)  # [b, nq, N]
-        return -d / self.temperature  # [b, nq, N]
+        """Query logits ``[B, nq, N]`` of every task of a meta-batch.
+
+        Each task's support and query images go through the backbone in one forward pass of their
+        own, so BatchNorm statistics are per task: results then do not depend on how a meta-batch
+        is split across devices (2 ranks with B/2 tasks each equal 1 rank with B tasks).
+        """
+        ns = batch.support_y.shape[1]
+        logits = []
+        for i in range(batch.num_tasks):
+            emb = self.backbone(torch.cat([batch.support_x[i], batch.query_x[i]]))
+            protos = prototypes(emb[:ns], batch.support_y[i], batch.ways)  # [N, d]
+            logits.append(-pairwise_distance(emb[ns:], protos, self.distance) / self.temperature)
+        return torch.stack(logits)
 
     def meta_loss(self, batch: Episode) -> Tensor:
         """Cross-entropy of the queries of all tasks (tasks embedded together)."""

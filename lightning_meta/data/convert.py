@@ -1,0 +1,739 @@
+"""``lightning-meta convert``: image collections to class-grouped shards with an ``index.json``.
+
+Three layouts are understood (each a subcommand, each also a Python function):
+
+- ``imagefolder``: ``<root>/<class>/<image>`` (one folder per class), or with ``--split-folders``
+  ``<root>/<train|val|test>/<class>/<image>``; classes may be split by ``--split-ratios``.
+- ``omniglot``: ``<root>/<Alphabet>/<characterNN>/<drawing>.png`` as released by Lake et al.,
+  read from the folder or straight from the zip (``images_background_small1.zip``); classes are
+  split into train/val/test *by alphabet*; ``--rotations`` adds the 90/180/270 degree rotations
+  of every character as new classes (x4, as in the MAML and ProtoNet papers). Images are
+  inverted (ink = 255, like the embedded glyphs) and shrunk by area averaging to ``--image-size``.
+- ``miniimagenet``: the Ravi & Larochelle split files ``train.csv``/``val.csv``/``test.csv``
+  (columns ``filename,label``) and an ``images/`` folder, resized to 84x84 RGB.
+
+``--format npy`` stores raw ``uint8`` arrays (no decoding cost when training); ``png`` is smaller.
+The output folder appears atomically: everything is written to a temporary folder beside it and
+renamed at the end, so an interrupted conversion leaves no half-written shard set behind.
+
+Example:
+    ``lightning-meta convert omniglot images_background_small1.zip data/small1 --rotations --val-fraction 0.2``
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import numpy as np
+
+from lightning_meta.data.shards import INDEX_NAME, ShardIndex, ShardWriter
+from lightning_meta.errors import MetaConfigError
+
+__all__ = [
+    "ImageRecipe",
+    "SourceTree",
+    "convert_imagefolder",
+    "convert_miniimagenet",
+    "convert_omniglot",
+    "main",
+    "omniglot_image",
+]
+
+Format = Literal["png", "npy"]
+Resample = Literal["box", "bilinear", "bicubic", "lanczos"]
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
+ROTATIONS = (0, 90, 180, 270)
+
+
+# --------------------------------------------------------------------------- reading trees
+class SourceTree:
+    """A read-only listing of the files under a folder or inside a zip archive, with byte access.
+
+    Paths are POSIX-style and relative to the folder (or the zip root). Hidden entries and the
+    ``__MACOSX`` folders that macOS adds to zips are ignored.
+
+    Raises:
+        MetaConfigError: when the path does not exist or is neither a folder nor a zip file.
+
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str = "input") -> None:
+        self.path = Path(os.path.expanduser(os.fspath(path)))
+        self._zip: zipfile.ZipFile | None = None
+        if not self.path.exists():
+            raise MetaConfigError(f"{what} {str(self.path)!r} does not exist; check the path (a folder or a .zip file)")
+        files: list[str] = []
+        dirs: set[str] = set()
+        if self.path.is_dir():
+            for base, dirnames, filenames in os.walk(self.path):
+                dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
+                rel = PurePosixPath(Path(base).relative_to(self.path).as_posix())
+                if str(rel) != ".":
+                    dirs.add(str(rel))
+                files += [str(rel / f) if str(rel) != "." else f for f in sorted(filenames) if not _ignored(f)]
+        elif zipfile.is_zipfile(self.path):
+            self._zip = zipfile.ZipFile(self.path)
+            for name in self._zip.namelist():
+                parts = PurePosixPath(name).parts
+                if not parts or any(_ignored(p) for p in parts):
+                    continue
+                if name.endswith("/"):
+                    dirs.add(str(PurePosixPath(*parts)))
+                else:
+                    files.append(str(PurePosixPath(*parts)))
+        else:
+            raise MetaConfigError(f"{what} {str(self.path)!r} is neither a folder nor a zip file; "
+                                  "extract it or point at the folder that holds the images")
+        for f in files:  # zips need not list every folder
+            dirs.update(str(p) for p in PurePosixPath(f).parents if str(p) != ".")
+        self.files = sorted(files)
+        self.dirs = dirs
+
+    def read(self, rel: str) -> bytes:
+        """The bytes of one file."""
+        if self._zip is not None:
+            return self._zip.read(rel)
+        return (self.path / rel).read_bytes()
+
+    def images(self) -> list[str]:
+        """Files with an image suffix."""
+        return [f for f in self.files if f.lower().endswith(IMAGE_SUFFIXES)]
+
+    def close(self) -> None:
+        """Closes the zip file (if any)."""
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+# --------------------------------------------------------------------------- image preprocessing
+_RESAMPLE = {"box": "BOX", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS"}
+
+
+@dataclass(frozen=True)
+class ImageRecipe:
+    """How a stored image is made from a source file: colour mode, inversion, size (picklable).
+
+    Args:
+        mode: ``L`` (grayscale) or ``RGB``.
+        size: output ``(height, width)``, or None to keep the source size.
+        invert: store ``255 - v`` (black ink on white -> ink as 255).
+        resample: Pillow filter; ``box`` averages the covered area (best for shrinking line drawings),
+            ``lanczos`` is the usual anti-aliased filter for photographs.
+
+    """
+
+    mode: Literal["L", "RGB"] = "RGB"
+    size: tuple[int, int] | None = None
+    invert: bool = False
+    resample: Resample = "lanczos"
+
+    def __call__(self, data: bytes, name: str = "<bytes>") -> np.ndarray:
+        """Decodes ``data`` and returns a ``uint8`` array ``[H, W]`` (``L``) or ``[H, W, 3]`` (``RGB``).
+
+        Raises:
+            MetaConfigError: when the bytes are not a readable image, naming the file.
+
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                    # composite transparent images on white, not on black
+                    rgba = im.convert("RGBA")
+                    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    im = Image.alpha_composite(bg, rgba)
+                img = im.convert(self.mode)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise MetaConfigError(f"{name} is not a readable image ({e}); remove or replace the file") from e
+        if self.invert:
+            from PIL import ImageOps
+
+            img = ImageOps.invert(img)
+        if self.size is not None and img.size != (self.size[1], self.size[0]):
+            img = img.resize((self.size[1], self.size[0]), getattr(Image.Resampling, _RESAMPLE[self.resample]))
+        return np.asarray(img, dtype=np.uint8).copy()
+
+
+def omniglot_image(data: bytes, image_size: int | None = 28, name: str = "<bytes>") -> np.ndarray:
+    """The Omniglot preprocessing shared by the converter and the one-shot runs: ``uint8 [s, s]``.
+
+    The 105x105 black-on-white drawing is converted to grayscale, inverted (ink = 255) and
+    shrunk by area averaging (Pillow's ``BOX`` filter, i.e. anti-aliased: a pixel's value is the
+    ink fraction of the area it covers) to ``image_size`` (None keeps 105x105).
+    """
+    size = None if image_size is None else (image_size, image_size)
+    return ImageRecipe(mode="L", size=size, invert=True, resample="box")(data, name)
+
+
+def _decode_all(
+    tree: SourceTree, files: Sequence[str], recipe: Callable[[bytes, str], np.ndarray], pool: ProcessPoolExecutor | None
+) -> list[np.ndarray]:
+    """Decodes ``files`` in order (in worker processes when a pool is given)."""
+    blobs = [tree.read(f) for f in files]
+    names = [f"{tree.path}:{f}" if tree._zip is not None else str(tree.path / f) for f in files]
+    if pool is None or len(files) < 8:
+        return [recipe(b, n) for b, n in zip(blobs, names, strict=True)]
+    return list(pool.map(recipe, blobs, names, chunksize=max(1, len(files) // 16)))
+
+
+# --------------------------------------------------------------------------- atomic output
+@contextlib.contextmanager
+def _atomic_output(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yields a temporary folder beside ``out_dir`` that replaces it when the block succeeds."""
+    out = Path(os.path.expanduser(os.fspath(out_dir))).absolute()
+    if out.exists() and not out.is_dir():
+        raise MetaConfigError(f"output {str(out)!r} exists and is not a folder; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MetaConfigError(f"output folder {str(out)!r} exists and is not empty; pass --overwrite "
+                              "(overwrite=True) to replace it, or choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        _publish_permissions(tmp)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / "previous")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publish_permissions(folder: Path) -> None:
+    """Makes the finished folder readable like an ordinary data folder (mkdtemp/mkstemp make it private)."""
+    os.chmod(folder, 0o755)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o644)
+
+
+@contextlib.contextmanager
+def _maybe_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    if workers < 0:
+        raise MetaConfigError(f"workers={workers} must be >= 0 (0 decodes in this process)")
+    if workers == 0:
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield pool
+
+
+@dataclass
+class _ClassPlan:
+    name: str
+    split: str | None
+    group: str | None
+    files: list[str]
+    rotations: tuple[int, ...] = (0,)
+
+
+def _write(
+    tree: SourceTree,
+    plans: Sequence[_ClassPlan],
+    out_dir: str | os.PathLike,
+    recipe: Callable[[bytes, str], np.ndarray],
+    fmt: Format,
+    prefix: str,
+    meta: dict[str, Any],
+    overwrite: bool,
+    max_samples: int,
+    workers: int,
+) -> ShardIndex:
+    """Writes the planned classes (split by split) into ``out_dir`` atomically; returns the index."""
+    if fmt not in ("png", "npy"):
+        raise MetaConfigError(f"format={fmt!r} is not supported; use 'png' (smaller) or 'npy' (faster to decode)")
+    if max_samples < 1:
+        raise MetaConfigError(f"max_samples={max_samples} must be >= 1")
+    order = {s: i for i, s in enumerate((*SPLITS, None))}
+    plans = sorted(plans, key=lambda p: order.get(p.split, len(order)))  # stable: keeps the name order
+    shape: tuple[int, ...] | None = None
+    first: str | None = None
+    with _atomic_output(out_dir, overwrite) as tmp, _maybe_pool(workers) as pool:
+        with ShardWriter(tmp, prefix=prefix, max_samples=max_samples, meta={**meta, "format": fmt}) as writer:
+            class_id = 0
+            for plan in plans:
+                images = _decode_all(tree, plan.files, recipe, pool)
+                for img, f in zip(images, plan.files, strict=True):
+                    if shape is None:
+                        shape, first = img.shape, f
+                    elif img.shape != shape:
+                        raise MetaConfigError(
+                            f"{f} decodes to shape {img.shape} but {first} to {shape}: an episode needs images of "
+                            "one size; pass --image-size (image_size=...) to resize every image")
+                for angle in plan.rotations:
+                    k = angle // 90
+                    rotated = [np.ascontiguousarray(np.rot90(img, k)) for img in images] if k else images
+                    name = plan.name if len(plan.rotations) == 1 else f"{plan.name}/rot{angle:03d}"
+                    writer.add_class(class_id, rotated, name=name, split=plan.split, group=plan.group, ext=fmt)
+                    class_id += 1
+        index = writer.index
+        (tmp / "README.txt").write_text(
+            f"Shards written by `lightning-meta convert {meta.get('layout', '')}` from {meta.get('input', '')}.\n"
+            f"{len(index.classes)} classes; splits and provenance are in {INDEX_NAME}.\n")
+    index.path = str(Path(os.path.expanduser(os.fspath(out_dir))).absolute() / INDEX_NAME)
+    index.shards = [str(Path(index.path).parent / Path(p).name) for p in index.shards]
+    return index
+
+
+def _check_class_files(plans: Iterable[_ClassPlan], root: str, layout: str) -> None:
+    for p in plans:
+        if not p.files:
+            raise MetaConfigError(f"class folder {p.name!r} in {root} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                                  f"add images or remove the folder (layout {layout})")
+
+
+def _ratio_split(n: int, ratios: Sequence[float], seed: int) -> list[str]:
+    """Split name of each of ``n`` items: a seeded permutation cut by ``ratios`` (train/val/test)."""
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or not np.isclose(sum(ratios), 1.0):
+        raise MetaConfigError(f"split ratios {tuple(ratios)} must be three non-negative fractions "
+                              "(train val test) summing to 1, e.g. --split-ratios 0.64 0.16 0.2")
+    order = np.random.default_rng(np.random.SeedSequence([seed, 5151])).permutation(n)
+    n_train = int(round(ratios[0] * n))
+    n_val = int(round(ratios[1] * n))
+    out = [""] * n
+    for pos, i in enumerate(order):
+        out[int(i)] = "train" if pos < n_train else ("val" if pos < n_train + n_val else "test")
+    return out
+
+
+# --------------------------------------------------------------------------- ImageFolder
+def convert_imagefolder(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split_ratios: Sequence[float] | None = None,
+    split_folders: bool = False,
+    image_size: int | None = None,
+    channels: Literal["auto", "1", "3"] = "auto",
+    fmt: Format = "png",
+    seed: int = 0,
+    overwrite: bool = False,
+    max_samples: int = 5000,
+    workers: int = 0,
+    resample: Resample = "lanczos",
+) -> ShardIndex:
+    """Converts ``<root>/<class>/**/<image>`` (or ``<root>/<split>/<class>/...``) to shards.
+
+    Args:
+        root: the folder (or a zip of it).
+        out_dir: destination folder, created atomically.
+        split_ratios: train/val/test fractions of the *classes* (seeded by ``seed``); None records no
+            split (ShardDataModule then splits with its own ``split_ratios``).
+        split_folders: the top folders are the splits (``train``, ``val``, ``test``).
+        image_size: square output side; None keeps the source size (all images must then agree).
+        channels: ``1`` (grayscale), ``3`` (RGB) or ``auto`` (from the first image's mode).
+        fmt: ``png`` or ``npy``.
+        seed: seed of the ratio split.
+        overwrite: replace a non-empty ``out_dir``.
+        max_samples: samples per shard.
+        workers: decoding processes (0 = this process).
+        resample: resize filter.
+
+    Raises:
+        MetaConfigError: missing folder, no class folders, an empty class, bad split names or ratios.
+
+    """
+    tree = SourceTree(root, "imagefolder root")
+    try:
+        if split_folders and split_ratios is not None:
+            raise MetaConfigError("split_folders and split_ratios both given; use the top folders as splits "
+                                  "(--split-folders) or split classes by ratios (--split-ratios), not both")
+        depth = 2 if split_folders else 1
+        by_class: dict[tuple[str, ...], list[str]] = defaultdict(list)
+        loose = []
+        for f in tree.images():
+            parts = PurePosixPath(f).parts
+            if len(parts) <= depth:
+                loose.append(f)
+                continue
+            by_class[parts[:depth]].append(f)
+        class_dirs = {tuple(PurePosixPath(d).parts) for d in tree.dirs if len(PurePosixPath(d).parts) == depth}
+        for d in class_dirs:
+            by_class.setdefault(d, [])
+        if loose:
+            where = "<root>/<split>/<class>/" if split_folders else "<root>/<class>/"
+            raise MetaConfigError(f"{loose[0]} in {tree.path} is not inside a class folder; the imagefolder layout "
+                                  f"is {where}<image>: move the images into class folders")
+        if not by_class:
+            raise MetaConfigError(f"no class folders with images found in {str(tree.path)!r}; the imagefolder layout "
+                                  "is <root>/<class>/<image> (or <root>/<split>/<class>/<image> with --split-folders)")
+        keys = sorted(by_class)
+        if split_folders:
+            bad = sorted({k[0] for k in keys if k[0] not in SPLITS})
+            if bad:
+                raise MetaConfigError(f"top folder {bad[0]!r} in {tree.path} is not a split name; with --split-folders "
+                                      f"the top folders must be {', '.join(SPLITS)}")
+            splits: list[str | None] = [k[0] for k in keys]
+        elif split_ratios is not None:
+            splits = list(_ratio_split(len(keys), split_ratios, seed))
+        else:
+            splits = [None] * len(keys)
+        plans = [_ClassPlan("/".join(k), s, None, sorted(by_class[k])) for k, s in zip(keys, splits, strict=True)]
+        _check_class_files(plans, str(tree.path), "imagefolder")
+        if channels not in ("auto", "1", "3"):
+            raise MetaConfigError(f"channels={channels!r} is not supported; use 'auto', '1' or '3'")
+        if channels == "auto":
+            from PIL import Image
+
+            with Image.open(io.BytesIO(tree.read(plans[0].files[0]))) as im:
+                mode = "L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+        else:
+            mode = "L" if channels == "1" else "RGB"
+        size = _check_size(image_size)
+        recipe = ImageRecipe(mode=mode, size=size, resample=resample)
+        meta = {"source": "lightning-meta convert", "layout": "imagefolder", "input": str(tree.path),
+                "image_size": image_size, "mode": mode, "split_ratios": list(split_ratios) if split_ratios else None,
+                "split_folders": split_folders, "seed": seed}
+        return _write(tree, plans, out_dir, recipe, fmt, "imagefolder", meta, overwrite, max_samples, workers)
+    finally:
+        tree.close()
+
+
+def _check_size(image_size: int | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if image_size < 1:
+        raise MetaConfigError(f"image_size={image_size} must be a positive number of pixels (e.g. 28 or 84)")
+    return (image_size, image_size)
+
+
+# --------------------------------------------------------------------------- Omniglot
+def omniglot_alphabets(tree: SourceTree) -> tuple[str, dict[str, dict[str, list[str]]]]:
+    """Finds ``<prefix>/<Alphabet>/<character>/<drawing>.png`` in a tree.
+
+    Returns:
+        ``(prefix, {alphabet: {character: [files]}})``; empty character folders map to ``[]``.
+
+    Raises:
+        MetaConfigError: when the tree does not have the Omniglot layout.
+
+    """
+    pngs = [f for f in tree.files if f.lower().endswith(".png")]
+    layout = "<root>/<Alphabet>/<characterNN>/<drawing>.png"
+    if not pngs:
+        raise MetaConfigError(f"no .png drawings found in {str(tree.path)!r}; the omniglot layout is {layout} "
+                              "(for example images_background.zip from github.com/brendenlake/omniglot)")
+    prefixes = {PurePosixPath(f).parts[:-3] for f in pngs}
+    shallow = [f for f in pngs if len(PurePosixPath(f).parts) < 3]
+    if shallow or len(prefixes) != 1:
+        example = shallow[0] if shallow else ", ".join(sorted("/".join(p) or "." for p in prefixes)[:3])
+        raise MetaConfigError(f"{str(tree.path)!r} does not have the omniglot layout {layout} (found {example}); "
+                              "point at the folder or zip holding the alphabet folders of ONE set "
+                              "(e.g. images_background, not its parent holding several sets)")
+    prefix = prefixes.pop()
+    if any(PurePosixPath(f).name == "class_labels.txt" for f in tree.files):
+        raise MetaConfigError(f"{str(tree.path)!r} holds the one-shot runs (runNN/class_labels.txt), not an alphabet "
+                              "set; evaluate on it with lightning_meta.datamodules.OmniglotRunsDataModule(runs=...) "
+                              "and convert images_background*/images_evaluation instead")
+    out: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for f in pngs:
+        *_, alphabet, character, _name = PurePosixPath(f).parts
+        out[alphabet][character].append(f)
+    n = len(prefix)
+    for d in tree.dirs:  # character folders without drawings
+        parts = PurePosixPath(d).parts
+        if len(parts) == n + 2 and parts[:n] == prefix and parts[n] in out:
+            out[parts[n]].setdefault(parts[n + 1], [])
+    return "/".join(prefix), {a: {c: sorted(fs) for c, fs in chars.items()} for a, chars in out.items()}
+
+
+def assign_alphabets(
+    alphabets: Sequence[str],
+    val_alphabets: Sequence[str] | None = None,
+    test_alphabets: Sequence[str] | None = None,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Split of each alphabet: explicit lists, or seeded fractions of the alphabets (the rest train).
+
+    A non-zero fraction gives at least one alphabet; explicit lists and fractions of the same
+    split cannot be combined.
+
+    Raises:
+        MetaConfigError: for unknown names, an alphabet in two lists, or bad fractions.
+
+    """
+    alphabets = sorted(alphabets)
+    known = set(alphabets)
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise MetaConfigError(f"{name}={value} must be in [0, 1] (a fraction of the alphabets)")
+    if val_fraction + test_fraction > 1.0 + 1e-9:
+        raise MetaConfigError(f"val_fraction + test_fraction = {val_fraction + test_fraction} exceeds 1")
+    split = {a: "train" for a in alphabets}
+    explicit: set[str] = set()
+    for name, names, frac in (("val", val_alphabets, val_fraction), ("test", test_alphabets, test_fraction)):
+        if names is None:
+            continue
+        if frac:
+            raise MetaConfigError(f"both {name}_alphabets and {name}_fraction={frac} given; use one of them")
+        for a in names:
+            if a not in known:
+                raise MetaConfigError(f"{name} alphabet {a!r} is not in the data set; "
+                                      f"available: {', '.join(alphabets)}")
+            if a in explicit:
+                raise MetaConfigError(f"alphabet {a!r} is listed for two splits; list it once")
+            explicit.add(a)
+            split[a] = name
+    rest = [a for a in alphabets if a not in explicit]
+    order = [rest[i] for i in np.random.default_rng(np.random.SeedSequence([seed, 3301])).permutation(len(rest))]
+    pos = 0
+    for name, frac in (("val", val_fraction), ("test", test_fraction)):
+        k = max(1, int(round(frac * len(alphabets)))) if frac > 0 else 0
+        if pos + k > len(order):
+            raise MetaConfigError(f"{name}_fraction={frac} asks for {k} alphabet(s) but only {len(order) - pos} "
+                                  "remain; lower the fractions")
+        for a in order[pos:pos + k]:
+            split[a] = name
+        pos += k
+    return split
+
+
+def convert_omniglot(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    image_size: int | None = 28,
+    rotations: bool = False,
+    rotation_splits: Sequence[str] = SPLITS,
+    val_alphabets: Sequence[str] | None = None,
+    test_alphabets: Sequence[str] | None = None,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    fmt: Format = "png",
+    overwrite: bool = False,
+    max_samples: int = 5000,
+    workers: int = 0,
+) -> ShardIndex:
+    """Converts an Omniglot set (folder or zip) to shards split by alphabet.
+
+    Every character is a class whose ``group`` is its alphabet; with ``rotations`` each character
+    of the ``rotation_splits`` also gives three more classes, its drawings rotated by 90, 180 and
+    270 degrees (``numpy.rot90``, counter-clockwise), named ``<Alphabet>/<character>/rotNNN``.
+    Images are stored inverted (ink = 255) at ``image_size`` (see :func:`omniglot_image`).
+
+    Args:
+        source: ``images_background*.zip`` / ``images_evaluation.zip`` or the extracted folder.
+        out_dir: destination folder, created atomically.
+        image_size: output side (default 28, as in the few-shot literature); None keeps 105.
+        rotations: x4 class expansion.
+        rotation_splits: splits whose characters are expanded.
+        val_alphabets: explicit alphabet names of the validation split.
+        test_alphabets: explicit alphabet names of the test split.
+        val_fraction: seeded fraction of the alphabets for validation, instead of a list.
+        test_fraction: seeded fraction of the alphabets for test (the remaining alphabets are train).
+        seed: seed of the fraction split.
+        fmt: ``png`` or ``npy``.
+        overwrite: replace a non-empty ``out_dir``.
+        max_samples: samples per shard.
+        workers: decoding processes (0 = this process).
+
+    Raises:
+        MetaConfigError: missing input, wrong layout, an empty character folder, bad split options.
+
+    """
+    tree = SourceTree(source, "omniglot source")
+    try:
+        bad = [s for s in rotation_splits if s not in SPLITS]
+        if bad:
+            raise MetaConfigError(f"rotation split {bad[0]!r} is not one of {', '.join(SPLITS)}")
+        prefix, alphabets = omniglot_alphabets(tree)
+        split_of = assign_alphabets(list(alphabets), val_alphabets, test_alphabets, val_fraction, test_fraction, seed)
+        rot = tuple(ROTATIONS) if rotations else (0,)
+        plans = []
+        for a in sorted(alphabets):
+            for c in sorted(alphabets[a]):
+                s = split_of[a]
+                plans.append(_ClassPlan(f"{a}/{c}", s, a, alphabets[a][c], rot if s in rotation_splits else (0,)))
+        _check_class_files(plans, f"{tree.path}/{prefix}", "omniglot")
+        size = _check_size(image_size)
+        recipe = ImageRecipe(mode="L", size=size, invert=True, resample="box")
+        meta = {"source": "lightning-meta convert", "layout": "omniglot", "input": str(tree.path),
+                "image_size": image_size or 105, "ink": "255 (inverted from black-on-white)",
+                "rotations": list(rot), "rotation_splits": list(rotation_splits) if rotations else [],
+                "alphabet_splits": {a: split_of[a] for a in sorted(split_of)}, "seed": seed}
+        return _write(tree, plans, out_dir, recipe, fmt, "omniglot", meta, overwrite, max_samples, workers)
+    finally:
+        tree.close()
+
+
+# --------------------------------------------------------------------------- miniImageNet
+def convert_miniimagenet(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    image_size: int = 84,
+    fmt: Format = "png",
+    overwrite: bool = False,
+    max_samples: int = 5000,
+    workers: int = 0,
+) -> ShardIndex:
+    """Converts miniImageNet with the Ravi & Larochelle split files to 84x84 RGB shards.
+
+    ``root`` holds ``train.csv``, ``val.csv`` and ``test.csv`` (header ``filename,label``); the
+    images are in ``images`` (default ``<root>/images``), either flat (``images/<filename>``) or
+    per class (``images/<label>/<filename>``). Classes keep their split and their WordNet id as name.
+
+    Raises:
+        MetaConfigError: missing csv or image files, a bad header, a class in two splits.
+
+    """
+    root = Path(os.path.expanduser(os.fspath(root)))
+    if not root.is_dir():
+        raise MetaConfigError(f"miniimagenet root {str(root)!r} is not a folder; point at the folder holding "
+                              "train.csv, val.csv, test.csv and images/")
+    tree = SourceTree(images if images is not None else root / "images", "miniimagenet images folder")
+    try:
+        present = set(tree.files)
+        plans: list[_ClassPlan] = []
+        seen: dict[str, str] = {}
+        for split in SPLITS:
+            csv_path = root / f"{split}.csv"
+            if not csv_path.is_file():
+                raise MetaConfigError(f"{csv_path} is missing; miniimagenet needs the Ravi & Larochelle split files "
+                                      "train.csv, val.csv and test.csv (columns filename,label) in the root folder")
+            by_label: dict[str, list[str]] = {}
+            with open(csv_path, newline="") as f:
+                reader = csv.reader(f)
+                header = [h.strip() for h in next(reader, [])]
+                if header[:2] != ["filename", "label"]:
+                    raise MetaConfigError(f"{csv_path} starts with {header!r}; the split files have the header "
+                                          "'filename,label'")
+                for line_no, row in enumerate(reader, start=2):
+                    if not row or not "".join(row).strip():
+                        continue
+                    if len(row) < 2:
+                        raise MetaConfigError(f"{csv_path}:{line_no} has {len(row)} column(s); expected filename,label")
+                    name, label = row[0].strip(), row[1].strip()
+                    rel = name if name in present else f"{label}/{name}"
+                    if rel not in present:
+                        raise MetaConfigError(f"{name} (listed in {csv_path}:{line_no}) is not in {tree.path} "
+                                              f"(looked for images/{name} and images/{label}/{name}); "
+                                              "restore the image or point --images at the right folder")
+                    by_label.setdefault(label, []).append(rel)
+            if not by_label:
+                raise MetaConfigError(f"{csv_path} lists no images; every split needs classes")
+            for label in sorted(by_label):
+                if label in seen:
+                    raise MetaConfigError(f"class {label!r} is in both {seen[label]}.csv and {split}.csv; "
+                                          "few-shot splits must have disjoint classes")
+                seen[label] = split
+                plans.append(_ClassPlan(label, split, None, by_label[label]))
+        size = _check_size(image_size)
+        recipe = ImageRecipe(mode="RGB", size=size, resample="lanczos")
+        meta = {"source": "lightning-meta convert", "layout": "miniimagenet", "input": str(root),
+                "image_size": image_size, "split": "Ravi & Larochelle 2017 (train.csv/val.csv/test.csv)"}
+        return _write(tree, plans, out_dir, recipe, fmt, "miniimagenet", meta, overwrite, max_samples, workers)
+    finally:
+        tree.close()
+
+
+# --------------------------------------------------------------------------- command line
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lightning-meta convert",
+        description="Convert an image collection to class-grouped webdataset shards with an index.json "
+                    "(splits, checksums, provenance), written atomically.",
+    )
+    sub = p.add_subparsers(dest="layout", metavar="LAYOUT", required=True)
+
+    def common(sp: argparse.ArgumentParser, size_default: int | None, size_help: str) -> None:
+        sp.add_argument("output", help="destination folder (created atomically)")
+        sp.add_argument("--format", choices=["png", "npy"], default="png",
+                        help="png (smaller) or npy (raw uint8 arrays, faster to decode); default png")
+        sp.add_argument("--image-size", type=int, default=size_default, help=size_help)
+        sp.add_argument("--overwrite", action="store_true", help="replace the output folder if it is not empty")
+        sp.add_argument("--max-samples", type=int, default=5000, help="samples per shard (default 5000)")
+        sp.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: this process)")
+
+    sp = sub.add_parser("imagefolder", help="<root>/<class>/<image> (optionally <root>/<split>/<class>/<image>)")
+    sp.add_argument("root", help="the folder (or zip) whose sub-folders are the classes")
+    common(sp, None, "square output side in pixels (default: keep; images must then share one size)")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--split-ratios", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   help="split the classes by these fractions (seeded); default: no split recorded")
+    g.add_argument("--split-folders", action="store_true", help="the top folders are the splits: train, val, test")
+    sp.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
+                    help="1 = grayscale, 3 = RGB, auto = from the first image (default)")
+    sp.add_argument("--resample", choices=list(_RESAMPLE), default="lanczos", help="resize filter (default lanczos)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of --split-ratios")
+
+    sp = sub.add_parser("omniglot", help="<root>/<Alphabet>/<characterNN>/*.png, a folder or the release zip")
+    sp.add_argument("source", help="images_background*.zip / images_evaluation.zip or an extracted folder")
+    common(sp, 28, "square output side (default 28; 0 keeps 105x105)")
+    sp.add_argument("--rotations", action="store_true",
+                    help="x4 classes: add every character rotated by 90, 180 and 270 degrees as new classes")
+    sp.add_argument("--rotation-splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
+                    help="splits expanded by --rotations (default: all)")
+    sp.add_argument("--val-alphabets", nargs="+", metavar="NAME", help="alphabets of the validation split")
+    sp.add_argument("--test-alphabets", nargs="+", metavar="NAME", help="alphabets of the test split")
+    sp.add_argument("--val-fraction", type=float, default=0.0, help="seeded fraction of alphabets for validation")
+    sp.add_argument("--test-fraction", type=float, default=0.0, help="seeded fraction of alphabets for test")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the fraction split")
+
+    sp = sub.add_parser("miniimagenet", help="Ravi & Larochelle split csv files + images/, resized to 84x84 RGB")
+    sp.add_argument("root", help="folder holding train.csv, val.csv, test.csv and images/")
+    common(sp, 84, "square output side (default 84)")
+    sp.add_argument("--images", help="image folder (default <root>/images)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lightning-meta convert LAYOUT INPUT OUTPUT [options]``; errors print as one line (exit status 2)."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    common = {"fmt": args.format, "overwrite": args.overwrite, "max_samples": args.max_samples, "workers": args.workers}
+    try:
+        if args.layout == "imagefolder":
+            index = convert_imagefolder(args.root, args.output, split_ratios=args.split_ratios,
+                                        split_folders=args.split_folders, image_size=args.image_size,
+                                        channels=args.channels, seed=args.seed, resample=args.resample, **common)
+        elif args.layout == "omniglot":
+            index = convert_omniglot(args.source, args.output, image_size=args.image_size or None,
+                                     rotations=args.rotations, rotation_splits=args.rotation_splits,
+                                     val_alphabets=args.val_alphabets, test_alphabets=args.test_alphabets,
+                                     val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                                     seed=args.seed, **common)
+        else:
+            index = convert_miniimagenet(args.root, args.output, images=args.images, image_size=args.image_size,
+                                         **common)
+    except MetaConfigError as e:
+        if os.environ.get("LIGHTNING_META_DEBUG"):
+            raise
+        print(f"lightning-meta convert: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    counts = defaultdict(int)
+    images = 0
+    for c in index.classes:
+        counts[c.split or "unsplit"] += 1
+        images += c.count
+    per_split = ", ".join(f"{s} {n}" for s, n in counts.items())
+    print(f"wrote {args.output}: {len(index.classes)} classes ({per_split}), {images} images "
+          f"in {len(index.shards)} shard(s), {args.format}")
+

@@ -1,0 +1,49 @@
+"""Kill-and-resume through a real Lightning checkpoint continues the identical episode stream."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_meta.algorithms import MAML
+from lightning_meta.backbones import MLP
+from lightning_meta.datamodules import SinusoidDataModule
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((trainer.global_step, float(batch.support_x.sum()) + float(batch.query_y.sum())))
+
+
+def _run(tmp_path, max_steps, ckpt_path=None, every=None):
+    torch.manual_seed(0)
+    dm = SinusoidDataModule(meta_batch_size=4, train_episodes=20, val_episodes=4, eval_meta_batch_size=4)
+    model = MAML(MLP(1, [8]), task="regression", inner_lr=0.01)
+    rec = Recorder()
+    callbacks = [rec]
+    if every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1,
+                                         filename="{step}"))
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=callbacks, enable_checkpointing=bool(every),
+                        default_root_dir=tmp_path)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return rec.seen, model
+
+
+@pytest.mark.parametrize("stop", [3, 5, 7])  # mid-epoch (epochs hold 5 meta-batches) and at an epoch end
+def test_resume_continues_identical_episodes(tmp_path, stop):
+    full, full_model = _run(tmp_path / "full", max_steps=12)
+    first, _ = _run(tmp_path / "a", max_steps=stop, every=stop)
+    ckpt = tmp_path / "a" / f"step={stop}.ckpt"
+    assert ckpt.exists()
+    second, resumed_model = _run(tmp_path / "b", max_steps=12, ckpt_path=str(ckpt))
+    assert first == full[:stop]
+    assert [s for _, s in second] == [s for _, s in full[stop:]]
+    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
