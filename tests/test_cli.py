@@ -112,3 +112,11 @@ def test_import_does_not_import_deepspeed():
     code = "import sys, lightning_meta, lightning_meta.cli; print('deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_predict_subcommand(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main(["predict", "--config", str(ROOT / "configs" / "quickstart.yaml"), *FAST])
+    preds = cli.trainer.predict_loop.predictions
+    assert preds and preds[0]["labels"].shape == (2, 75)  # 2 episodes of 5-way 15-query
+    assert preds[0]["classes"].shape == (2, 75)
