@@ -1,7 +1,10 @@
 """Meta-learning algorithms as LightningModules on the shared :class:`MetaLearner` base."""
 
+from lightning_meta.algorithms.anil import ANIL
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.algorithms.maml import MAML, BackboneWithHead
+from lightning_meta.algorithms.metasgd import MetaSGD
 from lightning_meta.algorithms.protonet import ProtoNet
+from lightning_meta.algorithms.reptile import Reptile
 
-__all__ = ["MAML", "BackboneWithHead", "MetaLearner", "ProtoNet"]
+__all__ = ["ANIL", "MAML", "BackboneWithHead", "MetaLearner", "MetaSGD", "ProtoNet", "Reptile"]

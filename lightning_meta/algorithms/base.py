@@ -119,9 +119,11 @@ class MetaLearner(L.LightningModule):
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:  # noqa: D102
         self.check_batch(batch)
         self._train_scores = None
+        self._display_loss = None
         loss = self.meta_loss(batch)
         bs = batch.num_tasks
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        shown = loss.detach() if self._display_loss is None else self._display_loss.detach()
+        self.log("train/loss", shown, prog_bar=True, batch_size=bs)
         if self._train_scores is not None:
             self.log(f"train/{self.score_name}", self._train_scores.mean(), prog_bar=True, batch_size=bs)
         return loss

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -14,10 +15,44 @@ from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
 
-__all__ = ["MAML", "BackboneWithHead"]
+__all__ = ["ADAPT_PRESETS", "MAML", "BackboneWithHead", "adapt_filter_fn"]
+
+ADAPT_PRESETS = ("all", "head", "bias", "film", "lora")
 
 
-def _refuse_vmap_through_fused_norms(model: nn.Module, bn: BNPolicy) -> None:
+def adapt_filter_fn(spec: str) -> Callable[[str], bool]:
+    """Parameter-name predicate of an ``adapt_filter`` preset or regular expression.
+
+    Presets: ``all``; ``head`` (ANIL: only the task head); ``bias`` (BitFit: every bias);
+    ``film`` (parameters whose name contains ``film`` or ``context``, e.g. CAVIA context vectors);
+    ``lora`` (parameters whose name contains ``lora_``). Anything else is a regular expression
+    searched in the parameter name (``re.search``), e.g. ``"head|encoder\\.12"``.
+
+    Example:
+        >>> f = adapt_filter_fn("bias")
+        >>> f("head.bias"), f("head.weight")
+        (True, False)
+    """
+    if spec == "all":
+        return lambda name: True
+    if spec == "head":
+        return lambda name: name.startswith("head.")
+    if spec == "bias":
+        return lambda name: name.endswith("bias")
+    if spec == "film":
+        return lambda name: "film" in name or "context" in name
+    if spec == "lora":
+        return lambda name: "lora_" in name
+    try:
+        pattern = re.compile(spec)
+    except re.error as e:
+        raise MetaConfigError(
+            f"adapt_filter={spec!r} is neither a preset {ADAPT_PRESETS} nor a valid regular expression ({e})"
+        ) from e
+    return lambda name: pattern.search(name) is not None
+
+
+def _refuse_vmap_through_fused_norms(model: nn.Module, bn: BNPolicy, adapted: set[str] | None = None) -> None:
     """Refuses second-order ``vmap`` over tasks when the adapted weights include affine normalisation.
 
     PyTorch (checked with 2.13) returns silently wrong second-order gradients when the fused
@@ -31,7 +66,7 @@ def _refuse_vmap_through_fused_norms(model: nn.Module, bn: BNPolicy) -> None:
         for name, m in model.named_modules()
         if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._NormBase))
         and not (bn == "frozen" and isinstance(m, nn.modules.batchnorm._BatchNorm))
-        and any(True for _ in m.parameters(recurse=False))
+        and any(adapted is None or f"{name}.{pn}" in adapted for pn, _ in m.named_parameters(recurse=False))
     ]
     if bad:
         raise MetaConfigError(
@@ -71,6 +106,8 @@ class MAML(MetaLearner):
     The inner loop is functional (:func:`lightning_meta.functional.inner_adapt`): fast weights are
     new tensors, the module is never modified, and the outer loss is an ordinary Lightning
     backward. Second order by default; ``first_order=True`` detaches the inner gradients.
+    Subclasses (ANIL, Meta-SGD, Reptile) reuse the same pipeline through
+    :meth:`task_query_outputs` and :meth:`inner_lrs`.
 
     Args:
         backbone: the body; a linear head with ``ways`` outputs (1 for regression) is added.
@@ -79,6 +116,9 @@ class MAML(MetaLearner):
         inner_steps: inner steps during meta-training (>= 1).
         eval_inner_steps: inner steps at validation/test (default: ``inner_steps``).
         first_order: first-order MAML (no second derivatives).
+        adapt_filter: which parameters adapt in the inner loop: a preset of
+            :func:`adapt_filter_fn` (``all``, ``head``, ``bias``, ``film``, ``lora``) or a regular
+            expression on parameter names; the others are meta-learned in the outer loop only.
         task_batching: ``loop`` adapts tasks one by one; ``vmap`` batches them with ``torch.func.vmap``.
         vmap_chunk_size: tasks per vmap chunk (bounds memory); ``None`` = all at once.
         bn: BatchNorm behaviour in the inner loop, see :func:`lightning_meta.functional.bn_policy`.
@@ -106,6 +146,7 @@ class MAML(MetaLearner):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
+        adapt_filter: str = "all",
         task_batching: Literal["loop", "vmap"] = "loop",
         vmap_chunk_size: int | None = None,
         bn: BNPolicy = "transductive",
@@ -133,10 +174,20 @@ class MAML(MetaLearner):
             raise MetaConfigError(
                 f"eval_report_steps={list(eval_report_steps or [])} must lie in 1..eval_inner_steps={eval_inner_steps}"
             )
-        self.save_hyperparameters(ignore=["backbone"])
+        if type(self) is MAML:
+            self.save_hyperparameters(ignore=["backbone"])
         self.model = BackboneWithHead(backbone, ways if task == "classification" else 1)
+        keep = adapt_filter_fn(adapt_filter)
+        self.adapted_names = [n for n, _ in self.model.named_parameters() if keep(n)]
+        if not self.adapted_names:
+            names = [n for n, _ in self.model.named_parameters()]
+            raise MetaConfigError(
+                f"adapt_filter={adapt_filter!r} selects no parameter; parameter names are {names[:6]}"
+                f"{' ...' if len(names) > 6 else ''}; use a preset {ADAPT_PRESETS} or a matching regular expression"
+            )
         if task_batching == "vmap" and not first_order:
-            _refuse_vmap_through_fused_norms(self.model, bn)
+            _refuse_vmap_through_fused_norms(self.model, bn, set(self.adapted_names))
+        self.adapt_filter = adapt_filter
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
@@ -148,19 +199,65 @@ class MAML(MetaLearner):
 
     # ------------------------------------------------------------- params
     def meta_parameters(self) -> Params:
-        """The parameters adapted in the inner loop (all of ``self.model``)."""
+        """Every parameter of the network (adapted and outer-only)."""
         return dict(self.model.named_parameters())
 
+    def split_parameters(self, detach: bool = False) -> tuple[Params, Params]:
+        """``(adapted, outer_only)`` parameter dicts, following ``adapt_filter``."""
+        names = set(self.adapted_names)
+        adapted, frozen = {}, {}
+        for n, p in self.model.named_parameters():
+            p = p.detach() if detach else p
+            (adapted if n in names else frozen)[n] = p
+        return adapted, frozen
+
     def model_buffers(self) -> Params:
+        """Buffers of the network (BatchNorm running statistics, if any)."""
         return dict(self.model.named_buffers())
+
+    def inner_lrs(self) -> float | Params:
+        """Inner step size: a float, or per-parameter tensors (Meta-SGD)."""
+        return self.inner_lr
 
     def forward(self, x: Tensor) -> Tensor:
         """The meta-learned initialisation applied to ``x`` (no adaptation)."""
         return self.model(x)
 
+    # ------------------------------------------------------------ pipeline
+    def forward_fast(self, fast: Params, frozen: Params, buffers: Params, x: Tensor) -> Tensor:
+        """Network outputs with adapted weights ``fast`` and outer-only weights ``frozen``."""
+        return functional_call(self.model, ({**frozen, **fast}, buffers), (x,))
+
+    def task_query_outputs(
+        self,
+        adapted: Params,
+        frozen: Params,
+        buffers: Params,
+        sx: Tensor,
+        sy: Tensor,
+        qx: Tensor,
+        steps: int,
+        first_order: bool,
+        report: Sequence[int] = (),
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Adapts on one task's support set and returns the query outputs (and those after ``report`` steps).
+
+        Pure in its tensor arguments, so it runs per task or under ``vmap``.
+        """
+        outs: dict[int, Tensor] = {}
+
+        def monitor(step: int, fast: Params) -> None:
+            if step + 1 in report:
+                with torch.no_grad():
+                    outs[step + 1] = self.forward_fast(fast, frozen, buffers, qx)
+
+        fast = inner_adapt(self.model, adapted, buffers, sx, sy, self.loss_fn, self.inner_lrs(), steps, first_order,
+                           frozen=frozen, callback=monitor if report else None)
+        return self.forward_fast(fast, frozen, buffers, qx), outs
+
     # --------------------------------------------------------------- hooks
     def adapt(self, episode: Episode, steps: int | None = None, first_order: bool | None = None) -> Params:
-        """Fast weights after ``steps`` inner steps on the support set of one episode.
+        """All weights of the network after ``steps`` inner steps on the support set of one episode.
 
         In training mode the result is differentiable w.r.t. the meta-parameters (second order
         unless ``first_order``); in evaluation mode the meta-parameters are detached first, so no
@@ -168,71 +265,59 @@ class MAML(MetaLearner):
         """
         steps = (self.inner_steps if self.training else self.eval_inner_steps) if steps is None else steps
         first_order = self.first_order if first_order is None else first_order
-        params = self.meta_parameters()
-        if not self.training:
-            params = {k: v.detach() for k, v in params.items()}
+        adapted, frozen = self.split_parameters(detach=not self.training)
         with bn_policy(self.model, self.bn):
-            return inner_adapt(
-                self.model, params, self.model_buffers(), episode.support_x, episode.support_y,
-                self.loss_fn, self.inner_lr, steps, first_order,
-            )
+            fast = inner_adapt(self.model, adapted, self.model_buffers(), episode.support_x, episode.support_y,
+                               self.loss_fn, self.inner_lrs(), steps, first_order, frozen=frozen)
+        return {**frozen, **fast}
 
     def predict(self, state: Params, x: Tensor) -> Tensor:
-        """Outputs of the adapted network (fast weights ``state``) on ``x``."""
+        """Outputs of the adapted network (weights ``state``) on ``x``."""
         with bn_policy(self.model, self.bn):
             return functional_call(self.model, (state, self.model_buffers()), (x,))
 
-    def _task_query_outputs(self, params: Params, buffers: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
-        fast = inner_adapt(self.model, params, buffers, sx, sy, self.loss_fn, self.inner_lr,
-                           self.inner_steps, self.first_order)
-        return functional_call(self.model, (fast, buffers), (qx,))
+    def _check_ways(self, batch: Episode) -> None:
+        if batch.ways and batch.ways != self.ways:
+            raise MetaConfigError(
+                f"episodes are {batch.ways}-way but {type(self).__name__} was built with ways={self.ways}; "
+                "link model ways to data ways (the CLI does) and set the datamodule's eval_ways to the same value"
+            )
 
     def meta_loss(self, batch: Episode) -> Tensor:
         """Mean query loss after adaptation, over the tasks of the meta-batch."""
-        if batch.ways and batch.ways != self.ways:
-            raise MetaConfigError(
-                f"episodes are {batch.ways}-way but MAML was built with ways={self.ways}; "
-                "link model ways to data ways (the CLI does) or set eval_ways equal to ways"
-            )
-        if self.task_batching == "loop":
-            return super().meta_loss(batch)
-        params, buffers = self.meta_parameters(), self.model_buffers()
+        self._check_ways(batch)
+        adapted, frozen = self.split_parameters()
+        buffers = self.model_buffers()
+        args = (self.inner_steps, self.first_order)
         with bn_policy(self.model, self.bn):
-            out = vmap(
-                self._task_query_outputs, in_dims=(None, None, 0, 0, 0), randomness="different",
-                chunk_size=self.vmap_chunk_size,
-            )(params, buffers, batch.support_x, batch.support_y, batch.query_x)
-        # equal query counts per task: the mean over all queries is the mean of per-task means
-        losses = torch.stack([self.loss_fn(out[i], batch.query_y[i]) for i in range(batch.num_tasks)])
-        self._train_scores = torch.stack(
-            [self.score_fn(out[i].detach(), batch.query_y[i]) for i in range(batch.num_tasks)]
-        )
+            if self.task_batching == "vmap":
+                fn = lambda a, f, b, sx, sy, qx: self.task_query_outputs(a, f, b, sx, sy, qx, *args)[0]  # noqa: E731
+                out = vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
+                           chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
+                                                            batch.support_y, batch.query_x)
+                outs = list(out)
+            else:
+                outs = [self.task_query_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y, ep.query_x,
+                                                *args)[0] for ep in batch.tasks()]
+        # equal query counts per task: the mean of per-task means is the mean over all queries
+        losses = torch.stack([self.loss_fn(o, batch.query_y[i]) for i, o in enumerate(outs)])
+        self._train_scores = torch.stack([self.score_fn(o.detach(), batch.query_y[i]) for i, o in enumerate(outs)])
         return losses.mean()
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
         """Per-episode query scores after ``eval_inner_steps`` (and after each ``eval_report_steps``)."""
-        if batch.ways and batch.ways != self.ways:
-            raise MetaConfigError(
-                f"evaluation episodes are {batch.ways}-way but MAML was built with ways={self.ways}; "
-                "set the datamodule's eval_ways to the model's ways"
-            )
+        self._check_ways(batch)
         name = self.score_name
         results: dict[str, list[Tensor]] = {name: []}
         results.update({f"{name}_step{k}": [] for k in self.eval_report_steps})
+        adapted, frozen = self.split_parameters(detach=True)
+        buffers = self.model_buffers()
         for ep in batch.tasks():
-            per_step: dict[int, Tensor] = {}
-
-            def monitor(step: int, fast: Params, ep: Episode = ep, per_step: dict[int, Tensor] = per_step) -> None:
-                if step + 1 in self.eval_report_steps:
-                    with torch.no_grad():
-                        per_step[step + 1] = self.score_fn(self.predict(fast, ep.query_x), ep.query_y)
-
-            params = {k: v.detach() for k, v in self.meta_parameters().items()}
             with bn_policy(self.model, self.bn):
-                fast = inner_adapt(self.model, params, self.model_buffers(), ep.support_x, ep.support_y, self.loss_fn,
-                                   self.inner_lr, self.eval_inner_steps, True, callback=monitor)
-            with torch.no_grad():
-                results[name].append(self.score_fn(self.predict(fast, ep.query_x), ep.query_y))
+                out, per_step = self.task_query_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y,
+                                                        ep.query_x, self.eval_inner_steps, True,
+                                                        report=self.eval_report_steps)
+            results[name].append(self.score_fn(out.detach(), ep.query_y))
             for k, v in per_step.items():
-                results[f"{name}_step{k}"].append(v)
+                results[f"{name}_step{k}"].append(self.score_fn(v, ep.query_y))
         return {k: torch.stack(v) for k, v in results.items()}

@@ -1,0 +1,99 @@
+"""Reptile (Nichol, Achiam and Schulman, 2018): move the initialisation towards task-adapted weights."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from lightning_meta.algorithms.base import TaskKind
+from lightning_meta.algorithms.maml import MAML
+from lightning_meta.episode import Episode
+from lightning_meta.errors import MetaConfigError
+from lightning_meta.functional import BNPolicy, bn_policy, inner_adapt
+
+__all__ = ["Reptile"]
+
+
+class Reptile(MAML):
+    """Reptile: ``theta <- theta + epsilon * (mean_i theta'_i - theta)`` over the tasks of a meta-batch.
+
+    ``theta'_i`` is the result of ``inner_steps`` plain SGD steps (step ``inner_lr``) on all of
+    task ``i``'s examples (support and query). The update is expressed as the gradient
+    ``theta - mean_i theta'_i`` of a surrogate loss, so that Lightning, DDP (which averages it over
+    ranks: the mean over all tasks) and any optimiser apply it; with ``outer_optimizer="sgd"`` and
+    ``lr = epsilon`` one step is exactly the paper's update. Evaluation adapts on the support set
+    like MAML. The logged ``train/loss`` is the mean query loss after adaptation.
+
+    Args:
+        outer_optimizer: ``sgd`` (the paper's update, ``lr`` = epsilon) or ``adam`` on the Reptile direction.
+        backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, task_batching,
+        vmap_chunk_size, bn, task, lr, weight_decay: see :class:`MAML`.
+
+    Example:
+        >>> from lightning_meta.backbones import MLP
+        >>> m = Reptile(MLP(1, [40, 40]), task="regression", inner_lr=0.02, inner_steps=5, lr=0.1)
+        >>> m.configure_optimizers().__class__.__name__
+        'SGD'
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        ways: int = 5,
+        inner_lr: float = 0.1,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        outer_optimizer: Literal["sgd", "adam"] = "sgd",
+        adapt_filter: str = "all",
+        task_batching: Literal["loop", "vmap"] = "loop",
+        vmap_chunk_size: int | None = None,
+        bn: BNPolicy = "transductive",
+        task: TaskKind = "classification",
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
+                         eval_inner_steps=eval_inner_steps, first_order=True, adapt_filter=adapt_filter,
+                         task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn, task=task, lr=lr,
+                         weight_decay=weight_decay)
+        if outer_optimizer not in ("sgd", "adam"):
+            raise MetaConfigError(f"outer_optimizer={outer_optimizer!r} is not supported; use 'sgd' or 'adam'")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.outer_optimizer = outer_optimizer
+
+    def _task_weights(self, adapted, frozen, buffers, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        return inner_adapt(self.model, adapted, buffers, x, y, self.loss_fn, self.inner_lrs(), self.inner_steps,
+                           True, frozen=frozen)
+
+    def meta_loss(self, batch: Episode) -> Tensor:
+        """Surrogate whose gradient is ``theta - mean_i theta'_i`` (the Reptile direction)."""
+        self._check_ways(batch)
+        adapted, frozen = self.split_parameters()
+        start = {k: v.detach() for k, v in adapted.items()}
+        frozen_d = {k: v.detach() for k, v in frozen.items()}
+        buffers = self.model_buffers()
+        x = torch.cat([batch.support_x, batch.query_x], dim=1)
+        y = torch.cat([batch.support_y, batch.query_y], dim=1)
+        with bn_policy(self.model, self.bn):
+            if self.task_batching == "vmap":
+                fast = vmap(self._task_weights, in_dims=(None, None, None, 0, 0), randomness="different",
+                            chunk_size=self.vmap_chunk_size)(start, frozen_d, buffers, x, y)
+                mean_fast = {k: v.mean(0) for k, v in fast.items()}
+            else:
+                per_task = [self._task_weights(start, frozen_d, buffers, x[i], y[i]) for i in range(batch.num_tasks)]
+                mean_fast = {k: torch.stack([f[k] for f in per_task]).mean(0) for k in start}
+            with torch.no_grad():  # for logging only: query loss of the averaged weights
+                out = self.forward_fast(mean_fast, frozen_d, buffers, batch.query_x.flatten(0, 1))
+                self._display_loss = self.loss_fn(out, batch.query_y.flatten(0, 1))
+        direction = {k: (start[k] - mean_fast[k]).detach() for k in start}
+        return sum((adapted[k] * direction[k]).sum() for k in adapted)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """SGD with ``lr`` = epsilon (the paper's outer update) or Adam on the Reptile direction."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.outer_optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)

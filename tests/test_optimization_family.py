@@ -1,0 +1,196 @@
+"""ANIL, Meta-SGD, Reptile and adapt_filter against independent references."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_meta import Episode, collate_episodes
+from lightning_meta.algorithms import ANIL, MAML, MetaSGD, Reptile
+from lightning_meta.algorithms.maml import adapt_filter_fn
+from lightning_meta.backbones import MLP, Conv4
+from lightning_meta.errors import MetaConfigError
+
+
+class Raw(nn.Module):
+    """Identity body: the MAML model is then just its linear head (closed forms apply)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.out_features = d
+
+    def forward(self, x):
+        return x
+
+
+def _reg_batch(tasks=3, n=6, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    eps = []
+    for _ in range(tasks):
+        w = torch.randn(d, 1, generator=g, dtype=torch.float64)
+        sx, qx = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+        eps.append(Episode(sx, sx @ w, qx, qx @ w + 0.1, torch.zeros(0, dtype=torch.long)))
+    return collate_episodes(eps)
+
+
+def _cls_batch(tasks=2, ways=3, shots=2, queries=3, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    eps = []
+    for _ in range(tasks):
+        eps.append(Episode(torch.randn(ways * shots, 1, size, size, generator=g, dtype=torch.float64),
+                           torch.arange(ways).repeat_interleave(shots),
+                           torch.randn(ways * queries, 1, size, size, generator=g, dtype=torch.float64),
+                           torch.arange(ways).repeat_interleave(queries), torch.arange(ways)))
+    return collate_episodes(eps)
+
+
+def _grads(model, batch):
+    model.zero_grad()
+    model.meta_loss(batch).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+def test_anil_equals_maml_head_only(first_order, batching):
+    torch.manual_seed(0)
+    body = Conv4(1, 4, 16, norm="none")
+    anil = ANIL(copy.deepcopy(body), ways=3, inner_lr=0.3, inner_steps=3, first_order=first_order,
+                task_batching=batching).double()
+    maml = MAML(copy.deepcopy(body), ways=3, inner_lr=0.3, inner_steps=3, first_order=first_order,
+                adapt_filter="head", task_batching="loop").double()
+    maml.load_state_dict(anil.state_dict())
+    batch = _cls_batch()
+    ga, gm = _grads(anil, batch), _grads(maml, batch)
+    assert ga.keys() == gm.keys() and any(k.startswith("model.backbone") for k in ga)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gm[k], rtol=1e-6, atol=1e-9)
+
+
+def test_anil_evaluation_matches_maml_head_only():
+    torch.manual_seed(1)
+    body = Conv4(1, 4, 16, norm="batch_no_stats")
+    anil = ANIL(copy.deepcopy(body), ways=3, inner_steps=2, eval_inner_steps=4, eval_report_steps=[1, 4]).double()
+    maml = MAML(copy.deepcopy(body), ways=3, inner_steps=2, eval_inner_steps=4, eval_report_steps=[1, 4],
+                adapt_filter="head").double()
+    maml.load_state_dict(anil.state_dict())
+    anil.eval(), maml.eval()
+    batch = _cls_batch(seed=3)
+    ra, rm = anil.evaluate(batch), maml.evaluate(batch)
+    assert ra.keys() == rm.keys() == {"acc", "acc_step1", "acc_step4"}
+    for k in ra:
+        torch.testing.assert_close(ra[k], rm[k])
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_metasgd_closed_form_linear(first_order):
+    d, tasks = 3, 3
+    model = MetaSGD(Raw(d), task="regression", inner_lr=0.05, init_range=(0.01, 0.1),
+                    first_order=first_order).double()
+    batch = _reg_batch(tasks=tasks, d=d)
+    model.zero_grad()
+    model.meta_loss(batch).backward()
+    W = model.model.head.weight.detach().numpy().reshape(-1)
+    b = model.model.head.bias.detach().numpy()
+    theta = np.concatenate([W, b])  # augmented weights
+    alpha = np.concatenate([model.alphas["head__weight"].detach().numpy().reshape(-1),
+                            model.alphas["head__bias"].detach().numpy()])
+    g_theta, g_alpha = np.zeros_like(theta), np.zeros_like(alpha)
+    for i in range(tasks):
+        Xs = np.hstack([batch.support_x[i].numpy(), np.ones((6, 1))])
+        Xq = np.hstack([batch.query_x[i].numpy(), np.ones((6, 1))])
+        ys, yq = batch.support_y[i].numpy().ravel(), batch.query_y[i].numpy().ravel()
+        gs = 2 / len(ys) * Xs.T @ (Xs @ theta - ys)
+        Hs = 2 / len(ys) * Xs.T @ Xs
+        fast = theta - alpha * gs
+        gq = 2 / len(yq) * Xq.T @ (Xq @ fast - yq)
+        J = np.eye(len(theta)) if first_order else np.eye(len(theta)) - np.diag(alpha) @ Hs
+        g_theta += J.T @ gq / tasks
+        g_alpha += -gs * gq / tasks
+    got_theta = np.concatenate([model.model.head.weight.grad.numpy().reshape(-1), model.model.head.bias.grad.numpy()])
+    got_alpha = np.concatenate([model.alphas["head__weight"].grad.numpy().reshape(-1),
+                                model.alphas["head__bias"].grad.numpy()])
+    np.testing.assert_allclose(got_theta, g_theta, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got_alpha, g_alpha, rtol=1e-9, atol=1e-12)
+
+
+def test_metasgd_vmap_equals_loop():
+    torch.manual_seed(0)
+    a = MetaSGD(MLP(1, [8, 8]), task="regression", inner_lr=0.02, inner_steps=2).double()
+    b = MetaSGD(MLP(1, [8, 8]), task="regression", inner_lr=0.02, inner_steps=2, task_batching="vmap").double()
+    b.load_state_dict(a.state_dict())
+    batch = collate_episodes([Episode(torch.randn(5, 1).double(), torch.randn(5, 1).double(),
+                                      torch.randn(7, 1).double(), torch.randn(7, 1).double(),
+                                      torch.zeros(0, dtype=torch.long)) for _ in range(4)])
+    ga, gb = _grads(a, batch), _grads(b, batch)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+def test_reptile_update_equals_explicit_loop(batching):
+    torch.manual_seed(0)
+    eps, inner_lr, steps = 0.5, 0.05, 3
+    model = Reptile(MLP(2, [6]), task="regression", inner_lr=inner_lr, inner_steps=steps, lr=eps,
+                    task_batching=batching).double()
+    g = torch.Generator().manual_seed(4)
+    batch = collate_episodes([Episode(torch.randn(4, 2, generator=g).double(), torch.randn(4, 1, generator=g).double(),
+                                      torch.randn(5, 2, generator=g).double(), torch.randn(5, 1, generator=g).double(),
+                                      torch.zeros(0, dtype=torch.long)) for _ in range(3)])
+    # reference: plain modules, plain SGD steps on support + query of each task, average, interpolate
+    start = copy.deepcopy(model.model)
+    finals = []
+    for ep in batch.tasks():
+        net = copy.deepcopy(start)
+        x, y = torch.cat([ep.support_x, ep.query_x]), torch.cat([ep.support_y, ep.query_y])
+        for _ in range(steps):
+            loss = F.mse_loss(net(x), y)
+            grads = torch.autograd.grad(loss, list(net.parameters()))
+            with torch.no_grad():
+                for p, gr in zip(net.parameters(), grads):
+                    p -= inner_lr * gr
+        finals.append([p.detach() for p in net.parameters()])
+    expected = [p0.detach() + eps * (torch.stack([f[i] for f in finals]).mean(0) - p0.detach())
+                for i, p0 in enumerate(start.parameters())]
+    opt = model.configure_optimizers()
+    opt.zero_grad()
+    model.meta_loss(batch).backward()
+    opt.step()
+    for got, want in zip(model.model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-9, atol=1e-12)
+
+
+def test_adapt_filter_presets_and_regex():
+    f = adapt_filter_fn("head")
+    assert f("head.weight") and not f("backbone.encoder.0.weight")
+    assert adapt_filter_fn("lora")("blocks.0.lora_A") and not adapt_filter_fn("lora")("blocks.0.weight")
+    assert adapt_filter_fn("film")("backbone.film.gamma") and adapt_filter_fn("film")("context")
+    assert adapt_filter_fn(r"encoder\.0\.")("backbone.encoder.0.weight")
+    with pytest.raises(MetaConfigError, match="adapt_filter"):
+        adapt_filter_fn("(")
+    with pytest.raises(MetaConfigError, match="selects no parameter"):
+        MAML(MLP(1, [4]), task="regression", adapt_filter="nothing_matches_this")
+
+
+def test_bias_only_adaptation_leaves_weights():
+    torch.manual_seed(0)
+    model = MAML(MLP(1, [8]), task="regression", inner_lr=0.1, adapt_filter="bias").double()
+    ep = Episode(torch.randn(5, 1).double(), torch.randn(5, 1).double(), torch.randn(5, 1).double(),
+                 torch.randn(5, 1).double(), torch.zeros(0, dtype=torch.long))
+    fast = model.adapt(ep)
+    params = dict(model.model.named_parameters())
+    for name, value in fast.items():
+        changed = not torch.equal(value.detach(), params[name].detach())
+        assert changed == name.endswith("bias"), name
+
+
+def test_vmap_refusal_only_for_adapted_norm_weights():
+    body = Conv4(1, 4, 16, norm="batch_no_stats")
+    with pytest.raises(MetaConfigError, match="task_batching='loop'"):
+        MAML(copy.deepcopy(body), ways=3, task_batching="vmap")
+    ANIL(copy.deepcopy(body), ways=3, task_batching="vmap")  # norm weights are not adapted: allowed
