@@ -32,6 +32,9 @@ class _MetaBatchDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> Episode:
         epoch, indices = key
+        batched = getattr(self.source, "episodes", None)  # optional fast path, same result as collating
+        if batched is not None:
+            return batched(self.split, epoch, indices)
         return collate_episodes([self.source.episode(self.split, epoch, i) for i in indices])
 
     def __len__(self) -> int:  # only used by samplers that ask; keys are not positions

@@ -21,17 +21,28 @@ class SinusoidSource:
         self.shots, self.queries, self.seed = shots, queries, seed
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
 
-    def episode(self, split: str, epoch: int, index: int) -> Episode:
-        """Task ``index`` of ``(split, epoch)``: ``shots`` support and ``queries`` fresh query points."""
+    def _draw(self, split: str, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = episode_rng(self.seed, split, epoch, index)
         a = rng.uniform(*self.amplitude)
         p = rng.uniform(*self.phase)
         x = rng.uniform(*self.x_range, size=(self.shots + self.queries, 1))
-        y = a * np.sin(x - p)
+        return x, a * np.sin(x - p)
+
+    def episode(self, split: str, epoch: int, index: int) -> Episode:
+        """Task ``index`` of ``(split, epoch)``: ``shots`` support and ``queries`` fresh query points."""
+        x, y = self._draw(split, epoch, index)
         x = torch.from_numpy(x.astype(np.float32))
         y = torch.from_numpy(y.astype(np.float32))
         k = self.shots
         return Episode(x[:k], y[:k], x[k:], y[k:], torch.zeros(0, dtype=torch.long))
+
+    def episodes(self, split: str, epoch: int, indices: tuple[int, ...]) -> Episode:
+        """The meta-batch of ``indices`` (equal to collating :meth:`episode` of each, built in one go)."""
+        draws = [self._draw(split, epoch, i) for i in indices]
+        x = torch.from_numpy(np.stack([d[0] for d in draws]).astype(np.float32))
+        y = torch.from_numpy(np.stack([d[1] for d in draws]).astype(np.float32))
+        k = self.shots
+        return Episode(x[:, :k], y[:, :k], x[:, k:], y[:, k:], torch.zeros(len(indices), 0, dtype=torch.long))
 
 
 class SinusoidDataModule(EpisodicDataModule):
