@@ -194,3 +194,49 @@ def test_vmap_refusal_only_for_adapted_norm_weights():
     with pytest.raises(MetaConfigError, match="task_batching='loop'"):
         MAML(copy.deepcopy(body), ways=3, task_batching="vmap")
     ANIL(copy.deepcopy(body), ways=3, task_batching="vmap")  # norm weights are not adapted: allowed
+
+
+def test_conjugate_gradient_solves_spd_system():
+    from lightning_meta.functional.implicit import conjugate_gradient
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    a = m @ m.T + 0.5 * torch.eye(6, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    x = conjugate_gradient(lambda v: [a @ v[0]], [b], steps=6)[0]
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("lam", [0.5, 2.0])
+def test_imaml_gradient_equals_closed_form_implicit_gradient(lam):
+    """Linear regression: phi* = argmin L_s + lam/2 |phi - theta|^2 has a closed form, and
+    d L_q(phi*) / d theta = lam (H + lam I)^{-1} grad L_q(phi*) exactly."""
+    from lightning_meta.algorithms import IMAML
+
+    d, tasks = 3, 2
+    model = IMAML(Raw(d), task="regression", inner_lr=0.05, inner_steps=600, lam=lam, cg_steps=d + 1).double()
+    batch = _reg_batch(tasks=tasks, d=d, seed=5)
+    model.zero_grad()
+    model.meta_loss(batch).backward()
+    theta = np.concatenate([model.model.head.weight.detach().numpy().reshape(-1),
+                            model.model.head.bias.detach().numpy()])
+    want = np.zeros_like(theta)
+    for i in range(tasks):
+        Xs = np.hstack([batch.support_x[i].numpy(), np.ones((6, 1))])
+        Xq = np.hstack([batch.query_x[i].numpy(), np.ones((6, 1))])
+        ys, yq = batch.support_y[i].numpy().ravel(), batch.query_y[i].numpy().ravel()
+        H = 2 / len(ys) * Xs.T @ Xs
+        phi = np.linalg.solve(H + lam * np.eye(d + 1), lam * theta + 2 / len(ys) * Xs.T @ ys)
+        gq = 2 / len(yq) * Xq.T @ (Xq @ phi - yq)
+        want += lam * np.linalg.solve(H + lam * np.eye(d + 1), gq) / tasks
+    got = np.concatenate([model.model.head.weight.grad.numpy().reshape(-1), model.model.head.bias.grad.numpy()])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_imaml_bad_arguments():
+    from lightning_meta.algorithms import IMAML
+
+    with pytest.raises(MetaConfigError, match="lam=0"):
+        IMAML(MLP(1, [4]), task="regression", lam=0)
+    with pytest.raises(MetaConfigError, match="cg_steps=0"):
+        IMAML(MLP(1, [4]), task="regression", cg_steps=0)

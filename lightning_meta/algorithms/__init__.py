@@ -2,9 +2,10 @@
 
 from lightning_meta.algorithms.anil import ANIL
 from lightning_meta.algorithms.base import MetaLearner
+from lightning_meta.algorithms.imaml import IMAML
 from lightning_meta.algorithms.maml import MAML, BackboneWithHead
 from lightning_meta.algorithms.metasgd import MetaSGD
 from lightning_meta.algorithms.protonet import ProtoNet
 from lightning_meta.algorithms.reptile import Reptile
 
-__all__ = ["ANIL", "MAML", "BackboneWithHead", "MetaLearner", "MetaSGD", "ProtoNet", "Reptile"]
+__all__ = ["ANIL", "IMAML", "MAML", "BackboneWithHead", "MetaLearner", "MetaSGD", "ProtoNet", "Reptile"]

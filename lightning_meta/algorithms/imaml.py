@@ -1,0 +1,147 @@
+"""iMAML: meta-learning with implicit gradients (Rajeswaran, Finn, Kakade and Levine, 2019)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_meta.algorithms.base import TaskKind
+from lightning_meta.algorithms.maml import MAML
+from lightning_meta.episode import Episode
+from lightning_meta.errors import MetaConfigError
+from lightning_meta.functional import BNPolicy, Params, bn_policy
+from lightning_meta.functional.implicit import implicit_meta_gradient
+
+__all__ = ["IMAML"]
+
+
+class IMAML(MAML):
+    """iMAML: the inner problem is proximally regularised, the meta-gradient is implicit.
+
+    Each task solves ``min_phi L_support(phi) + lam / 2 * ||phi - theta||^2`` approximately by
+    ``inner_steps`` of gradient descent from ``theta``, without keeping a graph. The
+    meta-gradient ``(I + H / lam)^{-1} grad L_query(phi)`` is then obtained by ``cg_steps`` of
+    conjugate gradient on Hessian-vector products, so memory does not depend on ``inner_steps``.
+    It is applied as the gradient of a surrogate loss (averaged over tasks and, under DDP, ranks).
+    The logged ``train/loss`` is the mean query loss at the adapted weights.
+
+    Args:
+        lam: proximal regularisation strength lambda (> 0); larger keeps ``phi`` closer to ``theta``.
+        cg_steps: conjugate-gradient iterations (>= 1).
+        backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, bn, eval_report_steps,
+        task, lr, weight_decay: see :class:`MAML` (``inner_lr`` is the step size on the regularised loss).
+
+    Example:
+        >>> from lightning_meta.backbones import MLP
+        >>> m = IMAML(MLP(1, [40, 40]), task="regression", inner_lr=0.01, inner_steps=10, lam=1.0, cg_steps=5)
+        >>> m.lam, m.cg_steps
+        (1.0, 5)
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        ways: int = 5,
+        inner_lr: float = 0.1,
+        inner_steps: int = 10,
+        eval_inner_steps: int | None = None,
+        lam: float = 1.0,
+        cg_steps: int = 5,
+        adapt_filter: str = "all",
+        bn: BNPolicy = "transductive",
+        eval_report_steps: Sequence[int] | None = None,
+        task: TaskKind = "classification",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        task_batching: Literal["loop"] = "loop",
+    ) -> None:
+        if task_batching != "loop":
+            raise MetaConfigError(f"task_batching={task_batching!r}: IMAML supports only 'loop'")
+        super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
+                         eval_inner_steps=eval_inner_steps, first_order=True, adapt_filter=adapt_filter,
+                         task_batching="loop", bn=bn, eval_report_steps=eval_report_steps, task=task, lr=lr,
+                         weight_decay=weight_decay)
+        if not lam > 0:
+            raise MetaConfigError(f"lam={lam} must be > 0 (the proximal regularisation; the paper uses 0.5-2)")
+        if cg_steps < 1:
+            raise MetaConfigError(f"cg_steps={cg_steps} must be >= 1 (the paper uses 5)")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.lam = lam
+        self.cg_steps = cg_steps
+
+    def _regularised_support(self, theta: Params, frozen: Params, buffers: Params, x: Tensor, y: Tensor):
+        names = list(theta)
+
+        def loss(phi: list[Tensor]) -> Tensor:
+            p = dict(zip(names, phi))
+            out = functional_call(self.model, ({**frozen, **p}, buffers), (x,))
+            return self.loss_fn(out, y)
+
+        return names, loss
+
+    def _adapted_weights(self, adapted: Params, frozen: Params, buffers: Params, sx: Tensor, sy: Tensor,
+                         steps: int, monitor=None) -> Params:
+        """Gradient descent on the proximally regularised support loss from ``theta`` (no graph kept)."""
+        theta = {k: v.detach() for k, v in adapted.items()}
+        frozen = {k: v.detach() for k, v in frozen.items()}
+        names, loss = self._regularised_support(theta, frozen, buffers, sx, sy)
+        phi = [theta[k].clone() for k in names]
+        for step in range(steps):
+            with torch.enable_grad():
+                cur = [t.detach().requires_grad_(True) for t in phi]
+                reg = sum(((c - theta[k]) ** 2).sum() for c, k in zip(cur, names)) * (self.lam / 2)
+                grads = torch.autograd.grad(loss(cur) + reg, cur)
+            phi = [t.detach() - self.inner_lr * g for t, g in zip(cur, grads)]
+            if monitor is not None:
+                monitor(step, dict(zip(names, phi)))
+        return dict(zip(names, phi))
+
+    def task_query_outputs(self, adapted, frozen, buffers, sx, sy, qx, steps, first_order, report=()):
+        """Query outputs after the regularised inner loop (used at evaluation)."""
+        outs: dict[int, Tensor] = {}
+
+        def monitor(step: int, fast: Params) -> None:
+            if step + 1 in report:
+                with torch.no_grad():
+                    outs[step + 1] = self.forward_fast(fast, frozen, buffers, qx)
+
+        fast = self._adapted_weights(adapted, frozen, buffers, sx, sy, steps, monitor if report else None)
+        return self.forward_fast(fast, frozen, buffers, qx), outs
+
+    def meta_loss(self, batch: Episode) -> Tensor:
+        """Surrogate whose gradient is the mean over tasks of the implicit meta-gradient.
+
+        Parameters excluded by ``adapt_filter`` receive the ordinary (first-order) gradient of the
+        query loss at the adapted weights.
+        """
+        self._check_ways(batch)
+        adapted, frozen = self.split_parameters()
+        theta = {k: v.detach() for k, v in adapted.items()}
+        frozen_d = {k: v.detach() for k, v in frozen.items()}
+        buffers = self.model_buffers()
+        names = list(adapted)
+        total = [torch.zeros_like(theta[k]) for k in names]
+        frozen_loss: Tensor | float = 0.0
+        losses, scores = [], []
+        with bn_policy(self.model, self.bn):
+            for ep in batch.tasks():
+                phi = self._adapted_weights(adapted, frozen_d, buffers, ep.support_x, ep.support_y, self.inner_steps)
+                with torch.enable_grad():
+                    leaf = [phi[k].requires_grad_(True) for k in names]
+                    out = self.forward_fast(dict(zip(names, leaf)), frozen, buffers, ep.query_x)
+                    q_loss = self.loss_fn(out, ep.query_y)
+                    q_grad = torch.autograd.grad(q_loss, leaf, retain_graph=bool(frozen))
+                if frozen:
+                    frozen_loss = frozen_loss + q_loss / batch.num_tasks
+                _, s_loss = self._regularised_support(theta, frozen_d, buffers, ep.support_x, ep.support_y)
+                g = implicit_meta_gradient(s_loss, [phi[k] for k in names], list(q_grad), self.lam, self.cg_steps)
+                total = [t + gi / batch.num_tasks for t, gi in zip(total, g)]
+                losses.append(q_loss.detach())
+                scores.append(self.score_fn(out.detach(), ep.query_y))
+        self._display_loss = torch.stack(losses).mean()
+        self._train_scores = torch.stack(scores)
+        return sum((adapted[k] * t).sum() for k, t in zip(names, total)) + frozen_loss
