@@ -240,3 +240,90 @@ def test_imaml_bad_arguments():
         IMAML(MLP(1, [4]), task="regression", lam=0)
     with pytest.raises(MetaConfigError, match="cg_steps=0"):
         IMAML(MLP(1, [4]), task="regression", cg_steps=0)
+
+
+def _mamlpp_closed_form(model, batch, first_order):
+    """Two inner steps, per-tensor per-step rates, MSL weights (w1, w2); numpy closed form."""
+    w = model.step_weights()
+    theta = np.concatenate([model.model.head.weight.detach().numpy().reshape(-1), model.model.head.bias.detach().numpy()])
+    d1 = len(theta)
+    lw = model.step_lrs["head__weight"].detach().numpy()
+    lb = model.step_lrs["head__bias"].detach().numpy()
+    A = [np.diag([lw[s]] * (d1 - 1) + [lb[s]]) for s in range(2)]
+    g_theta = np.zeros(d1)
+    g_lw, g_lb = np.zeros(2), np.zeros(2)
+    tasks = batch.num_tasks
+    for i in range(tasks):
+        Xs = np.hstack([batch.support_x[i].numpy(), np.ones((6, 1))])
+        Xq = np.hstack([batch.query_x[i].numpy(), np.ones((6, 1))])
+        ys, yq = batch.support_y[i].numpy().ravel(), batch.query_y[i].numpy().ravel()
+        H = 2 / 6 * Xs.T @ Xs
+        gs0 = 2 / 6 * Xs.T @ (Xs @ theta - ys)
+        t1 = theta - A[0] @ gs0
+        gs1 = 2 / 6 * Xs.T @ (Xs @ t1 - ys)
+        t2 = t1 - A[1] @ gs1
+        gq1, gq2 = 2 / 6 * Xq.T @ (Xq @ t1 - yq), 2 / 6 * Xq.T @ (Xq @ t2 - yq)
+        eye = np.eye(d1)
+        J1 = eye if first_order else eye - A[0] @ H
+        J21 = eye if first_order else eye - A[1] @ H  # d t2 / d t1
+        dt2 = w[1] * gq2                      # dL/dt2
+        dt1 = w[0] * gq1 + J21.T @ dt2        # dL/dt1 (total)
+        g_theta += J1.T @ dt1 / tasks
+        # rates: t1 depends on a1 through -gs0, t2 on a2 through -gs1 (gs1's own dependence on a1 is
+        # dropped in first order, kept otherwise: it is inside J21 for theta but a1 enters t1 only)
+        g_lw[0] += -(gs0[:-1] * dt1[:-1]).sum() / tasks
+        g_lb[0] += -(gs0[-1] * dt1[-1]) / tasks
+        g_lw[1] += -(gs1[:-1] * dt2[:-1]).sum() / tasks
+        g_lb[1] += -(gs1[-1] * dt2[-1]) / tasks
+    return g_theta, g_lw, g_lb
+
+
+@pytest.mark.parametrize("first_order_epochs", [0, 1])
+def test_mamlpp_lslr_msl_da_closed_form(first_order_epochs, monkeypatch):
+    from lightning_meta.algorithms import MAMLPlusPlus
+
+    monkeypatch.setattr(MAMLPlusPlus, "current_epoch_or_zero", property(lambda self: 0))
+    torch.manual_seed(0)
+    model = MAMLPlusPlus(Raw(3), task="regression", inner_lr=0.05, inner_steps=2, msl_anneal_epochs=5,
+                         first_order_epochs=first_order_epochs).double()
+    with torch.no_grad():
+        model.step_lrs["head__weight"].copy_(torch.tensor([0.05, 0.08]))
+        model.step_lrs["head__bias"].copy_(torch.tensor([0.02, 0.11]))
+    assert model.step_weights() == [0.5, 0.5]
+    batch = _reg_batch(tasks=2, d=3, seed=7)
+    model.zero_grad()
+    model.meta_loss(batch).backward()
+    g_theta, g_lw, g_lb = _mamlpp_closed_form(model, batch, first_order=first_order_epochs > 0)
+    got = np.concatenate([model.model.head.weight.grad.numpy().reshape(-1), model.model.head.bias.grad.numpy()])
+    np.testing.assert_allclose(got, g_theta, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(model.step_lrs["head__weight"].grad.numpy(), g_lw, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(model.step_lrs["head__bias"].grad.numpy(), g_lb, rtol=1e-9, atol=1e-12)
+
+
+def test_msl_weights_anneal_and_sum_to_one():
+    from lightning_meta.algorithms.mamlpp import msl_weights
+
+    prev_final = 0.0
+    for epoch in range(12):
+        w = msl_weights(5, epoch, 10)
+        assert abs(sum(w) - 1.0) < 1e-12 and min(w) >= 0
+        assert w[-1] >= prev_final
+        prev_final = w[-1]
+    assert msl_weights(5, 0, 10) == [0.2] * 4 + [pytest.approx(0.2)]
+    assert msl_weights(5, 10, 10) == [0.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_mamlpp_vmap_equals_loop():
+    from lightning_meta.algorithms import MAMLPlusPlus
+
+    torch.manual_seed(0)
+    a = MAMLPlusPlus(MLP(1, [8]), task="regression", inner_lr=0.02, inner_steps=3).double()
+    b = MAMLPlusPlus(MLP(1, [8]), task="regression", inner_lr=0.02, inner_steps=3, task_batching="vmap").double()
+    b.load_state_dict(a.state_dict())
+    batch = collate_episodes([Episode(torch.randn(5, 1).double(), torch.randn(5, 1).double(),
+                                      torch.randn(7, 1).double(), torch.randn(7, 1).double(),
+                                      torch.zeros(0, dtype=torch.long)) for _ in range(3)])
+    ga, gb = _grads(a, batch), _grads(b, batch)
+    assert ga.keys() == gb.keys() and "step_lrs.head__weight" in ga
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-6, atol=1e-9)

@@ -36,7 +36,7 @@ def inner_adapt(
     x: Tensor,
     y: Tensor,
     loss_fn: LossFn,
-    lr: float | Mapping[str, Tensor],
+    lr: float | Mapping[str, Tensor] | Callable[[int], float | Mapping[str, Tensor]],
     steps: int,
     first_order: bool = False,
     frozen: Mapping[str, Tensor] | None = None,
@@ -55,7 +55,8 @@ def inner_adapt(
         buffers: buffers (and any parameters that do not adapt, see ``frozen``).
         x, y: support inputs and targets of one task.
         loss_fn: ``loss_fn(outputs, y) -> scalar``.
-        lr: inner learning rate, a float or a per-parameter mapping of tensors.
+        lr: inner learning rate: a float, a per-parameter mapping of tensors (Meta-SGD), or a
+            callable ``lr(step)`` returning either (per-step rates, MAML++).
         steps: number of inner steps (0 returns ``params`` unchanged).
         first_order: detach the inner gradients.
         frozen: parameters passed to the module but not adapted (e.g. the body in ANIL).
@@ -81,7 +82,7 @@ def inner_adapt(
         g = grad(support_loss)(fast)
         if first_order:
             g = {k: v.detach() for k, v in g.items()}
-        fast = sgd_step(fast, g, lr)
+        fast = sgd_step(fast, g, lr(step) if callable(lr) else lr)
         if callback is not None:
             callback(step, fast)
     return fast

@@ -1,0 +1,158 @@
+"""MAML++ (Antoniou, Edwards and Storkey, 2019): "How to train your MAML"."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_meta.algorithms.base import TaskKind
+from lightning_meta.algorithms.maml import MAML
+from lightning_meta.episode import Episode
+from lightning_meta.errors import MetaConfigError
+from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
+
+__all__ = ["MAMLPlusPlus", "msl_weights"]
+
+
+def msl_weights(steps: int, epoch: int, anneal_epochs: int) -> list[float]:
+    """Multi-step loss importance of each inner step at ``epoch`` (MAML++ §4, "MSL").
+
+    Starts uniform (``1/steps`` each); non-final steps decay linearly to ``0.03/steps`` over
+    ``anneal_epochs`` epochs while the final step gains the rest; from ``anneal_epochs`` on, only
+    the final step counts. The weights always sum to 1.
+
+    Example:
+        >>> msl_weights(4, 0, 10)
+        [0.25, 0.25, 0.25, 0.25]
+        >>> msl_weights(4, 10, 10)
+        [0.0, 0.0, 0.0, 1.0]
+    """
+    if anneal_epochs <= 0 or epoch >= anneal_epochs or steps == 1:
+        return [0.0] * (steps - 1) + [1.0]
+    uniform = 1.0 / steps
+    floor = 0.03 / steps
+    decay = uniform / anneal_epochs
+    early = [max(uniform - epoch * decay, floor) for _ in range(steps - 1)]
+    return early + [1.0 - sum(early)]
+
+
+class MAMLPlusPlus(MAML):
+    """MAML with the MAML++ fixes: learned per-layer per-step inner rates (LSLR), multi-step loss
+    with annealing (MSL), and derivative-order annealing (DA).
+
+    - LSLR: every adapted parameter tensor has its own learned step size for each inner step
+      (initialised to ``inner_lr``).
+    - MSL: the outer loss is the importance-weighted sum of the query losses after every inner
+      step (:func:`msl_weights`), annealed towards the final step over ``msl_anneal_epochs`` epochs.
+    - DA: first-order for the first ``first_order_epochs`` epochs, second order afterwards.
+
+    BatchNorm uses the transductive batch statistics of each step (statistics are per step by
+    construction); MAML++'s per-step *running* statistics and per-step BN affine weights are not
+    implemented.
+
+    Args:
+        msl_anneal_epochs: epochs of multi-step loss (0 disables MSL).
+        first_order_epochs: epochs trained first-order before switching to second order.
+        learn_inner_lrs: learn the per-layer per-step rates (LSLR); otherwise they stay at ``inner_lr``.
+        backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, task_batching,
+        vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay: see :class:`MAML`.
+
+    Example:
+        >>> from lightning_meta.backbones import MLP
+        >>> m = MAMLPlusPlus(MLP(1, [8]), task="regression", inner_lr=0.01, inner_steps=3)
+        >>> m.step_lrs["head__weight"].shape
+        torch.Size([3])
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        ways: int = 5,
+        inner_lr: float = 0.1,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        msl_anneal_epochs: int = 10,
+        first_order_epochs: int = 0,
+        learn_inner_lrs: bool = True,
+        adapt_filter: str = "all",
+        task_batching: Literal["loop", "vmap"] = "loop",
+        vmap_chunk_size: int | None = None,
+        bn: BNPolicy = "transductive",
+        eval_report_steps: Sequence[int] | None = None,
+        task: TaskKind = "classification",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
+                         eval_inner_steps=eval_inner_steps, first_order=False, adapt_filter=adapt_filter,
+                         task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn,
+                         eval_report_steps=eval_report_steps, task=task, lr=lr, weight_decay=weight_decay)
+        if msl_anneal_epochs < 0 or first_order_epochs < 0:
+            raise MetaConfigError(
+                f"msl_anneal_epochs={msl_anneal_epochs} and first_order_epochs={first_order_epochs} must be >= 0"
+            )
+        self.save_hyperparameters(ignore=["backbone"])
+        self.msl_anneal_epochs = msl_anneal_epochs
+        self.first_order_epochs = first_order_epochs
+        n = max(self.inner_steps, self.eval_inner_steps)
+        self.step_lrs = nn.ParameterDict({
+            name.replace(".", "__"): nn.Parameter(torch.full((n,), float(inner_lr)), requires_grad=learn_inner_lrs)
+            for name in self.adapted_names
+        })
+
+    def inner_lrs(self):
+        """A callable ``step -> {parameter name: rate}`` (the LSLR rates of that step)."""
+        lrs = {k.replace("__", "."): v for k, v in self.step_lrs.items()}
+        return lambda step: {k: v[step] for k, v in lrs.items()}
+
+    @property
+    def current_epoch_or_zero(self) -> int:
+        """The trainer's epoch, or 0 outside a trainer."""
+        return self.trainer.current_epoch if self._trainer is not None else 0
+
+    def use_first_order(self) -> bool:
+        """Derivative-order annealing: first order during the first ``first_order_epochs`` epochs."""
+        return self.current_epoch_or_zero < self.first_order_epochs
+
+    def step_weights(self) -> list[float]:
+        """MSL importance of each training inner step at the current epoch."""
+        return msl_weights(self.inner_steps, self.current_epoch_or_zero, self.msl_anneal_epochs)
+
+    def _task_step_outputs(self, adapted, frozen, buffers, sx, sy, qx, first_order: bool) -> list[Tensor]:
+        outs: list[Tensor] = []
+
+        def keep(step: int, fast: Params) -> None:
+            outs.append(self.forward_fast(fast, frozen, buffers, qx))
+
+        inner_adapt(self.model, adapted, buffers, sx, sy, self.loss_fn, self.inner_lrs(), self.inner_steps,
+                    first_order, frozen=frozen, callback=keep)
+        return outs
+
+    def meta_loss(self, batch: Episode) -> Tensor:
+        """Importance-weighted query losses of every inner step (MSL), or the final step's alone."""
+        self._check_ways(batch)
+        weights = self.step_weights()
+        first_order = self.use_first_order()
+        adapted, frozen = self.split_parameters()
+        buffers = self.model_buffers()
+        with bn_policy(self.model, self.bn):
+            if self.task_batching == "vmap":
+                from torch.func import vmap
+
+                fn = lambda a, f, b, sx, sy, qx: self._task_step_outputs(a, f, b, sx, sy, qx, first_order)  # noqa: E731
+                per_step = vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
+                                chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
+                                                                 batch.support_y, batch.query_x)
+                per_task = [[s[i] for s in per_step] for i in range(batch.num_tasks)]
+            else:
+                per_task = [self._task_step_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y,
+                                                    ep.query_x, first_order) for ep in batch.tasks()]
+        losses = []
+        for i, outs in enumerate(per_task):
+            losses.append(sum(w * self.loss_fn(o, batch.query_y[i]) for w, o in zip(weights, outs) if w > 0))
+        self._train_scores = torch.stack([self.score_fn(outs[-1].detach(), batch.query_y[i])
+                                          for i, outs in enumerate(per_task)])
+        return torch.stack(losses).mean()
