@@ -17,7 +17,7 @@ CONFIGS = sorted(glob.glob(str(ROOT / "configs" / "**" / "*.yaml"), recursive=Tr
 
 # small overrides that keep each config's structure but make it run in seconds
 FAST = [
-    "--trainer.fast_dev_run", "2",
+    "--trainer.fast_dev_run", "1",
     "--data.init_args.meta_batch_size", "2",
     "--data.init_args.eval_meta_batch_size", "2",
     "--trainer.enable_progress_bar", "false",
