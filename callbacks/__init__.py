@@ -1,5 +1,6 @@
 """Lightning callbacks for meta-learning (installed as ``lightning_meta.callbacks``)."""
 
 from lightning_meta.callbacks.episode_logger import TestResultWriter
+from lightning_meta.callbacks.preemption import PreemptionCheckpoint
 
-__all__ = ["TestResultWriter"]
+__all__ = ["PreemptionCheckpoint", "TestResultWriter"]

@@ -35,6 +35,13 @@ def test_config_header_and_fast_run(config, tmp_path, monkeypatch):
     assert text.startswith("#"), "each config opens with a comment block"
     assert "Launch:" in text and "Override:" in text and "Purpose:" in text
     monkeypatch.chdir(tmp_path)
+    if os.sep + "slurm" + os.sep in config:  # an overlay: compose it with a full config under a faked Slurm job
+        for key, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0",
+                           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+                           "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "test"}.items():
+            monkeypatch.setenv(key, value)
+        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", config, *FAST])
+        return
     main(["fit", "--config", config, *FAST])
 
 

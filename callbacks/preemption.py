@@ -1,0 +1,87 @@
+"""Preemption-safe checkpointing for Slurm (and any scheduler that sends a signal before killing a job)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+__all__ = ["PreemptionCheckpoint"]
+
+
+class PreemptionCheckpoint(Callback):
+    """Saves a checkpoint and requeues the job when a preemption signal arrives, without saving
+    inside the signal handler.
+
+    The handler only sets a flag. At the next training-batch boundary all ranks agree (any rank
+    flagged means stop), all ranks call ``trainer.save_checkpoint`` together (collective-safe for
+    DDP and DeepSpeed), rank 0 runs ``requeue_command``, and training stops. The checkpoint is
+    written as ``hpc_ckpt_<n>.ckpt`` in ``trainer.default_root_dir``, which Lightning loads
+    automatically when the requeued job starts under Slurm (or with ``--ckpt_path hpc``); the
+    datamodule state inside it continues the identical episode stream.
+
+    Use it with Lightning's own Slurm handling switched off
+    (``SLURMEnvironment(auto_requeue=False)``) and ``#SBATCH --signal=SIGUSR1@120`` (no ``B:``).
+
+    Args:
+        signal_name: the signal to catch (``SIGUSR1`` by default, as Slurm's ``--signal`` sends).
+        requeue: run ``requeue_command`` on rank 0 after saving.
+        requeue_command: command template; ``{job_id}`` is replaced by ``$SLURM_JOB_ID``.
+
+    Raises:
+        ValueError: for an unknown signal name.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[PreemptionCheckpoint()])  # doctest: +SKIP
+    """
+
+    def __init__(self, signal_name: str = "SIGUSR1", requeue: bool = True,
+                 requeue_command: str = "scontrol requeue {job_id}") -> None:
+        if not hasattr(signal, signal_name) or not signal_name.startswith("SIG"):
+            raise ValueError(f"signal_name={signal_name!r} is not a signal of this platform; use e.g. 'SIGUSR1'")
+        self.signal_name = signal_name
+        self.requeue = requeue
+        self.requeue_command = requeue_command
+        self.flagged = False
+        self.saved_path: str | None = None
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.flagged = True  # nothing else: saving here can deadlock collective checkpoints
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self.flagged = False
+        self._previous = signal.signal(getattr(signal, self.signal_name), self._handler)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if self._previous is not None:
+            signal.signal(getattr(signal, self.signal_name), self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # noqa: D102
+        stop = trainer.strategy.reduce_boolean_decision(torch.tensor(self.flagged), all=False)
+        if not stop:
+            return
+        path = _CheckpointConnector.hpc_save_path(trainer.default_root_dir)
+        trainer.save_checkpoint(path)
+        self.saved_path = path
+        rank_zero_info(f"preemption signal: saved {path} at step {trainer.global_step}; stopping")
+        if self.requeue and trainer.is_global_zero:
+            job = os.environ.get("SLURM_JOB_ID", "")
+            if not job and "{job_id}" in self.requeue_command:
+                rank_zero_warn("preemption: SLURM_JOB_ID is not set, so the job is not requeued")
+            else:
+                cmd = shlex.split(self.requeue_command.format(job_id=job))
+                result = subprocess.run(cmd, capture_output=True, text=True)
+                if result.returncode != 0:
+                    rank_zero_warn(f"preemption: `{' '.join(cmd)}` failed: {result.stderr.strip()}")
+        trainer.should_stop = True
