@@ -62,6 +62,12 @@ class Episode:
             raise IndexError("task(i) needs a meta-batch built by collate_episodes; this is a single episode")
         return Episode(*(getattr(self, f.name)[i] for f in fields(self)))
 
+    def select(self, i: int) -> Episode:
+        """Task ``i`` as a meta-batch of one (the leading axis is kept)."""
+        if not self.is_batched:
+            raise IndexError("select(i) needs a meta-batch built by collate_episodes; this is a single episode")
+        return Episode(*(getattr(self, f.name)[i : i + 1] for f in fields(self)))
+
     def tasks(self) -> list[Episode]:
         """All tasks of a meta-batch, in order (a single episode returns ``[self]``)."""
         return [self.task(i) for i in range(self.num_tasks)] if self.is_batched else [self]

@@ -21,9 +21,10 @@ def main(algo: str, world: int, out: str, shards: str) -> None:
 
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    if algo == "maml":
+    if algo in ("maml", "maml_pertask"):
         dm = SinusoidDataModule(meta_batch_size=4, train_episodes=16, val_episodes=6, eval_meta_batch_size=2)
-        model = MAML(MLP(1, [16, 16]), task="regression", inner_lr=0.01, inner_steps=2, lr=0.01)
+        model = MAML(MLP(1, [16, 16]), task="regression", inner_lr=0.01, inner_steps=2, lr=0.01,
+                     per_task_backward=algo == "maml_pertask")
     elif algo == "maml_conv":
         dm = ShardDataModule(shards=shards, ways=3, shots=1, queries=2, meta_batch_size=4, train_episodes=8,
                              val_episodes=6, eval_meta_batch_size=2, eval_queries=2)
@@ -44,7 +45,7 @@ def main(algo: str, world: int, out: str, shards: str) -> None:
     metrics = trainer.validate(model, dm_transfer, verbose=False)[0]
     if trainer.global_rank == 0:
         flat = torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
-        key = "val/acc" if algo != "maml" else "val/mse"
+        key = "val/mse" if algo.startswith("maml") and algo != "maml_conv" else "val/acc"
         np.savez(out, weights=flat, val=np.array(metrics[key]), n=np.array(metrics["val/episodes"]),
                  world=np.array(trainer.world_size))
 

@@ -31,9 +31,9 @@ def _run(algo: str, world: int, out: Path, shards: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["maml", "maml_conv", "protonet"])
+@pytest.mark.parametrize("algo", ["maml", "maml_pertask", "maml_conv", "protonet"])
 def test_two_ranks_equal_one_rank(tmp_path, algo):
-    shards = _shards(tmp_path) if algo != "maml" else ""
+    shards = _shards(tmp_path) if algo in ("maml_conv", "protonet") else ""
     one = _run(algo, 1, tmp_path / "one.npz", shards)
     two = _run(algo, 2, tmp_path / "two.npz", shards)
     assert int(one["world"]) == 1 and int(two["world"]) == 2

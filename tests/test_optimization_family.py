@@ -327,3 +327,24 @@ def test_mamlpp_vmap_equals_loop():
     assert ga.keys() == gb.keys() and "step_lrs.head__weight" in ga
     for k in ga:
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", [MAML, ANIL])
+def test_per_task_backward_gives_the_same_step(cls, tmp_path):
+    import lightning as L
+
+    from lightning_meta.datamodules import SinusoidDataModule
+
+    def fit(per_task):
+        torch.manual_seed(0)
+        model = cls(MLP(1, [8]), task="regression", inner_lr=0.02, inner_steps=2, per_task_backward=per_task)
+        dm = SinusoidDataModule(meta_batch_size=4, train_episodes=12)
+        trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(model, dm)
+        return model
+
+    a, b = fit(False), fit(True)
+    assert not b.automatic_optimization
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)

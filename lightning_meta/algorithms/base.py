@@ -39,9 +39,14 @@ class MetaLearner(L.LightningModule):
         task: ``classification`` (cross-entropy, accuracy) or ``regression`` (MSE).
         lr: outer (meta) learning rate of Adam.
         weight_decay: Adam weight decay.
+        per_task_backward: back-propagate each task of a meta-batch on its own (its graph is freed
+            before the next task runs), so memory no longer grows with the meta-batch size; the
+            gradient is the same mean over tasks. Uses manual optimisation; under DDP the
+            gradients are synchronised once, after the last task.
     """
 
-    def __init__(self, ways: int = 5, task: TaskKind = "classification", lr: float = 1e-3, weight_decay: float = 0.0):
+    def __init__(self, ways: int = 5, task: TaskKind = "classification", lr: float = 1e-3, weight_decay: float = 0.0,
+                 per_task_backward: bool = False):
         super().__init__()
         if task not in ("classification", "regression"):
             raise MetaConfigError(f"task={task!r} is not supported; use 'classification' or 'regression'")
@@ -56,6 +61,8 @@ class MetaLearner(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.score_name = "acc" if task == "classification" else "mse"
+        self.per_task_backward = per_task_backward
+        self.automatic_optimization = not per_task_backward
         self.val_metric = EpisodicMean()
         self.test_metric = EpisodicMean()
         self.extra_val_metrics = torch.nn.ModuleDict()
@@ -120,14 +127,47 @@ class MetaLearner(L.LightningModule):
         self.check_batch(batch)
         self._train_scores = None
         self._display_loss = None
-        loss = self.meta_loss(batch)
         bs = batch.num_tasks
+        if self.per_task_backward:
+            loss = self._per_task_step(batch)
+        else:
+            loss = self.meta_loss(batch)
         if self._log_this_step():
             shown = loss.detach() if self._display_loss is None else self._display_loss.detach()
             self.log("train/loss", shown, prog_bar=True, batch_size=bs)
             if self._train_scores is not None:
                 self.log(f"train/{self.score_name}", self._train_scores.mean(), prog_bar=True, batch_size=bs)
         return loss
+
+    def _per_task_step(self, batch: Episode) -> Tensor:
+        """One optimizer step with a backward per task; returns the (detached) meta-loss."""
+        import contextlib
+
+        opt = self.optimizers()
+        opt.zero_grad()
+        strategy = self.trainer.strategy
+        total, scores, shown = torch.zeros((), device=self.device), [], []
+        for i in range(batch.num_tasks):
+            last = i == batch.num_tasks - 1
+            sync = contextlib.nullcontext()
+            if not last and hasattr(strategy, "block_backward_sync"):
+                sync = strategy.block_backward_sync()  # DDP: accumulate locally, reduce after the last task
+            boundary = getattr(strategy, "set_gradient_accumulation_boundary", None)
+            if boundary is not None:  # DeepSpeed: only the last task's backward is a boundary
+                boundary(last)
+            with sync:
+                self._train_scores, self._display_loss = None, None
+                loss = self.meta_loss(batch.select(i)) / batch.num_tasks
+                self.manual_backward(loss)
+            total = total + loss.detach()
+            if self._train_scores is not None:
+                scores.append(self._train_scores)
+            if self._display_loss is not None:
+                shown.append(self._display_loss)
+        opt.step()
+        self._train_scores = torch.cat(scores) if scores else None
+        self._display_loss = torch.stack(shown).mean() if shown else None
+        return total
 
     def _log_this_step(self) -> bool:
         """True on the steps the logger writes (every ``log_every_n_steps``) and the first one.

@@ -127,6 +127,8 @@ class MAML(MetaLearner):
             ``eval_inner_steps``.
         task: ``classification`` or ``regression``.
         lr, weight_decay: outer Adam settings.
+        per_task_backward: one backward per task (memory flat in the meta-batch size), see
+            :class:`~lightning_meta.algorithms.MetaLearner`.
 
     Example:
         >>> from lightning_meta.backbones import MLP
@@ -154,8 +156,9 @@ class MAML(MetaLearner):
         task: TaskKind = "classification",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        per_task_backward: bool = False,
     ) -> None:
-        super().__init__(ways=ways, task=task, lr=lr, weight_decay=weight_decay)
+        super().__init__(ways=ways, task=task, lr=lr, weight_decay=weight_decay, per_task_backward=per_task_backward)
         if not inner_lr > 0:
             raise MetaConfigError(f"inner_lr={inner_lr} must be > 0 (MAML uses 0.4 on Omniglot, 0.01 on sinusoid)")
         if inner_steps < 1:

@@ -58,7 +58,7 @@ class MAMLPlusPlus(MAML):
         first_order_epochs: epochs trained first-order before switching to second order.
         learn_inner_lrs: learn the per-layer per-step rates (LSLR); otherwise they stay at ``inner_lr``.
         backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, task_batching,
-        vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay: see :class:`MAML`.
+        vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay, per_task_backward: see :class:`MAML`.
 
     Example:
         >>> from lightning_meta.backbones import MLP
@@ -85,11 +85,13 @@ class MAMLPlusPlus(MAML):
         task: TaskKind = "classification",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        per_task_backward: bool = False,
     ) -> None:
         super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=False, adapt_filter=adapt_filter,
                          task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn,
-                         eval_report_steps=eval_report_steps, task=task, lr=lr, weight_decay=weight_decay)
+                         eval_report_steps=eval_report_steps, task=task, lr=lr, weight_decay=weight_decay,
+                         per_task_backward=per_task_backward)
         if msl_anneal_epochs < 0 or first_order_epochs < 0:
             raise MetaConfigError(
                 f"msl_anneal_epochs={msl_anneal_epochs} and first_order_epochs={first_order_epochs} must be >= 0"

@@ -25,7 +25,7 @@ class MetaSGD(MAML):
     Args:
         init_range: optional ``(low, high)`` for a uniform initialisation of ``alpha``.
         backbone, ways, inner_lr, inner_steps, eval_inner_steps, first_order, adapt_filter,
-        task_batching, vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay: see :class:`MAML`.
+        task_batching, vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay, per_task_backward: see :class:`MAML`.
 
     Example:
         >>> from lightning_meta.backbones import MLP
@@ -51,11 +51,13 @@ class MetaSGD(MAML):
         task: TaskKind = "classification",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        per_task_backward: bool = False,
     ) -> None:
         super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=first_order, adapt_filter=adapt_filter,
                          task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn,
-                         eval_report_steps=eval_report_steps, task=task, lr=lr, weight_decay=weight_decay)
+                         eval_report_steps=eval_report_steps, task=task, lr=lr, weight_decay=weight_decay,
+                         per_task_backward=per_task_backward)
         self.save_hyperparameters(ignore=["backbone"])
         params = dict(self.model.named_parameters())
         alphas = {}
