@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lightning_meta.data.sampling import episode_rng
+from lightning_meta.data.sampling import counter_uniform
 from lightning_meta.datamodules.base import EpisodicDataModule
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
@@ -21,26 +21,23 @@ class SinusoidSource:
         self.shots, self.queries, self.seed = shots, queries, seed
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
 
-    def _draw(self, split: str, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = episode_rng(self.seed, split, epoch, index)
-        a = rng.uniform(*self.amplitude)
-        p = rng.uniform(*self.phase)
-        x = rng.uniform(*self.x_range, size=(self.shots + self.queries, 1))
-        return x, a * np.sin(x - p)
+    def _draws(self, split: str, epoch: int, indices: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        n = self.shots + self.queries
+        u = counter_uniform(self.seed, split, epoch, list(indices), n + 2)  # [B, n + 2]
+        a = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[:, :1]
+        p = self.phase[0] + (self.phase[1] - self.phase[0]) * u[:, 1:2]
+        x = self.x_range[0] + (self.x_range[1] - self.x_range[0]) * u[:, 2:]
+        return x[..., None], (a * np.sin(x - p))[..., None]
 
     def episode(self, split: str, epoch: int, index: int) -> Episode:
         """Task ``index`` of ``(split, epoch)``: ``shots`` support and ``queries`` fresh query points."""
-        x, y = self._draw(split, epoch, index)
-        x = torch.from_numpy(x.astype(np.float32))
-        y = torch.from_numpy(y.astype(np.float32))
-        k = self.shots
-        return Episode(x[:k], y[:k], x[k:], y[k:], torch.zeros(0, dtype=torch.long))
+        return self.episodes(split, epoch, (index,)).task(0)
 
     def episodes(self, split: str, epoch: int, indices: tuple[int, ...]) -> Episode:
-        """The meta-batch of ``indices`` (equal to collating :meth:`episode` of each, built in one go)."""
-        draws = [self._draw(split, epoch, i) for i in indices]
-        x = torch.from_numpy(np.stack([d[0] for d in draws]).astype(np.float32))
-        y = torch.from_numpy(np.stack([d[1] for d in draws]).astype(np.float32))
+        """The meta-batch of ``indices`` in one vectorised draw (equal to collating each :meth:`episode`)."""
+        x, y = self._draws(split, epoch, indices)
+        x = torch.from_numpy(x.astype(np.float32))
+        y = torch.from_numpy(y.astype(np.float32))
         k = self.shots
         return Episode(x[:, :k], y[:, :k], x[:, k:], y[:, k:], torch.zeros(len(indices), 0, dtype=torch.long))
 

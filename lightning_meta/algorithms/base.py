@@ -108,6 +108,20 @@ class MetaLearner(L.LightningModule):
             return (outputs.argmax(-1) == targets).to(torch.float32).mean()
         return F.mse_loss(outputs, targets)
 
+    def per_task_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``[B]`` losses of ``B`` tasks at once (equal to :meth:`loss_fn` per task)."""
+        if self.task == "classification":
+            b = outputs.shape[0]
+            ce = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none")
+            return ce.view(b, -1).mean(1)
+        return (outputs - targets).pow(2).flatten(1).mean(1)
+
+    def per_task_score(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``[B]`` scores of ``B`` tasks at once (equal to :meth:`score_fn` per task)."""
+        if self.task == "classification":
+            return (outputs.argmax(-1) == targets).to(torch.float32).flatten(1).mean(1)
+        return (outputs - targets).pow(2).flatten(1).mean(1)
+
     def check_batch(self, batch: Episode) -> None:
         """Refuses batches that do not fit the model, with a message naming the fix."""
         if not isinstance(batch, Episode):

@@ -298,10 +298,11 @@ class MAML(MetaLearner):
                 out = vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
                            chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
                                                             batch.support_y, batch.query_x)
-                outs = list(out)
-            else:
-                outs = [self.task_query_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y, ep.query_x,
-                                                *args)[0] for ep in batch.tasks()]
+                losses = self.per_task_loss(out, batch.query_y)
+                self._train_scores = self.per_task_score(out.detach(), batch.query_y)
+                return losses.mean()
+            outs = [self.task_query_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y, ep.query_x,
+                                            *args)[0] for ep in batch.tasks()]
         # equal query counts per task: the mean of per-task means is the mean over all queries
         losses = torch.stack([self.loss_fn(o, batch.query_y[i]) for i, o in enumerate(outs)])
         self._train_scores = torch.stack([self.score_fn(o.detach(), batch.query_y[i]) for i, o in enumerate(outs)])
