@@ -17,6 +17,7 @@ import lightning_meta.algorithms  # noqa: F401  - registers the short class name
 import lightning_meta.backbones  # noqa: F401
 import lightning_meta.callbacks  # noqa: F401
 import lightning_meta.datamodules  # noqa: F401
+import lightning_meta.strategies  # noqa: F401  - registers deepspeed_meta_stage_* / deepspeed_cpu_stage_*
 from lightning_meta.algorithms import MetaLearner
 from lightning_meta.datamodules import EpisodicDataModule
 from lightning_meta.errors import MetaConfigError

@@ -166,8 +166,8 @@ class MetaLearner(L.LightningModule):
             sync = contextlib.nullcontext()
             if not last and hasattr(strategy, "block_backward_sync"):
                 sync = strategy.block_backward_sync()  # DDP: accumulate locally, reduce after the last task
-            boundary = getattr(strategy, "set_gradient_accumulation_boundary", None)
-            if boundary is not None:  # DeepSpeed: only the last task's backward is a boundary
+            boundary = getattr(strategy, "set_task_boundary", None)
+            if boundary is not None:  # DeepSpeed: only the last task's backward is an accumulation boundary
                 boundary(last)
             with sync:
                 self._train_scores, self._display_loss = None, None
@@ -179,6 +179,9 @@ class MetaLearner(L.LightningModule):
             if self._display_loss is not None:
                 shown.append(self._display_loss)
         opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None and not isinstance(sched, list):
+            sched.step()
         self._train_scores = torch.cat(scores) if scores else None
         self._display_loss = torch.stack(shown).mean() if shown else None
         return total

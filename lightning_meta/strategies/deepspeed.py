@@ -1,0 +1,318 @@
+"""DeepSpeed ZeRO strategies that know about meta-learning inner loops (DESIGN §5).
+
+DeepSpeed is optional (``pip install lightning-meta[deepspeed]``) and imported only inside
+methods: importing this module, or :mod:`lightning_meta`, never imports it.
+
+- :class:`MetaDeepSpeedStrategy` (CUDA): Lightning's ``DeepSpeedStrategy``, exact for ZeRO
+  stages 0/1/2 with second-order inner loops. ZeRO-3 partitions parameters and gathers them only
+  inside module forwards, so a functional inner loop over partitioned weights fails (size
+  mismatch, ``ds_status`` errors, segfaults under ``vmap``); stage 3 is therefore accepted only
+  when the model adapts a small subset of its parameters (``adapt_filter`` head / bias / film /
+  lora, or ANIL), and that subset is kept whole on every rank.
+- :class:`CPUDeepSpeedStrategy`: the same on CPU processes with the gloo backend, for tests and
+  laptops. It lifts Lightning's three CUDA assumptions: the accelerator check, the device-index
+  validation, and ``device_rank=root_device.index`` (``None`` on CPU) given to
+  ``deepspeed.initialize``.
+- Per-task backward (``MetaLearner(per_task_backward=True)``: one ``manual_backward`` per task,
+  freeing its graph) calls :meth:`MetaDeepSpeedStrategy.set_task_boundary` before each backward,
+  so DeepSpeed's gradient-accumulation boundary is set and the meta-gradient stays exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.imports import RequirementCache
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_meta.errors import MetaConfigError
+
+if TYPE_CHECKING:
+    from torch.nn import Module
+
+__all__ = [
+    "CPUDeepSpeedStrategy",
+    "DeepSpeedNotInstalledError",
+    "MetaDeepSpeedStrategy",
+    "check_zero3_compatible",
+]
+
+#: whether the optional ``deepspeed`` package is installed (checked from its metadata, not imported)
+_DEEPSPEED_AVAILABLE = RequirementCache("deepspeed")
+
+#: the largest fraction of parameter elements that may adapt in the inner loop under ZeRO-3
+ZERO3_MAX_ADAPTED_FRACTION = 0.25
+
+_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class DeepSpeedNotInstalledError(MetaConfigError, ImportError):
+    """DeepSpeed is needed but not installed; the message gives the install command."""
+
+
+def _require_deepspeed(who: str) -> None:
+    if not _DEEPSPEED_AVAILABLE:
+        raise DeepSpeedNotInstalledError(
+            f"{who} needs DeepSpeed, which is not installed; install it with `pip install lightning-meta[deepspeed]` "
+            "(or use strategy='ddp', which needs nothing extra)"
+        )
+
+
+def _zero_stage(config: dict[str, Any] | None) -> int:
+    zero = (config or {}).get("zero_optimization") or {}
+    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+
+
+def check_zero3_compatible(module: torch.nn.Module) -> list[str]:
+    """Names (relative to ``module``) of the inner-loop parameters that ZeRO-3 must keep whole.
+
+    ZeRO-3 is refused (:class:`~lightning_meta.errors.MetaConfigError`) unless ``module`` says
+    which parameters its inner loop adapts (an ``adapted_names`` list relative to
+    ``module.model``, as :class:`~lightning_meta.algorithms.MAML` and its subclasses have) and
+    they are a strict subset holding at most ``ZERO3_MAX_ADAPTED_FRACTION`` of the elements.
+
+    Example:
+        >>> from lightning_meta.algorithms import ANIL
+        >>> from lightning_meta.backbones import MLP
+        >>> check_zero3_compatible(ANIL(MLP(1, [64, 64]), task="regression"))
+        ['model.head.weight', 'model.head.bias']
+
+    """
+    name = type(module).__name__
+    fix = ("use ZeRO stage 2 (strategy='deepspeed_meta_stage_2'; exact for second-order inner loops) or adapt a small "
+           "subset: MAML(adapt_filter='head'|'bias'|'film'|'lora') or ANIL")
+    adapted = getattr(module, "adapted_names", None)
+    net = getattr(module, "model", None)
+    if adapted is None or not isinstance(net, torch.nn.Module):
+        raise MetaConfigError(
+            f"ZeRO stage 3 partitions parameters and gathers them only inside module forwards, so inner loops "
+            f"that call the network functionally fail; {name} does not declare which parameters it adapts "
+            f"(no `adapted_names` list over `model`), so it cannot be checked; {fix}"
+        )
+    sizes = {n: p.numel() for n, p in net.named_parameters()}
+    missing = [n for n in adapted if n not in sizes]
+    if missing:
+        raise MetaConfigError(f"{name}.adapted_names lists {missing}, which are not parameters of {name}.model")
+    total, inner = sum(sizes.values()), sum(sizes[n] for n in adapted)
+    if len(adapted) == len(sizes) or inner > ZERO3_MAX_ADAPTED_FRACTION * total:
+        raise MetaConfigError(
+            f"ZeRO stage 3 cannot run {name}'s inner loop: it adapts {len(adapted)} of {len(sizes)} parameter tensors "
+            f"({inner} of {total} elements, {100 * inner / max(total, 1):.0f}%; at most "
+            f"{100 * ZERO3_MAX_ADAPTED_FRACTION:.0f}% allowed). ZeRO-3 partitions parameters and gathers them only "
+            "inside module forwards, so a functional inner loop over partitioned weights fails or gives wrong "
+            f"gradients; {fix}"
+        )
+    return [f"model.{n}" for n in adapted]
+
+
+class MetaDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` with meta-learning checks (CUDA GPUs).
+
+    Second-order inner loops run inside ``training_step`` and the outer loss takes the ordinary
+    Lightning backward, so ZeRO stages 0, 1 and 2 give the same weights as one process over the
+    same global meta-batch (checked on CPU with :class:`CPUDeepSpeedStrategy`). Stage 3 is refused
+    at setup unless the model adapts a small subset of its parameters (see
+    :func:`check_zero3_compatible`); that subset is then kept unpartitioned on every rank (the
+    ZeRO-3 persistence threshold is raised to the largest adapted tensor). The ZeRO-3 path is not
+    tested on GPU yet.
+
+    The ``meta_batch_size`` of lightning_meta datamodules is global (split over the processes);
+    the meta-gradient is the mean over all tasks only if every rank holds the same number of
+    tasks (DESIGN §5). Parameters are float32 (or 16-bit): Lightning's DeepSpeed precision plugin
+    casts the module to the ``precision`` it is given, and float64 is not one of them.
+
+    For ``bf16-mixed`` DeepSpeed casts the whole module, so the inner loop runs on bf16 weights
+    (drift about 3e-3 after three steps); prefer fp32 or keep the adapted subset in fp32.
+
+    Args:
+        stage: ZeRO stage (0, 1, 2, or 3 with partial adaptation only).
+        **kwargs: every other argument of Lightning's ``DeepSpeedStrategy``.
+
+    Raises:
+        DeepSpeedNotInstalledError: DeepSpeed is not installed.
+        MetaConfigError: at setup, ZeRO-3 with a model that adapts all (or most) parameters.
+
+    Example:
+        >>> trainer = L.Trainer(accelerator="gpu", devices=8, strategy="deepspeed_meta_stage_2")  # doctest: +SKIP
+
+    """
+
+    strategy_name = "deepspeed_meta"
+
+    def __init__(self, stage: int = 2, **kwargs: Any) -> None:
+        _require_deepspeed(type(self).__name__)
+        if stage not in (0, 1, 2, 3):
+            raise MetaConfigError(f"stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+        super().__init__(stage=stage, **kwargs)
+        # Lightning's launcher and this strategy write rendezvous variables (LOCAL_RANK, WORLD_SIZE,
+        # MASTER_PORT, ...) into the launching process. After an in-process single-process run
+        # (a test, a notebook, the CLI) they would remain, and a later multi-process launch from
+        # this process (or its subprocesses) would believe it was started externally and wait
+        # for ranks that never come; teardown restores them.
+        self._saved_env = {k: os.environ.get(k) for k in _ENV_KEYS}
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage of the effective DeepSpeed config (0 when ZeRO is off)."""
+        return _zero_stage(self.config)
+
+    # --------------------------------------------------------------- checks
+    def check_meta_module(self, module: pl.LightningModule) -> None:
+        """Refuses ZeRO-3 for modules whose inner loop adapts all or most parameters; keeps the rest whole."""
+        if self.zero_stage != 3:
+            return
+        adapted = check_zero3_compatible(module)
+        params = dict(module.named_parameters())
+        largest = max(params[n].numel() for n in adapted)
+        zero = self.config["zero_optimization"]
+        zero["stage3_param_persistence_threshold"] = max(int(zero.get("stage3_param_persistence_threshold", 0)),
+                                                         largest)
+        rank_zero_info(f"ZeRO-3: keeping the {len(adapted)} adapted parameter tensors unpartitioned "
+                       f"(stage3_param_persistence_threshold={zero['stage3_param_persistence_threshold']})")
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.model is not None
+        self._init_config_if_needed()
+        self.check_meta_module(self.model)  # type: ignore[arg-type]
+        super().setup(trainer)
+
+    @override
+    def _auto_select_batch_size(self) -> int:
+        # Only DeepSpeed's throughput logging uses it. lightning_meta's loaders batch episodes in
+        # their sampler or dataset (no `batch_sampler.batch_size`), where Lightning's version fails.
+        try:
+            return super()._auto_select_batch_size()
+        except AttributeError:
+            return 1
+
+    # ---------------------------------------------------- per-task backward
+    def set_task_boundary(self, is_last_task: bool) -> None:
+        """Mark whether the next ``manual_backward`` is the last one before ``optimizer.step()``.
+
+        DeepSpeed treats every backward as a gradient-accumulation boundary unless told
+        otherwise; with one backward per task ZeRO-1/2 then reduce and partition partial gradients
+        several times per step and the meta-gradient is silently wrong (DESIGN §5). Call this
+        before each per-task backward (``MetaLearner(per_task_backward=True)`` does).
+        """
+        self.deepspeed_engine.set_gradient_accumulation_boundary(is_last_task)
+
+    @override
+    def teardown(self) -> None:
+        super().teardown()
+        if self.world_size == 1:  # with several processes the children still rely on them
+            for k, v in self._saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for stage in (1, 2, 3):
+            strategy_registry.register(
+                f"deepspeed_meta_stage_{stage}", cls, description=f"lightning-meta DeepSpeed ZeRO-{stage} (CUDA)",
+                stage=stage, override=True,
+            )
+        strategy_registry.register("deepspeed_meta_stage_2_offload", cls, override=True, stage=2,
+                                   offload_optimizer=True,
+                                   description="lightning-meta DeepSpeed ZeRO-2 with optimizer CPU offload (CUDA)")
+
+
+class CPUDeepSpeedStrategy(MetaDeepSpeedStrategy):
+    """:class:`MetaDeepSpeedStrategy` on CPU processes with the gloo backend (tests, laptops).
+
+    Lightning's ``DeepSpeedStrategy`` assumes CUDA in three places, lifted here: it refuses
+    non-CUDA accelerators, validates device indices against local ranks (CPU devices have no
+    index), and passes ``device_rank=root_device.index`` (``None`` on CPU) to
+    ``deepspeed.initialize``. ZeRO stages 0, 1 and 2 train, validate and save/resume checkpoints
+    (DeepSpeed checkpoint folders) with one or several processes. DeepSpeed compiles a small C++
+    op the first time (needs a compiler and ``ninja``).
+
+    Example:
+        >>> trainer = L.Trainer(accelerator="cpu", devices=2, strategy="deepspeed_cpu_stage_2")  # doctest: +SKIP
+
+    """
+
+    strategy_name = "deepspeed_cpu"
+
+    def __init__(self, stage: int = 2, **kwargs: Any) -> None:
+        kwargs.setdefault("process_group_backend", "gloo")
+        super().__init__(stage=stage, **kwargs)
+
+    @override
+    def setup_environment(self) -> None:
+        # skip DeepSpeedStrategy's "CUDA only" check; DDPStrategy sets the device up and calls setup_distributed
+        DDPStrategy.setup_environment(self)
+
+    @override
+    def setup_distributed(self) -> None:
+        # as DeepSpeedStrategy, without _validate_device_index_selection (CPU devices have no index)
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    def _device_rank(self) -> int:
+        index = self.root_device.index
+        return self.local_rank if index is None else index
+
+    @override
+    def _setup_model_and_optimizer(self, model: Module, optimizer: Any, lr_scheduler: Any = None) -> tuple[Any, Any]:
+        import deepspeed
+
+        model_parameters = filter(lambda p: p.requires_grad, model.parameters())
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self._device_rank),
+            config=self.config,
+            model=model,
+            model_parameters=model_parameters,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, ds_optimizer
+
+    @override
+    def _initialize_deepspeed_inference(self, model: Module) -> None:
+        import deepspeed
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        assert isinstance(self.config, dict)
+        inference_config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
+        for key in ("fp16", "bf16"):
+            if key in self.config:
+                inference_config[key] = self.config[key]
+        if self.zero_stage_3:
+            inference_config["zero_allow_untested_optimizer"] = self.config["zero_allow_untested_optimizer"]
+            inference_config["zero_optimization"] = self.config["zero_optimization"]
+        remove_module_hooks(model)
+        engine, _, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self._device_rank),
+            config=inference_config,
+            model=model,
+            optimizer=None,
+            lr_scheduler=None,
+            model_parameters=[],
+            dist_init_required=False,
+        )
+        self.model = engine
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for stage in (0, 1, 2, 3):
+            strategy_registry.register(
+                f"deepspeed_cpu_stage_{stage}", cls, description=f"lightning-meta DeepSpeed ZeRO-{stage} on CPU (gloo)",
+                stage=stage, override=True,
+            )

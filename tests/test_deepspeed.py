@@ -1,0 +1,179 @@
+"""DeepSpeed strategies: registration, ZeRO-3 refusal, and exact ZeRO-0/1/2 meta-training on CPU (gloo).
+
+The slow tests run tests/deepspeed_script.py in subprocesses (Lightning re-launches it for rank 1)
+and compare the final weights with one plain process over the same global meta-batch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("deepspeed")
+
+import lightning as L  # noqa: E402
+
+from lightning_meta.algorithms import ANIL, MAML, ProtoNet  # noqa: E402
+from lightning_meta.backbones import MLP, Conv4  # noqa: E402
+from lightning_meta.errors import MetaConfigError  # noqa: E402
+from lightning_meta.strategies import (  # noqa: E402
+    CPUDeepSpeedStrategy,
+    DeepSpeedNotInstalledError,
+    MetaDeepSpeedStrategy,
+    check_zero3_compatible,
+)
+
+SCRIPT = Path(__file__).with_name("deepspeed_script.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ fast tests
+def test_importing_strategies_does_not_import_deepspeed():
+    code = ("import sys, lightning_meta.strategies; from lightning.pytorch.strategies import StrategyRegistry; "
+            "assert 'deepspeed_cpu_stage_2' in StrategyRegistry; print('deepspeed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("name", "cls", "stage"), [
+    ("deepspeed_cpu_stage_0", CPUDeepSpeedStrategy, 0),
+    ("deepspeed_cpu_stage_1", CPUDeepSpeedStrategy, 1),
+    ("deepspeed_cpu_stage_2", CPUDeepSpeedStrategy, 2),
+    ("deepspeed_meta_stage_2", MetaDeepSpeedStrategy, 2),
+    ("deepspeed_meta_stage_3", MetaDeepSpeedStrategy, 3),
+])
+def test_registered_names_build_the_strategy(name, cls, stage):
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategy = StrategyRegistry.get(name)
+    assert type(strategy) is cls and strategy.zero_stage == stage
+    if cls is CPUDeepSpeedStrategy:
+        trainer = L.Trainer(accelerator="cpu", devices=1, strategy=name, logger=False)
+        assert type(trainer.strategy) is CPUDeepSpeedStrategy and trainer.strategy.zero_stage == stage
+        assert trainer.strategy.process_group_backend == "gloo"
+
+
+def test_missing_deepspeed_names_the_extra(monkeypatch):
+    import lightning_meta.strategies.deepspeed as mod
+
+    monkeypatch.setattr(mod, "_DEEPSPEED_AVAILABLE", False)
+    for cls in (MetaDeepSpeedStrategy, CPUDeepSpeedStrategy):
+        with pytest.raises(DeepSpeedNotInstalledError, match=r"pip install lightning-meta\[deepspeed\]") as e:
+            cls(stage=2)
+        assert isinstance(e.value, ImportError) and isinstance(e.value, MetaConfigError)
+
+
+def test_bad_stage_is_refused():
+    with pytest.raises(MetaConfigError, match="stage=4"):
+        CPUDeepSpeedStrategy(stage=4)
+
+
+def _maml(adapt_filter="all"):
+    return MAML(MLP(1, [32, 32]), task="regression", adapt_filter=adapt_filter)
+
+
+def test_zero3_refuses_full_adaptation():
+    for model in (_maml(), _maml("weight"), ProtoNet(Conv4(1, 8, 16))):
+        with pytest.raises(MetaConfigError, match="ZeRO stage 3") as e:
+            check_zero3_compatible(model)
+        assert "stage 2" in str(e.value) and "adapt_filter" in str(e.value)
+    strategy = MetaDeepSpeedStrategy(stage=3)
+    with pytest.raises(MetaConfigError, match=r"adapts 6 of 6 parameter tensors"):
+        strategy.check_meta_module(_maml())
+
+
+def test_zero3_accepts_partial_adaptation_and_keeps_it_whole():
+    assert check_zero3_compatible(_maml("head")) == ["model.head.weight", "model.head.bias"]
+    biases = check_zero3_compatible(_maml("bias"))
+    assert len(biases) == 3 and all(n.endswith("bias") for n in biases)
+    anil = ANIL(MLP(1, [32, 32]), task="regression")
+    strategy = MetaDeepSpeedStrategy(stage=3)
+    strategy.check_meta_module(anil)
+    assert strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] >= 32  # head.weight [1, 32]
+    # stages 0-2 accept full second-order adaptation (exact, see the slow tests)
+    MetaDeepSpeedStrategy(stage=2).check_meta_module(_maml())
+
+
+def test_zero3_refused_at_fit_setup(tmp_path):
+    from lightning_meta.datamodules import SinusoidDataModule
+
+    before = {k: os.environ.get(k) for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy="deepspeed_cpu_stage_3", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    dm = SinusoidDataModule(meta_batch_size=2, train_episodes=4, val_episodes=2, eval_meta_batch_size=2)
+    with pytest.raises(MetaConfigError, match="ZeRO stage 3 cannot run MAML"):
+        trainer.fit(_maml(), dm)
+    # the rendezvous variables of the in-process run are restored (later DDP launches depend on it)
+    assert {k: os.environ.get(k) for k in before} == before
+
+
+# ------------------------------------------------------------------ slow tests
+def _shards(tmp_path: Path) -> str:
+    from lightning_meta.data.glyphs import generate_glyphs
+
+    out = tmp_path / "glyphs"
+    generate_glyphs(out, seed=3, alphabets=6, chars_per_alphabet=(4, 5), drawings=6, size=16, splits=(4, 1, 1))
+    return str(out)
+
+
+def _run(algo: str, mode: str, world: int, out: Path, shards: str = "") -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(31500 + (os.getpid() % 1000) + world))
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
+        env.pop(k, None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, str(SCRIPT), algo, mode, str(world), str(out), shards], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = np.load(out)
+    return {k: data[k] for k in data.files}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("algo", "mode"), [("maml", "zero2"), ("maml", "zero1"), ("anil", "zero2"),
+                                            ("protonet", "zero2")])
+def test_zero_two_ranks_equal_one_plain_rank(tmp_path, algo, mode):
+    shards = _shards(tmp_path) if algo == "protonet" else ""
+    one = _run(algo, "plain", 1, tmp_path / "one" / "w.npz", shards)
+    two = _run(algo, mode, 2, tmp_path / "two" / "w.npz", shards)
+    assert int(one["world"]) == 1 and int(two["world"]) == 2
+    assert int(one["step"]) == int(two["step"]) == 6
+    assert one["weights"].shape == two["weights"].shape
+    np.testing.assert_allclose(two["weights"], one["weights"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_per_task_backward_needs_and_gets_the_boundary(tmp_path):
+    one = _run("maml", "plain", 1, tmp_path / "one" / "w.npz")
+    per_task = _run("maml", "zero2_pertask", 2, tmp_path / "pt" / "w.npz")
+    np.testing.assert_allclose(per_task["weights"], one["weights"], rtol=0, atol=1e-5)
+    # without set_gradient_accumulation_boundary the meta-gradient is silently wrong (DESIGN §5)
+    wrong = _run("maml", "zero2_pertask_noboundary", 2, tmp_path / "nb" / "w.npz")
+    assert np.abs(wrong["weights"] - one["weights"]).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_zero2_checkpoint_resume_equals_uninterrupted(tmp_path):
+    one = _run("maml", "plain", 1, tmp_path / "one" / "w.npz")
+    resumed = _run("maml", "zero2_resume", 2, tmp_path / "resume" / "w.npz")
+    assert int(resumed["step"]) == 6
+    assert (tmp_path / "resume" / "ckpt" / "step=3.ckpt" / "checkpoint").is_dir()  # a DeepSpeed checkpoint folder
+    np.testing.assert_allclose(resumed["weights"], one["weights"], rtol=0, atol=1e-5)
+
+
+def test_config_runs_with_registered_strategy_name(tmp_path, monkeypatch):
+    from lightning_meta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "--config", str(ROOT / "configs" / "deepspeed_cpu_maml_sinusoid.yaml"),
+                "--trainer.strategy", "deepspeed_cpu_stage_1", "--trainer.fast_dev_run", "1",
+                "--data.init_args.meta_batch_size", "2", "--data.init_args.eval_meta_batch_size", "2",
+                "--trainer.enable_progress_bar", "false", "--test_after_fit", "false"])
+    assert type(cli.trainer.strategy) is CPUDeepSpeedStrategy and cli.trainer.strategy.zero_stage == 1
+    assert cli.trainer.global_step == 1
