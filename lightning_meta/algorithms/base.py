@@ -164,11 +164,11 @@ class MetaLearner(L.LightningModule):
         for i in range(batch.num_tasks):
             last = i == batch.num_tasks - 1
             sync = contextlib.nullcontext()
-            if not last and hasattr(strategy, "block_backward_sync"):
-                sync = strategy.block_backward_sync()  # DDP: accumulate locally, reduce after the last task
             boundary = getattr(strategy, "set_task_boundary", None)
             if boundary is not None:  # DeepSpeed: only the last task's backward is an accumulation boundary
                 boundary(last)
+            elif not last and hasattr(strategy, "block_backward_sync"):
+                sync = strategy.block_backward_sync()  # DDP: accumulate locally, reduce after the last task
             with sync:
                 self._train_scores, self._display_loss = None, None
                 loss = self.meta_loss(batch.select(i)) / batch.num_tasks
