@@ -77,6 +77,7 @@ class MANN(SequenceLearner):
         sharpness: initial multiplier of the cosine similarities (> 0).
         label_offset: present the label of step ``t`` with input ``t + 1`` (see above).
         lr, weight_decay: outer Adam settings.
+        per_task_backward: one backward per task, see :class:`~lightning_meta.algorithms.MetaLearner`.
 
     Example:
         >>> from lightning_meta.backbones import MLP
@@ -103,8 +104,10 @@ class MANN(SequenceLearner):
         label_offset: bool = True,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        per_task_backward: bool = False,
     ) -> None:
-        super().__init__(backbone, max_len=max_len, ways=ways, task=task, lr=lr, weight_decay=weight_decay)
+        super().__init__(backbone, max_len=max_len, ways=ways, task=task, lr=lr, weight_decay=weight_decay,
+                         per_task_backward=per_task_backward)
         for name, value in (("hidden_size", hidden_size), ("memory_width", memory_width), ("read_heads", read_heads)):
             if value < 1:
                 raise MetaConfigError(f"{name}={value} must be >= 1")
@@ -157,7 +160,7 @@ class MANN(SequenceLearner):
         return out, MemoryState(h, c, memory, usage, w_r, reads, least_used(usage, self.read_heads))
 
     def run(self, x: Tensor, labels: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
-        """Reads a whole sequence: ``x [b, T, d]`` and the label inputs ``[b, T, L]`` of each step.
+        """Read a whole sequence: ``x [b, T, d]`` and the label inputs ``[b, T, L]`` of each step.
 
         Returns the outputs of every step ``[b, T, out]`` (step ``t`` depends on steps ``<= t``
         only) and the final state. Label inputs are used as given (no offset is applied here).

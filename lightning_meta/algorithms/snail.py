@@ -118,6 +118,7 @@ class SNAIL(SequenceLearner):
         attention: ``(key_size, value_size)`` per attention block; the paper's Omniglot model is
             ``[[64, 32], [256, 128], [512, 256]]`` with a TC block between consecutive ones.
         lr, weight_decay: outer Adam settings.
+        per_task_backward: one backward per task, see :class:`~lightning_meta.algorithms.MetaLearner`.
 
     Example:
         >>> from lightning_meta.backbones import Conv4
@@ -139,8 +140,10 @@ class SNAIL(SequenceLearner):
         attention: Sequence[tuple[int, int]] = ((64, 32), (256, 128), (512, 256)),
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        per_task_backward: bool = False,
     ) -> None:
-        super().__init__(backbone, max_len=max_len, ways=ways, task=task, lr=lr, weight_decay=weight_decay)
+        super().__init__(backbone, max_len=max_len, ways=ways, task=task, lr=lr, weight_decay=weight_decay,
+                         per_task_backward=per_task_backward)
         attention = [tuple(a) for a in attention]
         if tc_filters < 1:
             raise MetaConfigError(f"tc_filters={tc_filters} must be >= 1 (the paper uses 128)")

@@ -40,6 +40,7 @@ class TransformerICL(SequenceLearner):
         dim_feedforward: hidden width of each layer's feed-forward block.
         dropout: dropout inside the encoder layers.
         lr, weight_decay: outer Adam settings.
+        per_task_backward: one backward per task, see :class:`~lightning_meta.algorithms.MetaLearner`.
 
     Example:
         >>> from lightning_meta.backbones import MLP
@@ -64,8 +65,10 @@ class TransformerICL(SequenceLearner):
         dropout: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        per_task_backward: bool = False,
     ) -> None:
-        super().__init__(backbone, max_len=max_len, ways=ways, task=task, lr=lr, weight_decay=weight_decay)
+        super().__init__(backbone, max_len=max_len, ways=ways, task=task, lr=lr, weight_decay=weight_decay,
+                         per_task_backward=per_task_backward)
         if d_model < 1 or num_heads < 1 or d_model % num_heads:
             raise MetaConfigError(
                 f"d_model={d_model} must be a positive multiple of num_heads={num_heads}; e.g. d_model 128, num_heads 4"

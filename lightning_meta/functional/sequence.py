@@ -1,5 +1,7 @@
-"""Pure functions of the model-based (black-box) learners: label encodings, attention masks,
-causal convolution and the content/least-recently-used addressing of an external memory.
+"""Pure functions of the model-based (black-box) learners.
+
+Label encodings, attention masks, causal convolution and the content / least-recently-used
+addressing of an external memory.
 
 Masks follow :func:`torch.nn.functional.scaled_dot_product_attention`: a boolean ``allowed``
 tensor is True where position ``i`` (row) may attend to position ``j`` (column).
@@ -29,13 +31,14 @@ def label_dim(ways: int) -> int:
     return ways if ways > 0 else 2
 
 
-def encode_labels(y: Tensor, ways: int) -> Tensor:
+def encode_labels(y: Tensor, ways: int, dtype: torch.dtype | None = None) -> Tensor:
     """Label encodings fed to a sequence model next to the input embeddings.
 
     Classification (``ways > 0``): ``y`` long ``[...]`` -> one-hot ``[..., ways]``. Regression
     (``ways == 0``): ``y`` float ``[..., 1]`` -> ``[..., 2]`` = ``(y, 1)``; the constant 1 marks a
     known target, so that an all-zero encoding means "unknown" for both tasks (a target of 0 is
-    still distinguishable from a query).
+    still distinguishable from a query). ``dtype`` is the result's floating type (default: the
+    default dtype for classification, ``y``'s dtype for regression).
 
     Example:
         >>> encode_labels(torch.tensor([2, 0]), 3)
@@ -47,9 +50,10 @@ def encode_labels(y: Tensor, ways: int) -> Tensor:
     if ways > 0:
         if y.is_floating_point():
             raise ValueError(f"classification labels must be integers, got dtype {y.dtype}")
-        return F.one_hot(y, ways).to(torch.get_default_dtype())
+        return F.one_hot(y, ways).to(dtype or torch.get_default_dtype())
     if y.shape[-1] != 1:
         raise ValueError(f"regression targets must have a trailing size-1 axis, got shape {tuple(y.shape)}")
+    y = y.to(dtype or y.dtype)
     return torch.cat([y, torch.ones_like(y)], dim=-1)
 
 

@@ -1,0 +1,148 @@
+"""Shared base of the model-based (black-box) learners: embed, encode labels, read the support set as a sequence.
+
+A subclass implements one method, :meth:`SequenceLearner.sequence_outputs`, mapping support
+embeddings, their label encodings and query embeddings of ``B`` tasks to query outputs. The
+base handles per-task embedding (one backbone pass per task, so BatchNorm statistics are per
+task), the sequence-length limit, the label one-hot size and the losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_meta.algorithms.base import MetaLearner, TaskKind
+from lightning_meta.episode import Episode
+from lightning_meta.errors import MetaConfigError
+from lightning_meta.functional.sequence import encode_labels, label_dim
+
+__all__ = ["SequenceContext", "SequenceLearner"]
+
+
+@dataclass
+class SequenceContext:
+    """What a black-box learner keeps of a support set: ``adapt``'s result.
+
+    Shapes: ``support [S, d]`` embeddings, ``labels [S, L]`` label encodings
+    (:func:`~lightning_meta.functional.sequence.encode_labels`), ``ways`` the episode's way
+    (0 for regression).
+    """
+
+    support: Tensor
+    labels: Tensor
+    ways: int
+
+
+class SequenceLearner(MetaLearner):
+    """Base of learners that read the support set in one forward pass and predict the queries.
+
+    Not instantiated directly: subclasses define :meth:`sequence_outputs` and call
+    ``self.save_hyperparameters(ignore=["backbone"])`` in their own ``__init__``.
+
+    Args:
+        backbone: embedding network with a positive integer ``out_features`` attribute.
+        max_len: longest sequence the model accepts: support examples + 1 query. Longer episodes
+            are refused with a :class:`~lightning_meta.errors.MetaConfigError`.
+        ways: classes per episode; sizes the label one-hot and the output (classification).
+            Episodes with fewer classes use the first outputs; episodes with more are refused.
+        task, lr, weight_decay, per_task_backward: see :class:`~lightning_meta.algorithms.MetaLearner`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        max_len: int,
+        ways: int = 5,
+        task: TaskKind = "classification",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        per_task_backward: bool = False,
+    ) -> None:
+        super().__init__(ways=ways, task=task, lr=lr, weight_decay=weight_decay, per_task_backward=per_task_backward)
+        name = type(self).__name__
+        if max_len < 2:
+            raise MetaConfigError(f"{name}: max_len={max_len} must be >= 2 (at least one support example + 1 query)")
+        d = getattr(backbone, "out_features", None)
+        if not isinstance(d, int) or d <= 0:
+            raise MetaConfigError(
+                f"{name}: backbone {type(backbone).__name__} has no positive integer attribute 'out_features'; "
+                "set backbone.out_features to its embedding size"
+            )
+        self.backbone = backbone
+        self.max_len = max_len
+        self.embed_dim = d
+        self.label_ways = ways if task == "classification" else 0
+        self.label_dim = label_dim(self.label_ways)
+        self.out_dim = ways if task == "classification" else 1
+
+    # ------------------------------------------------------------- the hook
+    def sequence_outputs(self, support: Tensor, labels: Tensor, queries: Tensor) -> Tensor:
+        """Query outputs ``[B, Q, out_dim]`` from ``support [B, S, d]``, ``labels [B, S, L]``, ``queries [B, Q, d]``.
+
+        Each query's output must depend on the support set and on that query only.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement sequence_outputs")
+
+    # --------------------------------------------------------------- checks
+    def check_sizes(self, num_support: int, ways: int) -> None:
+        """Refuses episodes longer than ``max_len`` or with more classes than ``ways``."""
+        name = type(self).__name__
+        if num_support + 1 > self.max_len:
+            raise MetaConfigError(
+                f"{name} reads sequences of at most max_len={self.max_len} (support examples + 1 query), but this "
+                f"episode has {num_support} support examples (length {num_support + 1}); set model max_len to at "
+                f"least {num_support + 1} (--model.init_args.max_len {num_support + 1}) or use fewer ways/shots"
+            )
+        if self.task == "classification" and ways > self.ways:
+            raise MetaConfigError(
+                f"{name} has ways={self.ways} label slots and outputs, but this episode is {ways}-way; set model "
+                f"ways (linked from data.ways) to at least {ways}, i.e. train with the largest way and keep "
+                "eval_ways <= ways"
+            )
+
+    def check_batch(self, batch: Episode) -> None:
+        """Run the base checks, then refuse too long or too wide episodes (at the first batch, before any work)."""
+        super().check_batch(batch)
+        self.check_sizes(batch.support_y.shape[1 if batch.is_batched else 0], batch.ways)
+
+    # ------------------------------------------------------------ the hooks
+    def adapt(self, episode: Episode) -> SequenceContext:
+        """Embeds and label-encodes the support set of one episode (no learning happens here)."""
+        self.check_sizes(episode.support_x.shape[0], episode.ways)
+        emb = self.backbone(episode.support_x)
+        return SequenceContext(emb, encode_labels(episode.support_y, self.label_ways, emb.dtype), episode.ways)
+
+    def predict(self, state: SequenceContext, x: Tensor) -> Tensor:
+        """Predicts queries ``x``: logits ``[m, ways]`` of the episode's way, or values ``[m, 1]``."""
+        out = self.sequence_outputs(state.support[None], state.labels[None], self.backbone(x)[None])[0]
+        return out[..., : state.ways] if self.task == "classification" else out
+
+    def batched_outputs(self, batch: Episode) -> Tensor:
+        """Query outputs ``[B, Q, ways | 1]`` of a meta-batch.
+
+        Each task's support and query inputs go through the backbone in one forward pass of their
+        own (per-task BatchNorm statistics, as ``ProtoNet._batched_logits``); the sequence model
+        then runs on all tasks at once.
+        """
+        ns = batch.support_y.shape[1]
+        self.check_sizes(ns, batch.ways)
+        emb = torch.stack(
+            [self.backbone(torch.cat([batch.support_x[i], batch.query_x[i]])) for i in range(batch.num_tasks)]
+        )  # [B, S+Q, d]
+        labels = encode_labels(batch.support_y, self.label_ways, emb.dtype)
+        out = self.sequence_outputs(emb[:, :ns], labels, emb[:, ns:])
+        return out[..., : batch.ways] if self.task == "classification" else out
+
+    def meta_loss(self, batch: Episode) -> Tensor:
+        """Mean query loss over the tasks (cross-entropy or MSE)."""
+        out = self.batched_outputs(batch)
+        self._train_scores = self.per_task_score(out.detach(), batch.query_y)
+        return self.per_task_loss(out, batch.query_y).mean()
+
+    def evaluate(self, batch: Episode) -> dict[str, Tensor]:
+        """Per-episode query accuracy or MSE (no gradients: nothing adapts by gradient)."""
+        with torch.no_grad():
+            out = self.batched_outputs(batch)
+        return {self.score_name: self.per_task_score(out, batch.query_y)}
