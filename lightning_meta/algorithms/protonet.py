@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -25,8 +26,15 @@ class ProtoNet(MetaLearner):
     Args:
         backbone: embedding network (any ``nn.Module`` mapping images to ``[b, d]``).
         distance: ``euclidean`` (squared, as in the paper) or ``cosine``.
-        temperature: logits are ``-distance / temperature``; must be > 0.
-        ways, lr, weight_decay: see :class:`MetaLearner`.
+        temperature: logits are ``-distance / temperature``; must be > 0. With
+            ``learn_temperature`` it is the initial value.
+        learn_temperature: learn the temperature with the other weights (useful with ``cosine``,
+            whose distances lie in ``[0, 2]``). It is stored as its logarithm
+            (``log_temperature``), so it stays > 0 whatever the optimizer does.
+        ways, lr, weight_decay, per_task_backward: see :class:`MetaLearner`.
+
+    The number of shots may differ between training and evaluation as well: prototypes are
+    means, so they do not depend on how many examples each class has.
 
     Example:
         >>> from lightning_meta.backbones import Conv4
@@ -46,8 +54,12 @@ class ProtoNet(MetaLearner):
         ways: int = 5,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        learn_temperature: bool = False,
+        per_task_backward: bool = False,
     ) -> None:
-        super().__init__(ways=ways, task="classification", lr=lr, weight_decay=weight_decay)
+        super().__init__(
+            ways=ways, task="classification", lr=lr, weight_decay=weight_decay, per_task_backward=per_task_backward
+        )
         if distance not in ("euclidean", "cosine"):
             raise MetaConfigError(f"distance={distance!r} is not supported; use 'euclidean' or 'cosine'")
         if temperature <= 0:
@@ -55,7 +67,25 @@ class ProtoNet(MetaLearner):
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.distance = distance
-        self.temperature = temperature
+        self.learn_temperature = learn_temperature
+        self._fixed_temperature = float(temperature)
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+
+    @property
+    def temperature(self) -> Tensor | float:
+        """The current temperature: a positive 0-d tensor when learned, else the configured float."""
+        return self.log_temperature.exp() if self.learn_temperature else self._fixed_temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if value <= 0:
+            raise MetaConfigError(f"temperature={value} must be > 0 (logits are -distance / temperature)")
+        if self.learn_temperature:
+            with torch.no_grad():
+                self.log_temperature.fill_(math.log(value))
+        else:
+            self._fixed_temperature = float(value)
 
     def adapt(self, episode: Episode) -> Tensor:
         """Prototypes ``[N, d]`` of the support set."""

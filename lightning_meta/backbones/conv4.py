@@ -16,7 +16,11 @@ class Conv4(nn.Module):
     """Four blocks of 3x3 conv -> norm -> ReLU -> 2x2 max-pool, flattened.
 
     For 28x28 inputs and ``hidden=64`` the output has 64 features (1x1 spatial); for 84x84 it has
-    ``hidden * 5 * 5``. ``out_features`` holds the flattened size for the configured ``image_size``.
+    ``hidden * 5 * 5``. ``out_features`` holds the flattened size for the configured ``image_size``
+    and ``out_shape`` the ``(channels, height, width)`` of the feature maps before flattening.
+
+    Relation Networks (Sung et al. 2018) keep feature maps: ``pool_blocks=2, flatten=False`` pools
+    only after the first two blocks and returns ``[b, hidden, image_size // 4, image_size // 4]``.
 
     Args:
         in_channels: input channels (1 for glyphs/Omniglot, 3 for miniImageNet).
@@ -24,37 +28,59 @@ class Conv4(nn.Module):
         image_size: input height/width, used to compute ``out_features``.
         norm: ``batch`` (BatchNorm with running statistics), ``batch_no_stats`` (BatchNorm that always
             uses batch statistics, as MAML's reference code) or ``none``.
+        pool_blocks: how many blocks (the first ones) end with a 2x2 max-pool; 4 is the usual Conv-4.
+        flatten: return ``[b, out_features]`` (default) or the feature maps ``[b, *out_shape]``.
 
     Example:
         >>> net = Conv4(in_channels=1, hidden=64, image_size=28)
         >>> net(torch.zeros(2, 1, 28, 28)).shape, net.out_features
         (torch.Size([2, 64]), 64)
+        >>> Conv4(1, 64, 28, pool_blocks=2, flatten=False).out_shape
+        (64, 7, 7)
     """
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28, norm: Norm = "batch") -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        hidden: int = 64,
+        image_size: int = 28,
+        norm: Norm = "batch",
+        pool_blocks: int = 4,
+        flatten: bool = True,
+    ) -> None:
         super().__init__()
         if in_channels <= 0 or hidden <= 0:
             raise ValueError(f"Conv4 needs positive in_channels and hidden, got {in_channels} and {hidden}")
-        if image_size < 16:
-            raise ValueError(f"Conv4 halves the image four times; image_size={image_size} is below the minimum 16")
+        if not 0 <= pool_blocks <= 4:
+            raise ValueError(f"pool_blocks={pool_blocks} must be between 0 and 4 (Conv4 has four blocks)")
+        if image_size < 2**pool_blocks:
+            times = {4: "four times", 3: "three times", 2: "twice", 1: "once"}[pool_blocks]
+            raise ValueError(
+                f"Conv4 halves the image {times}; image_size={image_size} is below the minimum {2**pool_blocks}"
+            )
         if norm not in ("batch", "batch_no_stats", "none"):
             raise ValueError(f"norm={norm!r} is not supported; use 'batch', 'batch_no_stats' or 'none'")
         layers: list[nn.Module] = []
         channels = in_channels
-        for _ in range(4):
+        for block in range(4):
             layers.append(nn.Conv2d(channels, hidden, kernel_size=3, padding=1))
             if norm != "none":
                 layers.append(nn.BatchNorm2d(hidden, track_running_stats=(norm == "batch")))
-            layers += [nn.ReLU(inplace=False), nn.MaxPool2d(2)]
+            layers.append(nn.ReLU(inplace=False))
+            if block < pool_blocks:
+                layers.append(nn.MaxPool2d(2))
             channels = hidden
         self.encoder = nn.Sequential(*layers)
         side = image_size
-        for _ in range(4):
+        for _ in range(pool_blocks):
             side //= 2
+        self.out_shape = (hidden, side, side)
         self.out_features = hidden * side * side
+        self.flatten = flatten
         self.in_channels = in_channels
         self.image_size = image_size
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[b, C, H, W] -> [b, out_features]``."""
-        return torch.flatten(self.encoder(x), 1)
+        """``[b, C, H, W] -> [b, out_features]`` (or ``[b, *out_shape]`` when ``flatten=False``)."""
+        out = self.encoder(x)
+        return torch.flatten(out, 1) if self.flatten else out
