@@ -192,7 +192,7 @@ class OmniglotRunsError(Callback):
         error = 1.0 - r["mean"].float()
         pl_module.log_dict({"test/error": error, "test/error_ci95": r["ci95"].float()}, sync_dist=False)
         rank_zero_info(f"Omniglot one-shot error: {100 * error.item():.2f}% over {int(r['n'].item())} runs "
-                       "(REFERENCE §6: mean over runs of wrong/20)")
+                       "(REFERENCE §6: mean over runs of wrong / test items)")
 
 
 # --------------------------------------------------------------------------- the datamodule

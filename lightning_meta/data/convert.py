@@ -367,13 +367,19 @@ def convert_imagefolder(
         depth = 2 if split_folders else 1
         by_class: dict[tuple[str, ...], list[str]] = defaultdict(list)
         loose = []
+        skip = 0
+        tops = {PurePosixPath(f).parts[0] for f in tree.images()}
+        if tree._zip is not None and len(tops) == 1 and all(len(PurePosixPath(f).parts) > depth + 1
+                                                            for f in tree.images()):
+            skip = 1  # a zip of the tree folder itself: <tree>/<class>/<image>
         for f in tree.images():
-            parts = PurePosixPath(f).parts
+            parts = PurePosixPath(f).parts[skip:]
             if len(parts) <= depth:
                 loose.append(f)
                 continue
             by_class[parts[:depth]].append(f)
-        class_dirs = {tuple(PurePosixPath(d).parts) for d in tree.dirs if len(PurePosixPath(d).parts) == depth}
+        class_dirs = {tuple(PurePosixPath(d).parts[skip:]) for d in tree.dirs
+                      if len(PurePosixPath(d).parts) == depth + skip}
         for d in class_dirs:
             by_class.setdefault(d, [])
         if loose:
@@ -615,10 +621,12 @@ def convert_miniimagenet(
         plans: list[_ClassPlan] = []
         seen: dict[str, str] = {}
         for split in SPLITS:
+            if not (root / f"{split}.csv").is_file():
+                raise MetaConfigError(f"{root / f'{split}.csv'} is missing; miniimagenet needs the Ravi & Larochelle "
+                                      "split files train.csv, val.csv and test.csv (columns filename,label) in the "
+                                      "root folder")
+        for split in SPLITS:
             csv_path = root / f"{split}.csv"
-            if not csv_path.is_file():
-                raise MetaConfigError(f"{csv_path} is missing; miniimagenet needs the Ravi & Larochelle split files "
-                                      "train.csv, val.csv and test.csv (columns filename,label) in the root folder")
             by_label: dict[str, list[str]] = {}
             with open(csv_path, newline="") as f:
                 reader = csv.reader(f)
