@@ -2,6 +2,7 @@
 
 from lightning_meta.functional.inner_loop import BNPolicy, Params, bn_policy, inner_adapt, sgd_step
 from lightning_meta.functional.metric import accuracy, pairwise_distance, prototypes
+from lightning_meta.functional.ridge import ridge_logits, ridge_regression
 from lightning_meta.functional.stats import mean_ci95, mean_ci95_from_stats
 
 __all__ = [
@@ -14,5 +15,7 @@ __all__ = [
     "mean_ci95_from_stats",
     "pairwise_distance",
     "prototypes",
+    "ridge_logits",
+    "ridge_regression",
     "sgd_step",
 ]
