@@ -194,7 +194,7 @@ def _decode_all(
     """Decodes ``files`` in order (in worker processes when a pool is given)."""
     blobs = [tree.read(f) for f in files]
     names = [f"{tree.path}:{f}" if tree._zip is not None else str(tree.path / f) for f in files]
-    if pool is None or len(files) < 8:
+    if pool is None:
         return [recipe(b, n) for b, n in zip(blobs, names, strict=True)]
     return list(pool.map(recipe, blobs, names, chunksize=max(1, len(files) // 16)))
 

@@ -11,7 +11,6 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 

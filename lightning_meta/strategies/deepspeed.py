@@ -29,7 +29,6 @@ import torch
 from lightning.fabric.utilities.imports import RequirementCache
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_meta.errors import MetaConfigError
