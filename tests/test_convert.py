@@ -317,6 +317,8 @@ def test_cli_convert_and_one_line_errors(tmp_path, capsys):
     assert "5 classes" in capsys.readouterr().out
     main(["miniimagenet", str(MINI), str(tmp_path / "m"), "--image-size", "32"])
     assert IndexedReader(load_index(str(tmp_path / "m"))).image(0, 0).shape == (3, 32, 32)
+    main(["miniimagenet", str(MINI), str(tmp_path / "m2"), "--image-size", "32", "--workers", "2"])
+    assert load_index(str(tmp_path / "m2")).sha256 == load_index(str(tmp_path / "m")).sha256  # same bytes
     with pytest.raises(SystemExit) as e:
         main(["omniglot", str(tmp_path / "missing.zip"), str(tmp_path / "x")])
     assert e.value.code == 2
