@@ -15,7 +15,8 @@ the same run loader, as a check of the protocol (the published value is 38.8%).
 The hyperparameters were chosen with ``--validate`` only: one background alphabet per set is held
 out (seeded, ``val_fraction=0.2``), the model trains on the others and is scored on within-alphabet
 20-way 1-shot episodes of the held-out alphabet. ``--validate`` never tests on the runs (the
-datamodule loads them, but nothing is scored on them). See ``benchmarks/omniglot_minimal.md`` for the numbers and the commands.
+datamodule loads them, but nothing is scored on them). See ``benchmarks/omniglot_minimal.md``
+for the numbers and the commands.
 
 Usage (from the repository root)::
 
