@@ -82,6 +82,7 @@ class BackboneWithHead(nn.Module):
 
     Args:
         backbone: any module mapping inputs to ``[b, d]``; ``d`` is read from ``backbone.out_features``.
+            If it has a method ``init_head(linear)``, the head is initialised with it.
         out_features: head outputs (the way for classification, the target size for regression).
     """
 
@@ -95,6 +96,9 @@ class BackboneWithHead(nn.Module):
             )
         self.backbone = backbone
         self.head = nn.Linear(d, out_features)
+        init_head = getattr(backbone, "init_head", None)
+        if callable(init_head):  # the body's initialisation scheme covers the head (MLP truncated_normal)
+            init_head(self.head)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return self.head(self.backbone(x))
