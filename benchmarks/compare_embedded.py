@@ -118,6 +118,9 @@ def main() -> None:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "embedded_results.json"),
                    help="run records kept between invocations; names already there are skipped unless --rerun")
     p.add_argument("--rerun", action="store_true", help="run names that already have a record again")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="one training budget for every run (optimizer steps) instead of each config's own; "
+                        "intermediate validation is then switched off (the test uses the final weights either way)")
     a = p.parse_args()
     unknown = [n for n in a.only or [] if n not in RUNS]
     if unknown:
@@ -126,13 +129,21 @@ def main() -> None:
     store = Path(a.results)
     records: dict[str, dict] = json.loads(store.read_text()) if store.exists() else {}
     command = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python benchmarks/compare_embedded.py"
+    if a.max_steps is not None:
+        command += f" --max-steps {a.max_steps}"
     for name in names:
         if name in records and not a.rerun:
             print(f"{name}: kept from {store}", flush=True)
             continue
         config, extra = RUNS[name]
+        if a.max_steps is not None:
+            extra = [*extra, "--trainer.max_steps", str(a.max_steps), "--trainer.limit_val_batches", "0"]
         with tempfile.TemporaryDirectory() as tmp:
-            r = run(name, config, extra, Path(tmp))
+            try:
+                r = run(name, config, extra, Path(tmp))
+            except RuntimeError as err:  # one failing learner must not stop the comparison
+                print(f"{name}: FAILED\n{err}", flush=True)
+                continue
         r["date"] = time.strftime("%Y-%m-%d")
         records[name] = r
         tmp_store = store.with_suffix(".json.tmp")
