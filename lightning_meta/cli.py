@@ -99,12 +99,17 @@ def index_main(argv: list[str]) -> None:
 def console_main(argv: list[str] | None = None) -> None:
     """The ``lightning-meta`` console script (returns nothing, so the exit status is 0 on success).
 
-    ``fit|validate|test|predict`` go to LightningCLI; ``index`` rebuilds a shard index and
-    ``convert`` turns image folders into shards (see ``lightning-meta convert --help``).
+    ``fit|validate|test|predict`` go to LightningCLI; ``index`` rebuilds a shard index,
+    ``convert`` turns image folders into shards (see ``lightning-meta convert --help``) and
+    ``report`` tabulates and plots the results of run directories (``lightning-meta report --help``).
     """
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "index":
         return index_main(argv[1:])
+    if argv and argv[0] == "report":
+        from lightning_meta.report import main as report_main
+
+        return report_main(argv[1:])
     if argv and argv[0] == "convert":
         from lightning_meta.data.convert import main as convert_main
 

@@ -1,0 +1,223 @@
+"""``lightning-meta report``: table and plot of two real short runs, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lightning_meta.cli import console_main, main
+from lightning_meta.errors import MetaConfigError
+from lightning_meta.report import collect_runs, load_run, markdown_table, plot_validation
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _tiny_shards(out: Path) -> None:
+    """12 classes of 28x28 images (6 train, 3 val, 3 test), each class a fixed random pattern plus noise."""
+    from lightning_meta.data.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    with ShardWriter(out, prefix="tiny", max_samples=40) as w:
+        for c in range(12):
+            base = rng.integers(0, 256, (28, 28))
+            imgs = [np.clip(base + rng.normal(0, 20, (28, 28)), 0, 255).astype(np.uint8) for _ in range(8)]
+            w.add_class(c, imgs, name=f"c{c}", split="train" if c < 6 else "val" if c < 9 else "test")
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two real runs of `lightning-meta fit --test_after_fit true`: MAML on sinusoids and ProtoNet on tiny shards."""
+    tmp = tmp_path_factory.mktemp("report_runs")
+    logs = tmp / "lightning_logs"
+    main(["fit", "--config", str(ROOT / "configs" / "maml_sinusoid.yaml"), *QUIET,
+          "--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "2",
+          "--trainer.logger.init_args.save_dir", str(logs),
+          "--data.init_args.meta_batch_size", "4", "--data.init_args.val_episodes", "20",
+          "--data.init_args.test_episodes", "30", "--data.init_args.eval_meta_batch_size", "10"])
+    shards = tmp / "shards"
+    _tiny_shards(shards)
+    main(["fit", "--config", str(ROOT / "configs" / "protonet_glyphs.yaml"), *QUIET,
+          "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
+          "--trainer.logger.init_args.save_dir", str(logs),
+          "--model.init_args.backbone.init_args.hidden", "8",
+          "--data.init_args.shards", str(shards), "--data.init_args.ways", "4", "--data.init_args.shots", "1",
+          "--data.init_args.queries", "2", "--data.init_args.eval_ways", "3", "--data.init_args.eval_shots", "1",
+          "--data.init_args.eval_queries", "3", "--data.init_args.meta_batch_size", "2",
+          "--data.init_args.eval_meta_batch_size", "4", "--data.init_args.train_episodes", "40",
+          "--data.init_args.val_episodes", "8", "--data.init_args.test_episodes", "12"])
+    runs = {"maml": logs / "maml_sinusoid" / "version_0", "protonet": logs / "protonet_glyphs" / "version_0"}
+    for run in runs.values():
+        assert (run / "results.json").is_file() and glob.glob(str(run / "events.out.tfevents.*"))
+    return runs
+
+
+def _last_val(run: Path, tag: str) -> tuple[float, float, int]:
+    """Last validation (mean, ci95, step) read straight from the event files, as the reference."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = {}
+    for ev in glob.glob(str(run / "events.out.tfevents.*")):
+        acc = EventAccumulator(ev)
+        acc.Reload()
+        for t in (tag, f"{tag}_ci95"):
+            if t in acc.Tags()["scalars"]:
+                found[t] = acc.Scalars(t)
+    return found[tag][-1].value, found[f"{tag}_ci95"][-1].value, found[tag][-1].step
+
+
+def _row(table: str, name: str) -> list[str]:
+    rows = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
+    assert len(rows) == 1, table
+    return [c.strip() for c in rows[0].strip("|").split(" | ")]
+
+
+def test_report_command_on_two_real_runs(two_runs, tmp_path, capsys):
+    png, md = tmp_path / "out" / "val.png", tmp_path / "out" / "table.md"
+    console_main(["report", str(two_runs["maml"]), str(two_runs["protonet"]), "--out-png", str(png),
+                  "--out-md", str(md)])
+    out = capsys.readouterr()
+    table = out.out
+    assert md.read_text() == table
+    assert table.splitlines()[0].startswith("| run | algorithm |")
+
+    # MAML on sinusoids: regression, MSE; 10 steps x meta-batch 4 = 40 training episodes
+    res = json.loads((two_runs["maml"] / "results.json").read_text())
+    row = _row(table, "maml_sinusoid/version_0")
+    assert row[1] == res["algorithm"] == "MAML"
+    assert row[2] == "10-shot" and row[3] == f"{res['eval_shots']}-shot"
+    assert row[4] == str(res["global_step"] * 4) == "40"
+    m, h, n = res["metrics"]["test/mse"], res["metrics"]["test/mse_ci95"], int(res["metrics"]["test/episodes"])
+    assert n == 30
+    assert row[6] == f"MSE {m:.3f} ± {h:.3f} (30)"
+    vm, vh, _ = _last_val(two_runs["maml"], "val/mse")
+    assert row[5] == f"MSE {vm:.3f} ± {vh:.3f} (20)"
+    wall = res["wall_time_s"]
+    assert row[7] == (f"{wall:.1f} s" if wall < 60 else f"{int(round(wall)) // 60} min {int(round(wall)) % 60:02d} s")
+
+    # ProtoNet on the tiny shards: 4-way training, 3-way evaluation, accuracy in percent
+    res = json.loads((two_runs["protonet"] / "results.json").read_text())
+    row = _row(table, "protonet_glyphs/version_0")
+    assert row[1] == res["algorithm"] == "ProtoNet"
+    assert row[2] == "4-way 1-shot" and row[3] == "3-way 1-shot" == f"{res['eval_ways']}-way {res['eval_shots']}-shot"
+    assert row[4] == str(6 * 2)
+    m, h = res["metrics"]["test/acc"], res["metrics"]["test/acc_ci95"]
+    assert row[6] == f"{100 * m:.2f}% ± {100 * h:.2f}% (12)"
+    vm, vh, _ = _last_val(two_runs["protonet"], "val/acc")
+    assert row[5] == f"{100 * vm:.2f}% ± {100 * vh:.2f}% (8)"
+
+    # a real PNG with two panels (accuracy and MSE) that is not blank
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as img:
+        img.verify()
+    with Image.open(png) as img:
+        w, h_px = img.size
+        pixels = np.asarray(img.convert("L"))
+    assert w > 2 * h_px > 0  # two panels side by side
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.005
+    assert str(png) in out.err
+
+
+def test_validation_curve_counts_training_episodes(two_runs):
+    runs = collect_runs([two_runs["maml"], two_runs["protonet"]])
+    maml, proto = runs
+    # validation every 5 optimizer steps with meta-batch 4 -> after 20 and 40 episodes
+    assert maml.score == "mse" and maml.val_training_episodes == [20, 40]
+    assert proto.score == "acc" and proto.val_training_episodes == [6, 12]
+    vm, vh, step = _last_val(two_runs["maml"], "val/mse")
+    assert maml.val_mean[-1] == pytest.approx(vm) and maml.val_ci95[-1] == pytest.approx(vh)
+    assert maml.val_steps[-1] == step + 1 == 10  # Lightning logs fit-time validation at (steps done - 1)
+    assert proto.test is not None and 0.0 <= proto.test[0] <= 1.0 and proto.test[2] == 12
+
+
+def test_parent_folder_expands_to_its_versions(two_runs, capsys):
+    logs = two_runs["maml"].parents[1]
+    console_main(["report", str(logs), "--no-plot"])
+    table = capsys.readouterr().out
+    assert "| maml_sinusoid/version_0 |" in table and "| protonet_glyphs/version_0 |" in table
+
+
+def _fake_run(folder: Path, metrics: list[tuple[int, dict[str, float]]]) -> Path:
+    """A run directory with only the given scalars (what a plain ``L.Trainer`` without LightningCLI leaves)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(folder), name="plain", version=0, default_hp_metric=False)
+    for step, values in metrics:
+        logger.log_metrics(values, step=step)
+    logger.finalize("success")
+    return Path(logger.log_dir)
+
+
+def test_missing_path_is_named(tmp_path, capsys):
+    bad = tmp_path / "nope"
+    with pytest.raises(SystemExit) as e:
+        console_main(["report", str(bad), "--no-plot"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_folder_without_event_files_is_refused(tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    with pytest.raises(SystemExit) as e:
+        console_main(["report", str(tmp_path / "empty")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "empty") in err and "events.out.tfevents" in err and "version_N" in err
+
+
+def test_run_without_validation_or_test_is_refused(tmp_path):
+    run = _fake_run(tmp_path, [(0, {"train/loss": 1.0}), (1, {"train/loss": 0.5})])
+    with pytest.raises(MetaConfigError, match=re.escape(str(run)) + ".*val/acc or val/mse"):
+        load_run(run)
+
+
+def test_tested_run_without_validation_is_tabled_but_not_plotted(tmp_path, capsys):
+    run = _fake_run(tmp_path, [(0, {"train/loss": 1.0}), (7, {"test/acc": 0.75, "test/acc_ci95": 0.05,
+                                                              "test/episodes": 40.0})])
+    with pytest.raises(SystemExit) as e:
+        console_main(["report", str(run), "--out-png", str(tmp_path / "p.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "logged no validation" in err and str(run) in err and "no validation to plot" in err
+    assert not (tmp_path / "p.png").exists()
+    console_main(["report", str(run), "--no-plot"])
+    row = _row(capsys.readouterr().out, "plain/version_0")
+    assert row[5] == "—" and row[6] == "75.00% ± 5.00% (40)"
+    assert row[4] == "?" or row[4].startswith("? (")  # no config.yaml: the meta-batch size is unknown
+
+
+def test_meta_batch_size_fallback_and_resumed_steps(tmp_path):
+    # a resumed run logs step 3 twice: the later value wins
+    run = _fake_run(tmp_path, [(1, {"val/acc": 0.5, "val/acc_ci95": 0.1, "val/episodes": 10.0}),
+                               (3, {"val/acc": 0.6, "val/acc_ci95": 0.1, "val/episodes": 10.0}),
+                               (3, {"val/acc": 0.7, "val/acc_ci95": 0.1, "val/episodes": 10.0})])
+    r = load_run(run)
+    assert r.val_mean == pytest.approx([0.5, 0.7])
+    with pytest.raises(MetaConfigError, match="meta-batch-size"):
+        plot_validation([r], tmp_path / "x.png")
+    r = load_run(run, meta_batch_size=8)
+    assert r.val_training_episodes == [16, 32] and r.training_episodes == 32
+    assert "| 32 |" in markdown_table([r])
+    assert plot_validation([r], tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_without_results_json_falls_back_to_event_files(two_runs, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copied" / "version_0"
+    shutil.copytree(two_runs["maml"], copy)
+    (copy / "results.json").unlink()
+    res = json.loads((two_runs["maml"] / "results.json").read_text())
+    r = load_run(copy)
+    assert r.algorithm == "MAML"  # from config.yaml
+    assert r.steps == res["global_step"] == 10 and r.training_episodes == 40
+    assert r.test[0] == pytest.approx(res["metrics"]["test/mse"]) and r.test[2] == 30
+    assert r.wall_time_s is not None and r.wall_time_s >= 0
