@@ -2,6 +2,26 @@
 
 from lightning_meta.callbacks.compile import CompileMetaLoss
 from lightning_meta.callbacks.episode_logger import TestResultWriter
+from lightning_meta.callbacks.monitors import (
+    DerivativeOrderAnnealing,
+    EpisodeGallery,
+    InnerLoopMonitor,
+    LearnedLRMonitor,
+    MetaOverfittingMonitor,
+    ThroughputMonitor,
+)
 from lightning_meta.callbacks.preemption import PreemptionCheckpoint
+from lightning_meta.callbacks.progress import MetaProgressBar
 
-__all__ = ["CompileMetaLoss", "PreemptionCheckpoint", "TestResultWriter"]
+__all__ = [
+    "CompileMetaLoss",
+    "DerivativeOrderAnnealing",
+    "EpisodeGallery",
+    "InnerLoopMonitor",
+    "LearnedLRMonitor",
+    "MetaOverfittingMonitor",
+    "MetaProgressBar",
+    "PreemptionCheckpoint",
+    "TestResultWriter",
+    "ThroughputMonitor",
+]

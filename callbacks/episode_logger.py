@@ -27,6 +27,7 @@ class TestResultWriter(Callback):
 
     Example:
         >>> trainer = L.Trainer(callbacks=[TestResultWriter()])  # doctest: +SKIP
+
     """
 
     def __init__(self, filename: str = "results.json") -> None:

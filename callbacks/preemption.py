@@ -41,6 +41,7 @@ class PreemptionCheckpoint(Callback):
 
     Example:
         >>> trainer = L.Trainer(callbacks=[PreemptionCheckpoint()])  # doctest: +SKIP
+
     """
 
     def __init__(self, signal_name: str = "SIGUSR1", requeue: bool = True,
