@@ -2,6 +2,7 @@
 
 from lightning_meta.functional.inner_loop import BNPolicy, Params, bn_policy, inner_adapt, sgd_step
 from lightning_meta.functional.metric import accuracy, pairwise_distance, prototypes
+from lightning_meta.functional.precision import low_precision_autocast, upcast_low_precision
 from lightning_meta.functional.ridge import ridge_logits, ridge_regression
 from lightning_meta.functional.stats import mean_ci95, mean_ci95_from_stats
 
@@ -11,6 +12,7 @@ __all__ = [
     "accuracy",
     "bn_policy",
     "inner_adapt",
+    "low_precision_autocast",
     "mean_ci95",
     "mean_ci95_from_stats",
     "pairwise_distance",
@@ -18,4 +20,5 @@ __all__ = [
     "ridge_logits",
     "ridge_regression",
     "sgd_step",
+    "upcast_low_precision",
 ]
