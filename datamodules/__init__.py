@@ -2,13 +2,20 @@
 
 from lightning_meta.datamodules.base import EpisodeSource, EpisodicDataModule, MetaBatchSampler
 from lightning_meta.datamodules.omniglot_runs import OmniglotRunsDataModule, OmniglotRunsError, OmniglotRunsSource
-from lightning_meta.datamodules.shards import ShardDataModule, ShardEpisodeSource
+from lightning_meta.datamodules.shards import (
+    MultiSourceEpisodes,
+    ShardDataModule,
+    ShardEpisodeSource,
+    SkippedSamplesLogger,
+    StreamingEpisodeSource,
+)
 from lightning_meta.datamodules.sinusoid import SinusoidDataModule, SinusoidSource
 
 __all__ = [
     "EpisodeSource",
     "EpisodicDataModule",
     "MetaBatchSampler",
+    "MultiSourceEpisodes",
     "OmniglotRunsDataModule",
     "OmniglotRunsError",
     "OmniglotRunsSource",
@@ -16,4 +23,6 @@ __all__ = [
     "ShardEpisodeSource",
     "SinusoidDataModule",
     "SinusoidSource",
+    "SkippedSamplesLogger",
+    "StreamingEpisodeSource",
 ]

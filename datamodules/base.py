@@ -16,7 +16,9 @@ __all__ = ["EpisodeLoader", "EpisodeSource", "EpisodicDataModule", "MetaBatchSam
 class EpisodeSource(Protocol):
     """Anything that makes episode ``index`` of ``(split, epoch)`` as a pure function (picklable)."""
 
-    def episode(self, split: str, epoch: int, index: int) -> Episode: ...
+    def episode(self, split: str, epoch: int, index: int) -> Episode:
+        """Make episode ``index`` of ``(split, epoch)``."""
+        ...
 
 
 def _identity(x: Any) -> Any:
@@ -144,6 +146,7 @@ class EpisodicDataModule(L.LightningDataModule):
         val_episodes, test_episodes: size of the fixed validation/test lists.
         seed: the data seed; episodes are a pure function of (seed, split, epoch, index).
         num_workers: dataloader worker processes (episodes do not depend on it).
+
     """
 
     task = "classification"
@@ -213,9 +216,11 @@ class EpisodicDataModule(L.LightningDataModule):
         if split == "train":
             sampler = MetaBatchSampler(self.train_episodes, self.meta_batch_size, rank, world, True, self._resume)
             self._train_sampler = sampler
+            self._check_batching(split, self.meta_batch_size // world, world)
         else:
             n = self.val_episodes if split == "val" else self.test_episodes
             sampler = MetaBatchSampler(n, self.eval_meta_batch_size, rank, world, train=False)
+            self._check_batching(split, self.eval_meta_batch_size, world)
         return EpisodeLoader(
             _MetaBatchDataset(self.sources[split], split),
             batch_size=None,
@@ -224,6 +229,13 @@ class EpisodicDataModule(L.LightningDataModule):
             collate_fn=_identity,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _check_batching(self, split: str, per_device: int, world: int) -> None:
+        """Refuse meta-batches the split's episodes cannot form (``per_device`` episodes per device and step).
+
+        The default accepts any size; datamodules whose episodes change shape (variable way/shot)
+        override it, because such episodes cannot be stacked into one meta-batch tensor.
+        """
 
     def train_dataloader(self) -> DataLoader:  # noqa: D102
         return self._loader("train")
