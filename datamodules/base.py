@@ -256,7 +256,10 @@ class EpisodicDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             loop = trainer.fit_loop
-            state["epoch"] = loop.epoch_progress.current.processed
+            # `completed` is the epoch the counted batches belong to: `processed` is already one
+            # ahead in a checkpoint written at the end of an epoch (on_train_epoch_end or the
+            # epoch's last validation), which would skip the whole next epoch on resume
+            state["epoch"] = loop.epoch_progress.current.completed
             state["batches"] = loop.epoch_loop.batch_progress.current.processed
         return state
 

@@ -47,3 +47,29 @@ def test_resume_continues_identical_episodes(tmp_path, stop):
     assert [s for _, s in second] == [s for _, s in full[stop:]]
     for a, b in zip(full_model.parameters(), resumed_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_resume_from_epoch_end_checkpoint(tmp_path, validate):
+    """A checkpoint written at the end of an epoch (Lightning's default ModelCheckpoint) resumes into the
+    next epoch with its full set of episodes, not an empty epoch."""
+
+    def run(root, max_epochs, ckpt_path=None, save=False):
+        torch.manual_seed(0)
+        dm = SinusoidDataModule(meta_batch_size=2, train_episodes=4, val_episodes=2, eval_meta_batch_size=2)
+        model = MAML(MLP(1, [4]), task="regression", inner_lr=0.01)
+        rec = Recorder()
+        callbacks = [rec]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="{epoch}"))
+        trainer = L.Trainer(max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1 if validate else 0,
+                            callbacks=callbacks, enable_checkpointing=save, default_root_dir=root)
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return rec.seen, trainer.global_step
+
+    full, full_steps = run(tmp_path / "full", 4)
+    run(tmp_path / "a", 2, save=True)
+    second, steps = run(tmp_path / "b", 4, ckpt_path=str(tmp_path / "a" / "epoch=1.ckpt"))
+    assert full_steps == steps == 8  # 4 epochs of 2 meta-batches
+    assert [s for _, s in second] == [s for _, s in full[4:]]
