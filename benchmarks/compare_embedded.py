@@ -44,8 +44,9 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "metasgd-5w5s": ("configs/maml_glyphs.yaml", ["--model.class_path", "lightning_meta.algorithms.MetaSGD", *_FIVE]),
     "reptile-5w1s": ("configs/reptile_glyphs.yaml", []),
     "reptile-5w5s": ("configs/reptile_glyphs.yaml", _FIVE),
-    "mamlpp-5w1s": ("configs/mamlpp_glyphs.yaml", []),
-    "mamlpp-5w5s": ("configs/mamlpp_glyphs.yaml", _FIVE),
+    # 50 meta-batches per epoch, so the 2-epoch multi-step-loss annealing fits any budget >= 150 steps
+    "mamlpp-5w1s": ("configs/mamlpp_glyphs.yaml", ["--data.init_args.train_episodes", "400"]),
+    "mamlpp-5w5s": ("configs/mamlpp_glyphs.yaml", ["--data.init_args.train_episodes", "400", *_FIVE]),
     "imaml-5w1s": ("configs/imaml_glyphs.yaml", []),
     "imaml-5w5s": ("configs/imaml_glyphs.yaml", _FIVE),
     "matchingnet-5w1s": ("configs/matchingnet_glyphs.yaml", []),

@@ -33,7 +33,8 @@ def _reg_batch(tasks=3, n=6, d=3, seed=0):
     eps = []
     for _ in range(tasks):
         w = torch.randn(d, 1, generator=g, dtype=torch.float64)
-        sx, qx = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+        sx = torch.randn(n, d, generator=g, dtype=torch.float64)
+        qx = torch.randn(n, d, generator=g, dtype=torch.float64)
         eps.append(Episode(sx, sx @ w, qx, qx @ w + 0.1, torch.zeros(0, dtype=torch.long)))
     return collate_episodes(eps)
 
@@ -152,7 +153,7 @@ def test_reptile_update_equals_explicit_loop(batching):
             loss = F.mse_loss(net(x), y)
             grads = torch.autograd.grad(loss, list(net.parameters()))
             with torch.no_grad():
-                for p, gr in zip(net.parameters(), grads):
+                for p, gr in zip(net.parameters(), grads, strict=True):
                     p -= inner_lr * gr
         finals.append([p.detach() for p in net.parameters()])
     expected = [p0.detach() + eps * (torch.stack([f[i] for f in finals]).mean(0) - p0.detach())
@@ -161,7 +162,7 @@ def test_reptile_update_equals_explicit_loop(batching):
     opt.zero_grad()
     model.meta_loss(batch).backward()
     opt.step()
-    for got, want in zip(model.model.parameters(), expected):
+    for got, want in zip(model.model.parameters(), expected, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-9, atol=1e-12)
 
 
@@ -245,7 +246,8 @@ def test_imaml_bad_arguments():
 def _mamlpp_closed_form(model, batch, first_order):
     """Two inner steps, per-tensor per-step rates, MSL weights (w1, w2); numpy closed form."""
     w = model.step_weights()
-    theta = np.concatenate([model.model.head.weight.detach().numpy().reshape(-1), model.model.head.bias.detach().numpy()])
+    theta = np.concatenate([model.model.head.weight.detach().numpy().reshape(-1),
+                            model.model.head.bias.detach().numpy()])
     d1 = len(theta)
     lw = model.step_lrs["head__weight"].detach().numpy()
     lb = model.step_lrs["head__bias"].detach().numpy()
@@ -346,5 +348,211 @@ def test_per_task_backward_gives_the_same_step(cls, tmp_path):
 
     a, b = fit(False), fit(True)
     assert not b.automatic_optimization
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------- per-step BatchNorm (MAML++ BNRS + BNWB)
+def _ref_conv4(P, x, row, stats, mode, momentum=0.1, eps=1e-5):
+    """Conv4 written out by hand: conv -> explicit per-step batch norm -> relu -> pool, then the head.
+
+    ``mode``: "train" (batch statistics, update row ``row`` of ``stats``), "running" (normalise with
+    the stored row), "batch" (batch statistics, no update).
+    """
+    h = x
+    for i in range(4):
+        h = F.conv2d(h, P[f"backbone.encoder.{4 * i}.weight"], P[f"backbone.encoder.{4 * i}.bias"], padding=1)
+        gamma = P[f"backbone.encoder.{4 * i + 1}.weight"][row].view(1, -1, 1, 1)
+        beta = P[f"backbone.encoder.{4 * i + 1}.bias"][row].view(1, -1, 1, 1)
+        mean_s, var_s = stats[i]
+        if mode == "running":
+            mu, var = mean_s[row].view(1, -1, 1, 1), var_s[row].view(1, -1, 1, 1)
+        else:
+            n = h.shape[0] * h.shape[2] * h.shape[3]
+            mu = h.sum((0, 2, 3), keepdim=True) / n
+            var = ((h - mu) ** 2).sum((0, 2, 3), keepdim=True) / n
+            if mode == "train":
+                mean_s[row] = (1 - momentum) * mean_s[row] + momentum * mu.detach().flatten()
+                var_s[row] = (1 - momentum) * var_s[row] + momentum * var.detach().flatten() * n / (n - 1)
+        h = (h - mu) / torch.sqrt(var + eps) * gamma + beta
+        h = F.max_pool2d(F.relu(h), 2)
+    return h.flatten(1) @ P["head.weight"].T + P["head.bias"]
+
+
+def _per_step_model(cls, policy):
+    torch.manual_seed(0)
+    kw = {"msl_anneal_epochs": 5} if cls.__name__ == "MAMLPlusPlus" else {}
+    model = cls(Conv4(1, 4, 16, norm="batch"), ways=3, inner_lr=0.3, inner_steps=2, eval_inner_steps=3, bn=policy,
+                **kw).double()
+    with torch.no_grad():  # distinct rows, so that using the wrong step would show
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "encoder" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.2 * torch.randn_like(p))
+        if hasattr(model, "step_lrs"):
+            for v in model.step_lrs.values():
+                v.copy_(torch.tensor([0.2, 0.35, 0.15]))
+    return model
+
+
+@pytest.mark.parametrize("policy", ["per_step", "per_step_transductive"])
+@pytest.mark.parametrize("algo", ["MAMLPlusPlus", "MAML"])
+def test_per_step_batchnorm_against_hand_written_loop(algo, policy, monkeypatch):
+    from lightning_meta.algorithms import MAMLPlusPlus
+
+    cls = MAMLPlusPlus if algo == "MAMLPlusPlus" else MAML
+    monkeypatch.setattr(MAMLPlusPlus, "current_epoch_or_zero", property(lambda self: 0))
+    model = _per_step_model(cls, policy)
+    assert not any("encoder.1." in n for n in model.adapted_names)  # per-step BN weights are outer-only
+    batch = _cls_batch(tasks=2, seed=11)
+    P0 = {k: v.detach().clone().requires_grad_(True) for k, v in model.model.named_parameters()}
+    lrs = {k: v.detach().clone().requires_grad_(True) for k, v in getattr(model, "step_lrs", {}).items()}
+    stats = [(model.model.backbone.encoder[4 * i + 1].running_mean.clone(),
+              model.model.backbone.encoder[4 * i + 1].running_var.clone()) for i in range(4)]
+    weights = model.step_weights() if algo == "MAMLPlusPlus" else [0.0, 1.0]
+    assert weights[0] > 0 if algo == "MAMLPlusPlus" else True
+
+    def rate(name, s):
+        return lrs[name.replace(".", "__")][s] if lrs else 0.3
+
+    total = 0.0
+    for i in range(batch.num_tasks):
+        fast = {k: v for k, v in P0.items() if k in model.adapted_names}
+        outer = {k: v for k, v in P0.items() if k not in model.adapted_names}
+        for s in range(2):
+            loss = F.cross_entropy(_ref_conv4({**outer, **fast}, batch.support_x[i], s, stats, "train"),
+                                   batch.support_y[i])
+            g = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {k: v - rate(k, s) * gk for (k, v), gk in zip(fast.items(), g, strict=True)}
+            if weights[s] > 0:
+                q = _ref_conv4({**outer, **fast}, batch.query_x[i], s, stats, "train")
+                total = total + weights[s] * F.cross_entropy(q, batch.query_y[i]) / batch.num_tasks
+    want = torch.autograd.grad(total, [*P0.values(), *lrs.values()])
+
+    model.zero_grad()
+    got_loss = model.meta_loss(batch)
+    got_loss.backward()
+    torch.testing.assert_close(got_loss, total.detach(), rtol=1e-10, atol=1e-12)
+    got = [p.grad for p in model.model.parameters()] + [p.grad for p in getattr(model, "step_lrs", {}).values()]
+    for (name, _), a, b in zip([*P0.items(), *lrs.items()], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
+    for i, (m, v) in enumerate(stats):
+        layer = model.model.backbone.encoder[4 * i + 1]
+        torch.testing.assert_close(layer.running_mean, m, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.running_var, v, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(stats[0][0][0], stats[0][0][1])  # the two steps collected different statistics
+
+    # evaluation: 3 inner steps (one more than trained; the third reuses the last BN row), no stat updates
+    model.eval()
+    ep = batch.task(0)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    logits = model.predict(model.adapt(ep), ep.query_x)
+    for k, v in model.named_buffers():
+        assert torch.equal(v, before[k]), k
+    mode = "running" if policy == "per_step" else "batch"
+    fast = {k: v.detach().requires_grad_(True) for k, v in P0.items() if k in model.adapted_names}
+    outer = {k: v.detach() for k, v in P0.items() if k not in model.adapted_names}
+    for s in range(3):
+        loss = F.cross_entropy(_ref_conv4({**outer, **fast}, ep.support_x, min(s, 1), stats, mode), ep.support_y)
+        g = torch.autograd.grad(loss, list(fast.values()))
+        fast = {k: (v - rate(k, s) * gk).detach().requires_grad_(True)
+                for (k, v), gk in zip(fast.items(), g, strict=True)}
+    ref = _ref_conv4({**outer, **fast}, ep.query_x, 1, stats, mode)
+    torch.testing.assert_close(logits.detach(), ref.detach(), rtol=1e-8, atol=1e-10)
+
+
+def test_per_step_batchnorm_refusals():
+    from lightning_meta.algorithms import IMAML, MAMLPlusPlus
+
+    body = Conv4(1, 4, 16, norm="batch")
+    with pytest.raises(MetaConfigError, match="task_batching='loop'"):
+        MAMLPlusPlus(copy.deepcopy(body), ways=3, bn="per_step", task_batching="vmap")
+    with pytest.raises(MetaConfigError, match="task_batching='loop'"):
+        MAML(copy.deepcopy(body), ways=3, bn="per_step_transductive", task_batching="vmap", first_order=True)
+    for cls in (ANIL, Reptile, IMAML):
+        with pytest.raises(MetaConfigError, match="bn='per_step'"):
+            cls(copy.deepcopy(body), ways=3, bn="per_step")
+    with pytest.raises(MetaConfigError, match="has none"):
+        MAML(MLP(1, [4]), task="regression", bn="per_step")
+    with pytest.raises(MetaConfigError, match="bn='batch'"):
+        MAML(copy.deepcopy(body), ways=3, bn="batch")  # type: ignore[arg-type]
+
+
+def test_mamlpp_schedules_longer_than_training_are_refused(tmp_path):
+    import lightning as L
+
+    from lightning_meta.algorithms import MAMLPlusPlus
+    from lightning_meta.datamodules import SinusoidDataModule
+
+    def fit(max_steps, **kw):
+        model = MAMLPlusPlus(MLP(1, [8]), task="regression", inner_lr=0.01, inner_steps=2, **kw)
+        dm = SinusoidDataModule(meta_batch_size=2, train_episodes=8)  # 4 steps per epoch
+        trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(model, dm)
+        return model, trainer
+
+    with pytest.raises(MetaConfigError, match="msl_anneal_epochs=3 is longer than the 2 epoch"):
+        fit(8, msl_anneal_epochs=3, first_order_epochs=0)
+    with pytest.raises(MetaConfigError, match="first_order_epochs=2 covers all 2 epoch"):
+        fit(8, msl_anneal_epochs=1, first_order_epochs=2)
+    model, trainer = fit(8, msl_anneal_epochs=2, first_order_epochs=1)  # fits: trains
+    assert trainer.global_step == 8 and model.training_epochs() == 2
+
+
+# ------------------------------------------------------- evaluation with more inner steps than training
+def _eval_reference(model, ep, steps, lr_of, prox=None, head_only=False):
+    """Plain-module SGD on the support set, then the query MSE (a differently written inner loop)."""
+    net = copy.deepcopy(model.model)
+    theta = {k: p.detach().clone() for k, p in net.named_parameters()}
+    for s in range(steps):
+        loss = F.mse_loss(net(ep.support_x), ep.support_y)
+        if prox is not None:
+            loss = loss + prox / 2 * sum(((p - theta[k]) ** 2).sum() for k, p in net.named_parameters())
+        names = [k for k, _ in net.named_parameters() if not head_only or k.startswith("head.")]
+        params = dict(net.named_parameters())
+        grads = torch.autograd.grad(loss, [params[k] for k in names])
+        with torch.no_grad():
+            for k, g in zip(names, grads, strict=True):
+                params[k] -= lr_of(k, s) * g
+    with torch.no_grad():
+        return F.mse_loss(net(ep.query_x), ep.query_y)
+
+
+def _eval_case(name):
+    from lightning_meta.algorithms import IMAML, MAMLPlusPlus
+
+    torch.manual_seed(0)
+    common = {"task": "regression", "inner_steps": 1, "eval_inner_steps": 4}
+    if name == "MAML":
+        m = MAML(MLP(1, [8]), inner_lr=0.05, **common)
+        return m, (lambda k, s: 0.05), {}
+    if name == "ANIL":
+        m = ANIL(MLP(1, [8]), inner_lr=0.05, **common)
+        return m, (lambda k, s: 0.05), {"head_only": True}
+    if name == "MetaSGD":
+        m = MetaSGD(MLP(1, [8]), inner_lr=0.05, init_range=(0.01, 0.1), **common)
+        return m, (lambda k, s: m.alphas[k.replace(".", "__")].detach()), {}
+    if name == "MAMLPlusPlus":
+        m = MAMLPlusPlus(MLP(1, [8]), inner_lr=0.05, msl_anneal_epochs=0, **common)
+        with torch.no_grad():
+            for v in m.step_lrs.values():
+                v.copy_(torch.tensor([0.05, 0.03, 0.08, 0.02]))
+        return m, (lambda k, s: m.step_lrs[k.replace(".", "__")][s].detach()), {}
+    if name == "Reptile":
+        m = Reptile(MLP(1, [8]), inner_lr=0.05, **common)
+        return m, (lambda k, s: 0.05), {}
+    m = IMAML(MLP(1, [8]), inner_lr=0.05, lam=0.5, **common)
+    return m, (lambda k, s: 0.05), {"prox": 0.5}
+
+
+@pytest.mark.parametrize("name", ["MAML", "ANIL", "MetaSGD", "MAMLPlusPlus", "Reptile", "IMAML"])
+def test_evaluation_with_more_inner_steps_than_training(name):
+    model, lr_of, extra = _eval_case(name)
+    model = model.double().eval()
+    assert model.inner_steps == 1 and model.eval_inner_steps == 4
+    batch = _reg_batch(tasks=3, d=1, seed=13)
+    got = model.evaluate(batch)["mse"]
+    want = torch.stack([_eval_reference(model, ep, 4, lr_of, **extra) for ep in batch.tasks()])
+    one = torch.stack([_eval_reference(model, ep, 1, lr_of, **extra) for ep in batch.tasks()])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert (got - one).abs().max() > 1e-6  # four steps really ran, not the training one

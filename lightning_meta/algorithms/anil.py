@@ -11,7 +11,9 @@ from torch.func import functional_call
 
 from lightning_meta.algorithms.base import TaskKind
 from lightning_meta.algorithms.maml import MAML
+from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, inner_adapt
+from lightning_meta.functional.inner_loop import PER_STEP_POLICIES
 
 __all__ = ["ANIL"]
 
@@ -29,13 +31,16 @@ class ANIL(MAML):
 
     Args:
         backbone, ways, inner_lr, inner_steps, eval_inner_steps, first_order, task_batching,
-        vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay, per_task_backward: see :class:`MAML`.
+        vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay, per_task_backward,
+        activation_checkpointing: see :class:`MAML` (``bn`` cannot be a per-step policy: the body
+        runs once per task, outside the inner loop; checkpointing only covers the head's steps).
 
     Example:
         >>> from lightning_meta.backbones import Conv4
         >>> model = ANIL(Conv4(1, 16, 28, norm="batch_no_stats"), ways=5, inner_lr=0.4, inner_steps=5)
         >>> model.adapted_names
         ['head.weight', 'head.bias']
+
     """
 
     def __init__(
@@ -54,12 +59,18 @@ class ANIL(MAML):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         per_task_backward: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
+        if bn in PER_STEP_POLICIES:
+            raise MetaConfigError(
+                f"ANIL with bn={bn!r}: the body runs once per task, outside the inner loop, so it has no per-step "
+                "BatchNorm; use bn='transductive' or 'frozen' (or MAML / MAMLPlusPlus for per-step BatchNorm)"
+            )
         super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=first_order, adapt_filter="head",
                          task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn,
                          eval_report_steps=eval_report_steps, task=task, lr=lr, weight_decay=weight_decay,
-                         per_task_backward=per_task_backward)
+                         per_task_backward=per_task_backward, activation_checkpointing=activation_checkpointing)
         self.save_hyperparameters(ignore=["backbone"])
 
     def task_query_outputs(
@@ -90,5 +101,5 @@ class ANIL(MAML):
         if isinstance(lrs, dict):
             lrs = _strip(lrs, "head.")
         fast = inner_adapt(self.model.head, head, {}, fs, sy, self.loss_fn, lrs, steps, first_order,
-                           callback=monitor if report else None)
+                           callback=monitor if report else None, checkpoint=self.activation_checkpointing)
         return functional_call(self.model.head, fast, (fq,)), outs

@@ -15,6 +15,7 @@ from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, bn_policy
 from lightning_meta.functional.implicit import implicit_meta_gradient
+from lightning_meta.functional.inner_loop import PER_STEP_POLICIES
 
 __all__ = ["IMAML"]
 
@@ -33,13 +34,17 @@ class IMAML(MAML):
         lam: proximal regularisation strength lambda (> 0); larger keeps ``phi`` closer to ``theta``.
         cg_steps: conjugate-gradient iterations (>= 1).
         backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, bn, eval_report_steps,
-        task, lr, weight_decay: see :class:`MAML` (``inner_lr`` is the step size on the regularised loss).
+        task, lr, weight_decay: see :class:`MAML` (``inner_lr`` is the step size on the regularised loss;
+        ``bn`` cannot be a per-step policy: the implicit gradient assumes one fixed inner objective).
+        iMAML has no ``activation_checkpointing``: its inner loop keeps no graph, so its memory is
+        already flat in ``inner_steps``.
 
     Example:
         >>> from lightning_meta.backbones import MLP
         >>> m = IMAML(MLP(1, [40, 40]), task="regression", inner_lr=0.01, inner_steps=10, lam=1.0, cg_steps=5)
         >>> m.lam, m.cg_steps
         (1.0, 5)
+
     """
 
     def __init__(
@@ -61,6 +66,11 @@ class IMAML(MAML):
     ) -> None:
         if task_batching != "loop":
             raise MetaConfigError(f"task_batching={task_batching!r}: IMAML supports only 'loop'")
+        if bn in PER_STEP_POLICIES:
+            raise MetaConfigError(
+                f"IMAML with bn={bn!r}: the implicit meta-gradient assumes the same inner objective at every step, "
+                "which per-step BatchNorm breaks; use bn='transductive' or 'frozen'"
+            )
         super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=True, adapt_filter=adapt_filter,
                          task_batching="loop", bn=bn, eval_report_steps=eval_report_steps, task=task, lr=lr,
@@ -77,7 +87,7 @@ class IMAML(MAML):
         names = list(theta)
 
         def loss(phi: list[Tensor]) -> Tensor:
-            p = dict(zip(names, phi))
+            p = dict(zip(names, phi, strict=True))
             out = functional_call(self.model, ({**frozen, **p}, buffers), (x,))
             return self.loss_fn(out, y)
 
@@ -93,12 +103,12 @@ class IMAML(MAML):
         for step in range(steps):
             with torch.enable_grad():
                 cur = [t.detach().requires_grad_(True) for t in phi]
-                reg = sum(((c - theta[k]) ** 2).sum() for c, k in zip(cur, names)) * (self.lam / 2)
+                reg = sum(((c - theta[k]) ** 2).sum() for c, k in zip(cur, names, strict=True)) * (self.lam / 2)
                 grads = torch.autograd.grad(loss(cur) + reg, cur)
-            phi = [t.detach() - self.inner_lr * g for t, g in zip(cur, grads)]
+            phi = [t.detach() - self.inner_lr * g for t, g in zip(cur, grads, strict=True)]
             if monitor is not None:
-                monitor(step, dict(zip(names, phi)))
-        return dict(zip(names, phi))
+                monitor(step, dict(zip(names, phi, strict=True)))
+        return dict(zip(names, phi, strict=True))
 
     def task_query_outputs(self, adapted, frozen, buffers, sx, sy, qx, steps, first_order, report=()):
         """Query outputs after the regularised inner loop (used at evaluation)."""
@@ -132,16 +142,16 @@ class IMAML(MAML):
                 phi = self._adapted_weights(adapted, frozen_d, buffers, ep.support_x, ep.support_y, self.inner_steps)
                 with torch.enable_grad():
                     leaf = [phi[k].requires_grad_(True) for k in names]
-                    out = self.forward_fast(dict(zip(names, leaf)), frozen, buffers, ep.query_x)
+                    out = self.forward_fast(dict(zip(names, leaf, strict=True)), frozen, buffers, ep.query_x)
                     q_loss = self.loss_fn(out, ep.query_y)
                     q_grad = torch.autograd.grad(q_loss, leaf, retain_graph=bool(frozen))
                 if frozen:
                     frozen_loss = frozen_loss + q_loss / batch.num_tasks
                 _, s_loss = self._regularised_support(theta, frozen_d, buffers, ep.support_x, ep.support_y)
                 g = implicit_meta_gradient(s_loss, [phi[k] for k in names], list(q_grad), self.lam, self.cg_steps)
-                total = [t + gi / batch.num_tasks for t, gi in zip(total, g)]
+                total = [t + gi / batch.num_tasks for t, gi in zip(total, g, strict=True)]
                 losses.append(q_loss.detach())
                 scores.append(self.score_fn(out.detach(), ep.query_y))
         self._display_loss = torch.stack(losses).mean()
         self._train_scores = torch.stack(scores)
-        return sum((adapted[k] * t).sum() for k, t in zip(names, total)) + frozen_loss
+        return sum((adapted[k] * t).sum() for k, t in zip(names, total, strict=True)) + frozen_loss

@@ -14,6 +14,8 @@ from lightning_meta.algorithms.base import MetaLearner, TaskKind
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
+from lightning_meta.functional.inner_loop import PER_STEP_POLICIES, PerStepBatchNorm, convert_per_step_norm, norm_step
+from lightning_meta.functional.precision import low_precision_autocast, upcast_low_precision  # bf16: fp32 fast weights
 
 __all__ = ["ADAPT_PRESETS", "MAML", "BackboneWithHead", "adapt_filter_fn"]
 
@@ -21,17 +23,18 @@ ADAPT_PRESETS = ("all", "head", "bias", "film", "lora")
 
 
 def adapt_filter_fn(spec: str) -> Callable[[str], bool]:
-    """Parameter-name predicate of an ``adapt_filter`` preset or regular expression.
+    r"""Parameter-name predicate of an ``adapt_filter`` preset or regular expression.
 
     Presets: ``all``; ``head`` (ANIL: only the task head); ``bias`` (BitFit: every bias);
     ``film`` (parameters whose name contains ``film`` or ``context``, e.g. CAVIA context vectors);
     ``lora`` (parameters whose name contains ``lora_``). Anything else is a regular expression
-    searched in the parameter name (``re.search``), e.g. ``"head|encoder\\.12"``.
+    searched in the parameter name (``re.search``), e.g. ``"head|encoder\.12"``.
 
     Example:
         >>> f = adapt_filter_fn("bias")
         >>> f("head.bias"), f("head.weight")
         (True, False)
+
     """
     if spec == "all":
         return lambda name: True
@@ -77,13 +80,28 @@ def _refuse_vmap_through_fused_norms(model: nn.Module, bn: BNPolicy, adapted: se
         )
 
 
+# --- bf16: float32 fast weights in a low-precision module (lightning_meta.functional.precision) ---
+class _TaskHead(nn.Linear):
+    """The linear task head; a bf16/fp16 input with float32 (fast) weights runs under autocast (ANIL calls it alone)."""
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        with low_precision_autocast(x):
+            return super().forward(x)
+# --- end bf16 ---
+
+
 class BackboneWithHead(nn.Module):
     """A body followed by a linear task head: ``head(backbone(x))``.
+
+    Under DeepSpeed ``bf16`` or ``bf16-true`` the module and its inputs are bf16 while the inner
+    loop keeps the adapted weights in float32; the forward then runs under autocast in the
+    input's dtype (:func:`~lightning_meta.functional.precision.low_precision_autocast`).
 
     Args:
         backbone: any module mapping inputs to ``[b, d]``; ``d`` is read from ``backbone.out_features``.
             If it has a method ``init_head(linear)``, the head is initialised with it.
         out_features: head outputs (the way for classification, the target size for regression).
+
     """
 
     def __init__(self, backbone: nn.Module, out_features: int) -> None:
@@ -95,13 +113,14 @@ class BackboneWithHead(nn.Module):
                 "set backbone.out_features to its embedding size"
             )
         self.backbone = backbone
-        self.head = nn.Linear(d, out_features)
+        self.head = _TaskHead(d, out_features)  # an nn.Linear (bf16: see _TaskHead)
         init_head = getattr(backbone, "init_head", None)
         if callable(init_head):  # the body's initialisation scheme covers the head (MLP truncated_normal)
             init_head(self.head)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return self.head(self.backbone(x))
+        with low_precision_autocast(x):  # bf16: float32 fast weights in a bf16 module
+            return self.head(self.backbone(x))
 
 
 class MAML(MetaLearner):
@@ -125,7 +144,14 @@ class MAML(MetaLearner):
             expression on parameter names; the others are meta-learned in the outer loop only.
         task_batching: ``loop`` adapts tasks one by one; ``vmap`` batches them with ``torch.func.vmap``.
         vmap_chunk_size: tasks per vmap chunk (bounds memory); ``None`` = all at once.
-        bn: BatchNorm behaviour in the inner loop, see :func:`lightning_meta.functional.bn_policy`.
+        bn: BatchNorm behaviour in the inner loop, see :func:`lightning_meta.functional.bn_policy`:
+            ``transductive`` (batch statistics of each task), ``frozen`` (running statistics, not
+            updated), ``per_step`` (MAML++ BNRS + BNWB: every BatchNorm layer is converted to a
+            :class:`~lightning_meta.functional.inner_loop.PerStepBatchNorm` with per-step running
+            statistics, used at evaluation, and per-step weights and biases, learned in the outer
+            loop only) or ``per_step_transductive`` (the same, but evaluation normalises with batch
+            statistics like the released MAML++ code). The per-step policies need
+            ``task_batching='loop'``.
         eval_report_steps: also report the query score after each of these inner steps at
             evaluation (logged as ``{split}/{acc|mse}_step{k}``); the largest must not exceed
             ``eval_inner_steps``.
@@ -133,6 +159,14 @@ class MAML(MetaLearner):
         lr, weight_decay: outer Adam settings.
         per_task_backward: one backward per task (memory flat in the meta-batch size), see
             :class:`~lightning_meta.algorithms.MetaLearner`.
+        activation_checkpointing: non-reentrant activation checkpointing of every second-order
+            inner step (``torch.utils.checkpoint(..., use_reentrant=False)``): the outer graph keeps
+            only each step's input weights and recomputes the step in the outer backward, so
+            memory per extra inner step drops from the step's activations to one copy of the
+            adapted weights, for about one more forward+backward per step. Identical
+            meta-gradients (tested). ``torch.func.grad`` refuses checkpointing's saved-tensor hooks,
+            so these steps use ``torch.autograd.grad``; needs ``task_batching='loop'``. Changes
+            nothing for first-order steps (they keep no inner graph).
 
     Example:
         >>> from lightning_meta.backbones import MLP
@@ -142,6 +176,7 @@ class MAML(MetaLearner):
         ...              torch.zeros(0, dtype=torch.long))
         >>> from lightning_meta import collate_episodes
         >>> model.meta_loss(collate_episodes([ep, ep])).backward()
+
     """
 
     def __init__(
@@ -161,6 +196,7 @@ class MAML(MetaLearner):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         per_task_backward: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(ways=ways, task=task, lr=lr, weight_decay=weight_decay, per_task_backward=per_task_backward)
         if not inner_lr > 0:
@@ -174,8 +210,20 @@ class MAML(MetaLearner):
             raise MetaConfigError(f"task_batching={task_batching!r} is not supported; use 'loop' or 'vmap'")
         if vmap_chunk_size is not None and vmap_chunk_size < 1:
             raise MetaConfigError(f"vmap_chunk_size={vmap_chunk_size} must be >= 1 or null")
-        if bn not in ("transductive", "frozen"):
-            raise MetaConfigError(f"bn={bn!r} is not supported; use 'transductive' or 'frozen'")
+        if bn not in ("transductive", "frozen", *PER_STEP_POLICIES):
+            raise MetaConfigError(
+                f"bn={bn!r} is not supported; use 'transductive', 'frozen', 'per_step' or 'per_step_transductive'"
+            )
+        if task_batching == "vmap" and bn in PER_STEP_POLICIES:
+            raise MetaConfigError(
+                f"bn={bn!r} updates per-step running statistics in place, which torch.func.vmap cannot do; "
+                "use task_batching='loop', or bn='transductive' / 'frozen' with vmap"
+            )
+        if task_batching == "vmap" and activation_checkpointing:
+            raise MetaConfigError(
+                "activation_checkpointing=True does not compose with task_batching='vmap' (torch.func transforms "
+                "refuse the saved-tensor hooks checkpointing uses); use task_batching='loop' with checkpointing"
+            )
         report = sorted({int(s) for s in (eval_report_steps or [])})
         if report and (report[0] < 1 or report[-1] > eval_inner_steps):
             raise MetaConfigError(
@@ -184,8 +232,18 @@ class MAML(MetaLearner):
         if type(self) is MAML:
             self.save_hyperparameters(ignore=["backbone"])
         self.model = BackboneWithHead(backbone, ways if task == "classification" else 1)
+        per_step_norm: set[str] = set()
+        if bn in PER_STEP_POLICIES:
+            if not convert_per_step_norm(self.model, inner_steps, eval_running_stats=bn == "per_step"):
+                raise MetaConfigError(
+                    f"bn={bn!r} needs BatchNorm layers in the backbone but {type(backbone).__name__} has none; "
+                    "use bn='transductive' or a backbone with BatchNorm (e.g. Conv4 norm='batch')"
+                )
+            per_step_norm = {f"{mn}.{pn}" for mn, m in self.model.named_modules() if isinstance(m, PerStepBatchNorm)
+                             for pn, _ in m.named_parameters(recurse=False)}
         keep = adapt_filter_fn(adapt_filter)
-        self.adapted_names = [n for n, _ in self.model.named_parameters() if keep(n)]
+        # per-step BatchNorm weights (MAML++ BNWB) are learned in the outer loop only
+        self.adapted_names = [n for n, _ in self.model.named_parameters() if keep(n) and n not in per_step_norm]
         if not self.adapted_names:
             names = [n for n, _ in self.model.named_parameters()]
             raise MetaConfigError(
@@ -203,6 +261,7 @@ class MAML(MetaLearner):
         self.vmap_chunk_size = vmap_chunk_size
         self.bn = bn
         self.eval_report_steps = report
+        self.activation_checkpointing = activation_checkpointing
 
     # ------------------------------------------------------------- params
     def meta_parameters(self) -> Params:
@@ -210,13 +269,17 @@ class MAML(MetaLearner):
         return dict(self.model.named_parameters())
 
     def split_parameters(self, detach: bool = False) -> tuple[Params, Params]:
-        """``(adapted, outer_only)`` parameter dicts, following ``adapt_filter``."""
+        """``(adapted, outer_only)`` parameter dicts, following ``adapt_filter``.
+
+        Adapted bf16/fp16 parameters (DeepSpeed ``bf16``, ``bf16-true``) come back as float32
+        copies (differentiable casts): fast weights and inner updates stay float32 (DESIGN §5).
+        """
         names = set(self.adapted_names)
         adapted, frozen = {}, {}
         for n, p in self.model.named_parameters():
             p = p.detach() if detach else p
             (adapted if n in names else frozen)[n] = p
-        return adapted, frozen
+        return upcast_low_precision(adapted), frozen  # bf16: float32 fast weights
 
     def model_buffers(self) -> Params:
         """Buffers of the network (BatchNorm running statistics, if any)."""
@@ -227,7 +290,7 @@ class MAML(MetaLearner):
         return self.inner_lr
 
     def forward(self, x: Tensor) -> Tensor:
-        """The meta-learned initialisation applied to ``x`` (no adaptation)."""
+        """Apply the meta-learned initialisation to ``x`` (no adaptation)."""
         return self.model(x)
 
     # ------------------------------------------------------------ pipeline
@@ -259,8 +322,10 @@ class MAML(MetaLearner):
                     outs[step + 1] = self.forward_fast(fast, frozen, buffers, qx)
 
         fast = inner_adapt(self.model, adapted, buffers, sx, sy, self.loss_fn, self.inner_lrs(), steps, first_order,
-                           frozen=frozen, callback=monitor if report else None)
-        return self.forward_fast(fast, frozen, buffers, qx), outs
+                           frozen=frozen, callback=monitor if report else None,
+                           checkpoint=self.activation_checkpointing)
+        with norm_step(self.model, steps - 1):  # per-step BatchNorm: the query uses the last step's row
+            return self.forward_fast(fast, frozen, buffers, qx), outs
 
     # --------------------------------------------------------------- hooks
     def adapt(self, episode: Episode, steps: int | None = None, first_order: bool | None = None) -> Params:
@@ -275,12 +340,18 @@ class MAML(MetaLearner):
         adapted, frozen = self.split_parameters(detach=not self.training)
         with bn_policy(self.model, self.bn):
             fast = inner_adapt(self.model, adapted, self.model_buffers(), episode.support_x, episode.support_y,
-                               self.loss_fn, self.inner_lrs(), steps, first_order, frozen=frozen)
+                               self.loss_fn, self.inner_lrs(), steps, first_order, frozen=frozen,
+                               checkpoint=self.activation_checkpointing)
         return {**frozen, **fast}
 
     def predict(self, state: Params, x: Tensor) -> Tensor:
-        """Outputs of the adapted network (weights ``state``) on ``x``."""
-        with bn_policy(self.model, self.bn):
+        """Return the outputs of the adapted network (weights ``state``) on ``x``.
+
+        With per-step BatchNorm the layers use the row of the last inner step that :meth:`adapt`
+        runs in the current mode (``inner_steps`` in training, ``eval_inner_steps`` otherwise).
+        """
+        steps = self.inner_steps if self.training else self.eval_inner_steps
+        with bn_policy(self.model, self.bn), norm_step(self.model, steps - 1):
             return functional_call(self.model, (state, self.model_buffers()), (x,))
 
     def _check_ways(self, batch: Episode) -> None:

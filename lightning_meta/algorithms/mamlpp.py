@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -13,6 +14,7 @@ from lightning_meta.algorithms.maml import MAML
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
+from lightning_meta.functional.inner_loop import checkpointed, norm_step
 
 __all__ = ["MAMLPlusPlus", "msl_weights"]
 
@@ -29,6 +31,7 @@ def msl_weights(steps: int, epoch: int, anneal_epochs: int) -> list[float]:
         [0.25, 0.25, 0.25, 0.25]
         >>> msl_weights(4, 10, 10)
         [0.0, 0.0, 0.0, 1.0]
+
     """
     if anneal_epochs <= 0 or epoch >= anneal_epochs or steps == 1:
         return [0.0] * (steps - 1) + [1.0]
@@ -40,8 +43,10 @@ def msl_weights(steps: int, epoch: int, anneal_epochs: int) -> list[float]:
 
 
 class MAMLPlusPlus(MAML):
-    """MAML with the MAML++ fixes: learned per-layer per-step inner rates (LSLR), multi-step loss
-    with annealing (MSL), and derivative-order annealing (DA).
+    """MAML with the MAML++ fixes: LSLR, MSL, derivative-order annealing and per-step BatchNorm.
+
+    Learned per-layer per-step inner rates (LSLR), multi-step loss with annealing (MSL),
+    derivative-order annealing (DA) and, with ``bn="per_step"``, per-step BatchNorm (BNRS + BNWB).
 
     - LSLR: every adapted parameter tensor has its own learned step size for each inner step
       (initialised to ``inner_lr``).
@@ -49,22 +54,33 @@ class MAMLPlusPlus(MAML):
       step (:func:`msl_weights`), annealed towards the final step over ``msl_anneal_epochs`` epochs.
     - DA: first-order for the first ``first_order_epochs`` epochs, second order afterwards.
 
-    BatchNorm uses the transductive batch statistics of each step (statistics are per step by
-    construction); MAML++'s per-step *running* statistics and per-step BN affine weights are not
-    implemented.
+    - BNRS + BNWB: ``bn="per_step"`` gives every BatchNorm layer per-step running statistics
+      (used at evaluation) and per-step weights and biases (learned in the outer loop only), see
+      :class:`~lightning_meta.functional.inner_loop.PerStepBatchNorm`; ``bn="per_step_transductive"``
+      keeps batch statistics at evaluation, as the released MAML++ code does. The default
+      ``transductive`` uses each step's batch statistics with shared weights (MAML's behaviour).
+      The support forward of step ``s`` and the query forward after it use row ``s``; during
+      training both update it (query forwards are run only for steps whose MSL weight is non-zero).
+
+    Schedules must fit the run: at the start of training, ``msl_anneal_epochs`` above the number
+    of epochs the trainer will run, or ``first_order_epochs`` (when > 0) not below it, is refused
+    (the number of epochs comes from ``max_epochs`` and/or ``max_steps`` and the epoch length).
 
     Args:
         msl_anneal_epochs: epochs of multi-step loss (0 disables MSL).
         first_order_epochs: epochs trained first-order before switching to second order.
         learn_inner_lrs: learn the per-layer per-step rates (LSLR); otherwise they stay at ``inner_lr``.
         backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, task_batching,
-        vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay, per_task_backward: see :class:`MAML`.
+        vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay, per_task_backward,
+        activation_checkpointing: see :class:`MAML` (with checkpointing, the per-step query
+        forwards of the multi-step loss are checkpointed as well).
 
     Example:
         >>> from lightning_meta.backbones import MLP
         >>> m = MAMLPlusPlus(MLP(1, [8]), task="regression", inner_lr=0.01, inner_steps=3)
         >>> m.step_lrs["head__weight"].shape
         torch.Size([3])
+
     """
 
     def __init__(
@@ -86,12 +102,13 @@ class MAMLPlusPlus(MAML):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         per_task_backward: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=False, adapt_filter=adapt_filter,
                          task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn,
                          eval_report_steps=eval_report_steps, task=task, lr=lr, weight_decay=weight_decay,
-                         per_task_backward=per_task_backward)
+                         per_task_backward=per_task_backward, activation_checkpointing=activation_checkpointing)
         if msl_anneal_epochs < 0 or first_order_epochs < 0:
             raise MetaConfigError(
                 f"msl_anneal_epochs={msl_anneal_epochs} and first_order_epochs={first_order_epochs} must be >= 0"
@@ -106,7 +123,7 @@ class MAMLPlusPlus(MAML):
         })
 
     def inner_lrs(self):
-        """A callable ``step -> {parameter name: rate}`` (the LSLR rates of that step)."""
+        """Return a callable ``step -> {parameter name: rate}`` (the LSLR rates of that step)."""
         lrs = {k.replace("__", "."): v for k, v in self.step_lrs.items()}
         return lambda step: {k: v[step] for k, v in lrs.items()}
 
@@ -123,14 +140,25 @@ class MAMLPlusPlus(MAML):
         """MSL importance of each training inner step at the current epoch."""
         return msl_weights(self.inner_steps, self.current_epoch_or_zero, self.msl_anneal_epochs)
 
-    def _task_step_outputs(self, adapted, frozen, buffers, sx, sy, qx, first_order: bool) -> list[Tensor]:
-        outs: list[Tensor] = []
+    def _query_at_step(self, step: int, fast: Params, frozen: Params, buffers: Params, qx: Tensor) -> Tensor:
+        with norm_step(self.model, step):
+            return self.forward_fast(fast, frozen, buffers, qx)
+
+    def _task_step_outputs(self, adapted, frozen, buffers, sx, sy, qx, first_order: bool,
+                           weights: Sequence[float] | None = None) -> list[Tensor | None]:
+        """Query outputs after every inner step (``None`` where ``weights`` gives the step no weight)."""
+        outs: list[Tensor | None] = []
 
         def keep(step: int, fast: Params) -> None:
-            outs.append(self.forward_fast(fast, frozen, buffers, qx))
+            if weights is not None and weights[step] == 0:
+                outs.append(None)
+            elif self.activation_checkpointing and torch.is_grad_enabled():
+                outs.append(checkpointed(self._query_at_step, step, fast, frozen, buffers, qx, module=self.model))
+            else:
+                outs.append(self._query_at_step(step, fast, frozen, buffers, qx))
 
         inner_adapt(self.model, adapted, buffers, sx, sy, self.loss_fn, self.inner_lrs(), self.inner_steps,
-                    first_order, frozen=frozen, callback=keep)
+                    first_order, frozen=frozen, callback=keep, checkpoint=self.activation_checkpointing)
         return outs
 
     def meta_loss(self, batch: Episode) -> Tensor:
@@ -151,10 +179,44 @@ class MAMLPlusPlus(MAML):
                 per_task = [[s[i] for s in per_step] for i in range(batch.num_tasks)]
             else:
                 per_task = [self._task_step_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y,
-                                                    ep.query_x, first_order) for ep in batch.tasks()]
+                                                    ep.query_x, first_order, weights) for ep in batch.tasks()]
         losses = []
         for i, outs in enumerate(per_task):
-            losses.append(sum(w * self.loss_fn(o, batch.query_y[i]) for w, o in zip(weights, outs) if w > 0))
+            weighted = zip(weights, outs, strict=True)
+            losses.append(sum(w * self.loss_fn(o, batch.query_y[i]) for w, o in weighted if w > 0))
         self._train_scores = torch.stack([self.score_fn(outs[-1].detach(), batch.query_y[i])
                                           for i, outs in enumerate(per_task)])
         return torch.stack(losses).mean()
+
+    def training_epochs(self) -> int | None:
+        """Epochs the attached trainer will run (from ``max_epochs`` and ``max_steps``), or ``None`` if unbounded."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        bounds = []
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            bounds.append(int(trainer.max_epochs))
+        batches = trainer.num_training_batches
+        if trainer.max_steps is not None and trainer.max_steps > 0 and 0 < batches < math.inf:
+            per_epoch = batches if self.per_task_backward else math.ceil(batches / trainer.accumulate_grad_batches)
+            bounds.append(math.ceil(trainer.max_steps / per_epoch))
+        return min(bounds) if bounds else None
+
+    def on_train_start(self) -> None:
+        """Refuses MSL / derivative-order schedules longer than the run (skipped under ``fast_dev_run``)."""
+        if self.trainer.fast_dev_run:
+            return
+        epochs = self.training_epochs()
+        if epochs is None:
+            return
+        if self.msl_anneal_epochs > epochs:
+            raise MetaConfigError(
+                f"msl_anneal_epochs={self.msl_anneal_epochs} is longer than the {epochs} epoch(s) this run trains "
+                "(from trainer max_epochs / max_steps and the epoch length); lower msl_anneal_epochs, train longer, "
+                "or shorten the epochs (fewer train_episodes per epoch)"
+            )
+        if 0 < epochs <= self.first_order_epochs:
+            raise MetaConfigError(
+                f"first_order_epochs={self.first_order_epochs} covers all {epochs} epoch(s) this run trains, so "
+                "second-order MAML++ never starts; lower first_order_epochs, train longer, or shorten the epochs"
+            )

@@ -25,13 +25,15 @@ class MetaSGD(MAML):
     Args:
         init_range: optional ``(low, high)`` for a uniform initialisation of ``alpha``.
         backbone, ways, inner_lr, inner_steps, eval_inner_steps, first_order, adapt_filter,
-        task_batching, vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay, per_task_backward: see :class:`MAML`.
+        task_batching, vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay, per_task_backward,
+        activation_checkpointing: see :class:`MAML`.
 
     Example:
         >>> from lightning_meta.backbones import MLP
         >>> m = MetaSGD(MLP(1, [40, 40]), task="regression", inner_lr=0.01)
-        >>> sorted(m.inner_lrs())[:2], float(m.inner_lrs()["head.bias"])
+        >>> sorted(m.inner_lrs())[:2], round(m.inner_lrs()["head.bias"].item(), 6)
         (['backbone.net.0.bias', 'backbone.net.0.weight'], 0.01)
+
     """
 
     def __init__(
@@ -52,12 +54,13 @@ class MetaSGD(MAML):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         per_task_backward: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=first_order, adapt_filter=adapt_filter,
                          task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn,
                          eval_report_steps=eval_report_steps, task=task, lr=lr, weight_decay=weight_decay,
-                         per_task_backward=per_task_backward)
+                         per_task_backward=per_task_backward, activation_checkpointing=activation_checkpointing)
         self.save_hyperparameters(ignore=["backbone"])
         params = dict(self.model.named_parameters())
         alphas = {}

@@ -13,6 +13,7 @@ from lightning_meta.algorithms.maml import MAML
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, bn_policy, inner_adapt
+from lightning_meta.functional.inner_loop import PER_STEP_POLICIES
 
 __all__ = ["Reptile"]
 
@@ -30,13 +31,16 @@ class Reptile(MAML):
     Args:
         outer_optimizer: ``sgd`` (the paper's update, ``lr`` = epsilon) or ``adam`` on the Reptile direction.
         backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, task_batching,
-        vmap_chunk_size, bn, task, lr, weight_decay: see :class:`MAML`.
+        vmap_chunk_size, bn, task, lr, weight_decay: see :class:`MAML` (``bn`` cannot be a per-step
+        policy: the Reptile direction never reaches outer-only per-step BatchNorm weights).
+        Reptile has no ``activation_checkpointing``: its inner steps are first order and keep no graph.
 
     Example:
         >>> from lightning_meta.backbones import MLP
         >>> m = Reptile(MLP(1, [40, 40]), task="regression", inner_lr=0.02, inner_steps=5, lr=0.1)
         >>> m.configure_optimizers().__class__.__name__
         'SGD'
+
     """
 
     def __init__(
@@ -55,6 +59,11 @@ class Reptile(MAML):
         lr: float = 1.0,
         weight_decay: float = 0.0,
     ) -> None:
+        if bn in PER_STEP_POLICIES:
+            raise MetaConfigError(
+                f"Reptile with bn={bn!r}: per-step BatchNorm weights are outer-only and the Reptile update moves "
+                "only adapted weights, so they would never train; use bn='transductive' or 'frozen'"
+            )
         super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=True, adapt_filter=adapt_filter,
                          task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn, task=task, lr=lr,

@@ -1,6 +1,16 @@
 """Pure functions with no Lightning dependency: inner loops, metric-space maths, statistics."""
 
-from lightning_meta.functional.inner_loop import BNPolicy, Params, bn_policy, inner_adapt, sgd_step
+from lightning_meta.functional.inner_loop import (
+    BNPolicy,
+    Params,
+    PerStepBatchNorm,
+    bn_policy,
+    checkpointed,
+    convert_per_step_norm,
+    inner_adapt,
+    norm_step,
+    sgd_step,
+)
 from lightning_meta.functional.metric import accuracy, pairwise_distance, prototypes
 from lightning_meta.functional.precision import low_precision_autocast, upcast_low_precision
 from lightning_meta.functional.ridge import ridge_logits, ridge_regression
@@ -9,12 +19,16 @@ from lightning_meta.functional.stats import mean_ci95, mean_ci95_from_stats
 __all__ = [
     "BNPolicy",
     "Params",
+    "PerStepBatchNorm",
     "accuracy",
     "bn_policy",
+    "checkpointed",
+    "convert_per_step_norm",
     "inner_adapt",
     "low_precision_autocast",
     "mean_ci95",
     "mean_ci95_from_stats",
+    "norm_step",
     "pairwise_distance",
     "prototypes",
     "ridge_logits",

@@ -1,0 +1,331 @@
+"""Inner-loop speed and memory of the optimization-based learners, as ratios to a supervised step.
+
+Conv-4-64 (BatchNorm with batch statistics, as MAML's reference code), 28x28x1 images, 5-way
+1-shot 15-query episodes. Usage (records the tables in ``benchmarks/inner_loop.md``)::
+
+    OMP_NUM_THREADS=1 python benchmarks/inner_loop.py --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/inner_loop.py --quick     # a few seconds' smoke run
+
+**Speed.** For meta-batch 8 and 32 and 1 and 5 inner steps: episodes/s of one meta-gradient
+(``meta_loss`` + ``backward``, no optimizer step) for MAML (second and first order, and second
+order with activation checkpointing), ANIL, Reptile, Meta-SGD and iMAML, of the same second-order
+MAML written with ``higher`` (its canonical ``innerloop_ctx`` loop; a hand-written
+``torch.autograd.grad`` loop when ``higher`` is missing or broken), and of a plain supervised
+forward+backward of the same network over the same images (all support and query images of the
+meta-batch in one batch: the compute limit, DESIGN §6). Each round times every learner once, in
+turn, on the same meta-batch; after warm-up rounds, the median over rounds is reported, and the
+ratio ``time / supervised time`` is formed within the same run.
+
+**Memory.** For 1, 5 and 10 inner steps: the peak number of bytes allocated by PyTorch's CPU
+allocator while one meta-gradient is computed, above what was allocated before it started
+(activations, saved tensors, gradients; the model and the data are excluded). It is read from
+the allocation records of ``torch.profiler`` with ``profile_memory=True`` (accumulated in time
+order; the peak of the running sum), so it is exact for PyTorch tensors and independent of the
+machine's load. ``--mem-batch`` tasks per meta-batch (default 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from lightning_meta import Episode, collate_episodes
+from lightning_meta.algorithms import ANIL, IMAML, MAML, MetaSGD, Reptile
+from lightning_meta.backbones import Conv4
+
+WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 28
+INNER_LR = 0.4
+
+
+def make_batch(tasks: int, seed: int = 0) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    eps = []
+    for _ in range(tasks):
+        eps.append(Episode(torch.randn(WAYS * SHOTS, 1, SIZE, SIZE, generator=g),
+                           torch.arange(WAYS).repeat_interleave(SHOTS),
+                           torch.randn(WAYS * QUERIES, 1, SIZE, SIZE, generator=g),
+                           torch.arange(WAYS).repeat_interleave(QUERIES), torch.arange(WAYS)))
+    return collate_episodes(eps)
+
+
+def body() -> Conv4:
+    torch.manual_seed(0)
+    return Conv4(1, 64, SIZE, norm="batch_no_stats")
+
+
+def learners(steps: int) -> dict[str, torch.nn.Module]:
+    """The meta-learners, all on a freshly initialised (identical) Conv-4-64."""
+    common = {"ways": WAYS, "inner_steps": steps}
+    return {
+        "MAML 2nd order": MAML(body(), inner_lr=INNER_LR, **common),
+        "MAML 2nd order + checkpointing": MAML(body(), inner_lr=INNER_LR, activation_checkpointing=True, **common),
+        "MAML 1st order": MAML(body(), inner_lr=INNER_LR, first_order=True, **common),
+        "ANIL (2nd order)": ANIL(body(), inner_lr=INNER_LR, **common),
+        "Reptile": Reptile(body(), inner_lr=0.1, **common),
+        "Meta-SGD (2nd order)": MetaSGD(body(), inner_lr=INNER_LR, **common),
+        "iMAML (5 CG steps)": IMAML(body(), inner_lr=0.1, lam=1.0, cg_steps=5, **common),
+    }
+
+
+# ---------------------------------------------------------------------------------------- peers
+def higher_step(net: torch.nn.Module, steps: int) -> Callable[[Episode], None] | None:
+    """Second-order MAML with ``higher`` (its documented MAML loop: one backward per task)."""
+    try:
+        import higher
+    except ImportError:
+        return None
+    inner_opt = torch.optim.SGD(net.parameters(), lr=INNER_LR)
+
+    def run(batch: Episode) -> None:
+        for ep in batch.tasks():
+            with higher.innerloop_ctx(net, inner_opt, copy_initial_weights=False) as (fnet, diffopt):
+                for _ in range(steps):
+                    diffopt.step(F.cross_entropy(fnet(ep.support_x), ep.support_y))
+                (F.cross_entropy(fnet(ep.query_x), ep.query_y) / batch.num_tasks).backward()
+
+    return run
+
+
+def autograd_step(net: torch.nn.Module, steps: int) -> Callable[[Episode], None]:
+    """Second-order MAML written by hand with ``torch.autograd.grad(create_graph=True)``."""
+    names = [n for n, _ in net.named_parameters()]
+
+    def run(batch: Episode) -> None:
+        losses = []
+        for ep in batch.tasks():
+            fast = list(net.parameters())
+            for _ in range(steps):
+                out = functional_call(net, dict(zip(names, fast, strict=True)), (ep.support_x,))
+                grads = torch.autograd.grad(F.cross_entropy(out, ep.support_y), fast, create_graph=True)
+                fast = [p - INNER_LR * g for p, g in zip(fast, grads, strict=True)]
+            losses.append(F.cross_entropy(functional_call(net, dict(zip(names, fast, strict=True)), (ep.query_x,)),
+                                          ep.query_y))
+        torch.stack(losses).mean().backward()
+
+    return run
+
+
+def supervised_step(net: torch.nn.Module) -> Callable[[Episode], None]:
+    """One forward+backward of ``net`` over every support and query image of the meta-batch."""
+
+    def run(batch: Episode) -> None:
+        x = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
+        y = torch.cat([batch.support_y.flatten(), batch.query_y.flatten()])
+        F.cross_entropy(net(x), y).backward()
+
+    return run
+
+
+def contenders(steps: int) -> tuple[dict[str, Callable[[Episode], None]], dict[str, torch.nn.Module], str]:
+    """``name -> run(batch)`` for the supervised step, our learners and the peer; the modules to zero."""
+    models = learners(steps)
+    runs: dict[str, Callable[[Episode], None]] = {}
+    sup = MAML(body(), ways=WAYS).model
+    runs["supervised fwd+bwd"] = supervised_step(sup)
+    for name, m in models.items():
+        runs[name] = (lambda mm: lambda b: mm.meta_loss(b).backward())(m)
+    peer_net = MAML(body(), ways=WAYS).model
+    peer = higher_step(peer_net, steps)
+    peer_name = "higher, MAML 2nd order"
+    if peer is None:
+        peer, peer_name = autograd_step(peer_net, steps), "hand-written autograd.grad MAML 2nd order"
+    try:  # higher may not work with this PyTorch: fall back, and say so in the table
+        peer(make_batch(1, seed=99))
+    except Exception as e:  # noqa: BLE001
+        print(f"higher failed on torch {torch.__version__}: {type(e).__name__}: {e}; using a hand-written loop",
+              file=sys.stderr)
+        peer = autograd_step(peer_net, steps)
+        peer_name = f"hand-written autograd.grad MAML 2nd order (higher failed: {type(e).__name__})"
+    runs[peer_name] = peer
+    modules = {"supervised fwd+bwd": sup, **models, peer_name: peer_net}
+    return runs, modules, peer_name
+
+
+# ---------------------------------------------------------------------------------------- speed
+def time_speed(tasks: int, steps: int, rounds: int, warmup: int) -> dict[str, float]:
+    """Median seconds per meta-batch of every contender (interleaved rounds, warm-up on 2-task batches)."""
+    runs, modules, _ = contenders(steps)
+    batch, small = make_batch(tasks), make_batch(min(tasks, 2), seed=2)
+    for _ in range(warmup):
+        for name, run in runs.items():
+            modules[name].zero_grad(set_to_none=True)
+            run(small)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            modules[name].zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            run(batch)
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# --------------------------------------------------------------------------------------- memory
+def peak_allocated(fn: Callable[[], None]) -> int | None:
+    """Peak bytes allocated by PyTorch's CPU allocator during ``fn()``, above the level at its start."""
+    try:
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    except (ImportError, AttributeError, RuntimeError) as e:
+        print(f"memory measurement unavailable: {e}", file=sys.stderr)
+        return None
+    allocs = []
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    allocs.sort(key=lambda a: a[0])
+    cur = peak = 0
+    for _, size in allocs:
+        cur += size
+        peak = max(peak, cur)
+    return peak
+
+
+MEMORY_ROWS = ["supervised fwd+bwd", "MAML 2nd order", "MAML 2nd order + checkpointing", "MAML 1st order",
+               "ANIL (2nd order)", "Reptile", "iMAML (5 CG steps)"]
+
+
+def measure_memory(tasks: int, steps: int) -> dict[str, int | None]:
+    runs, modules, peer_name = contenders(steps)
+    batch, small = make_batch(tasks, seed=1), make_batch(1, seed=2)
+    out = {}
+    for name in [*MEMORY_ROWS, peer_name]:
+        modules[name].zero_grad(set_to_none=True)
+        runs[name](small)  # warm-up (first-call allocations)
+        modules[name].zero_grad(set_to_none=True)
+        out[name] = peak_allocated(lambda n=name: runs[n](batch))
+        modules[name].zero_grad(set_to_none=True)
+    return out
+
+
+HEADER = """# Inner loop: speed and memory of the optimization-based learners
+
+Conv-4-64 (BatchNorm with batch statistics), 28x28x1, 5-way 1-shot 15-query episodes, one CPU
+thread. Written by `benchmarks/inner_loop.py` (its docstring describes the method in full).
+
+**Read only the ratios.** The machine is shared with other jobs and its load changes during a run,
+so absolute episodes/s are not comparable between runs; every learner is timed in the same run,
+interleaved with the supervised step it is divided by (a plain forward+backward of the same
+network over all support and query images of the meta-batch), and only ratios within this run
+mean anything. With one timed round (the larger meta-batch, to keep the run near ten minutes)
+a ratio can be off by the load change between two calls; differences of 10-20% are within noise.
+
+**Memory** is the peak of the bytes PyTorch's CPU allocator holds above the level at the start
+of one meta-gradient (``torch.profiler`` allocation records, ``profile_memory=True``): activations,
+saved tensors and gradients, not the model or the data. It does not depend on the load.
+"""
+
+NOTES = """Notes on the method:
+
+- Our learners build the whole meta-batch's graph and run one backward (the default; the
+  ``per_task_backward=True`` option backpropagates task by task under a Trainer). The ``higher``
+  column uses its documented MAML loop, one backward per task, so its peak holds one task's graph:
+  compare its per-step slope with ours divided by the meta-batch size.
+- Checkpointing re-runs each inner step (forward, inner backward) in the outer backward.
+- Reptile adapts on support + query (80 images per step), so its cost grows with k like k
+  supervised steps; iMAML's inner steps keep no graph and its 5 conjugate-gradient steps are
+  Hessian-vector products on the support set.
+- ``vmap`` over tasks is not in the table: second-order MAML through BatchNorm weights is refused
+  under ``vmap`` (a PyTorch limitation, see ``MAML``), and on a CPU the per-task loop was faster
+  anyway (DESIGN §6); the GPU comparison needs a GPU.
+"""
+
+
+# ---------------------------------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--meta-batch", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--rounds", type=int, nargs="+", default=[3, 1],
+                   help="timed rounds (median) for each --meta-batch value (the last repeats)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per learner (2-task batch)")
+    p.add_argument("--mem-steps", type=int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--mem-batch", type=int, default=4)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (meta-batch 2, 1-2 steps, one round)")
+    p.add_argument("--out", type=Path, default=None, help="write the markdown here (default: print only)")
+    a = p.parse_args()
+    if a.quick:
+        a.meta_batch, a.steps, a.rounds, a.warmup, a.mem_steps, a.mem_batch = [2], [1, 2], [1], 1, [1, 2], 1
+    rounds = {b: a.rounds[min(i, len(a.rounds) - 1)] for i, b in enumerate(a.meta_batch)}
+    torch.set_num_threads(a.threads)
+    torch.set_num_interop_threads(1)
+    start = time.time()
+
+    lines = [HEADER]
+    command = "OMP_NUM_THREADS=1 python benchmarks/inner_loop.py " + " ".join(sys.argv[1:])
+    lines.append(f"Command: `{command.strip()}`  ")
+    lines.append(f"Date: {datetime.date.today().isoformat()}; torch {torch.__version__}; {a.threads} thread(s); "
+                 f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible "
+                 f"(shared with other jobs; load average at start {os.getloadavg()[0]:.1f})")
+    lines.append("")
+    lines.append("### Speed: episodes/s and, in brackets, time as a multiple of the supervised step")
+    lines.append("")
+    lines.append("Timed rounds (median): " + ", ".join(f"B={b}: {r}" for b, r in rounds.items())
+                 + f"; {a.warmup} warm-up call(s) per learner first.")
+    lines.append("")
+    header = ["learner"] + [f"B={b}, k={k}" for b in a.meta_batch for k in a.steps]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    results: dict[tuple[int, int], dict[str, float]] = {}
+    for b in a.meta_batch:
+        for k in a.steps:
+            results[(b, k)] = time_speed(b, k, rounds[b], a.warmup)
+            print(f"speed B={b} k={k} done ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+    names = list(next(iter(results.values())))
+    for name in names:
+        cells = []
+        for b in a.meta_batch:
+            for k in a.steps:
+                r = results[(b, k)]
+                cells.append(f"{b / r[name]:.2f} ep/s ({r[name] / r['supervised fwd+bwd']:.2f}x)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"### Memory: peak bytes allocated during one meta-gradient, meta-batch {a.mem_batch} (MiB)")
+    lines.append("")
+    mem = {k: measure_memory(a.mem_batch, k) for k in a.mem_steps}
+    print(f"memory done ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+    mem_names = list(next(iter(mem.values())))
+    header = ["learner"] + [f"k={k}" for k in a.mem_steps]
+    if len(a.mem_steps) > 1:
+        header.append(f"MiB per extra step (k={a.mem_steps[0]}..{a.mem_steps[-1]})")
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for name in mem_names:
+        vals = [mem[k][name] for k in a.mem_steps]
+        cells = ["n/a" if v is None else f"{v / 2**20:.1f}" for v in vals]
+        if len(a.mem_steps) > 1 and None not in vals:
+            slope = (vals[-1] - vals[0]) / (a.mem_steps[-1] - a.mem_steps[0]) / 2**20
+            cells.append(f"{slope:+.2f}")
+        elif len(a.mem_steps) > 1:
+            cells.append("n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Total wall time: {time.time() - start:.0f} s.")
+    lines.append("")
+    lines.append(NOTES)
+    text = "\n".join(lines)
+    print(text)
+    if a.out is not None:
+        a.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
