@@ -11,7 +11,10 @@ traceback on stderr, and the script goes on):
 1. **Strategies** -- second-order MAML (sinusoid MLP, meta-batch 4, Adam) trained for ``N`` steps
    with the plain single-device strategy, DDP on one device, and DeepSpeed ZeRO-2 on one device
    (automatic optimisation and one backward per task): the largest weight difference from the
-   plain run (same seed, same episodes). Expected: float32 rounding only (<= 1e-6).
+   plain run (same seed, same episodes). Expected: float32 rounding only (<= 1e-6). Then the
+   ZeRO-3 partial-adaptation path (ANIL, and MAML with ``adapt_filter="head"``) against the plain
+   run of the same model; each ZeRO-3 row runs in a child process, since a failing ZeRO-3 run can
+   end in a segmentation fault (seen on CPU) that would otherwise stop the whole script.
 2. **bf16 drift** -- (a) the inner update ``theta_k - theta_0`` after k = 1/5/10 inner steps,
    relative error against float32 from the same (bf16-representable) weights, for autocast
    (``precision="bf16-mixed"``), a bf16 module with float32 fast weights (what MAML does under
@@ -38,7 +41,9 @@ import datetime
 import inspect
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,28 +104,89 @@ def fmt(x: float) -> str:
 
 
 # ------------------------------------------------------------------------------- 1. strategies
+def _sinusoid_learner(kind: str, per_task_backward: bool = False) -> MAML:
+    """``maml`` (second order, all weights adapt), ``anil``, or ``head`` (MAML adapting only the head)."""
+    if kind == "anil":
+        return ANIL(MLP(1, [40, 40]), task="regression", inner_lr=0.01, inner_steps=1,
+                    per_task_backward=per_task_backward)
+    return MAML(MLP(1, [40, 40]), task="regression", inner_lr=0.01, inner_steps=1, per_task_backward=per_task_backward,
+                adapt_filter="head" if kind == "head" else "all")
+
+
+def _print_exception_now(trainer, pl_module, exception: BaseException) -> None:
+    # Lightning prints a training error only after tearing the strategy down, and a failed ZeRO-3
+    # run can crash in that teardown (SIGSEGV on CPU): print it before
+    traceback.print_exception(exception)
+    sys.stderr.flush()
+
+
 def train_weights(strategy: str, args: argparse.Namespace, precision: str = "32-true",
-                  per_task_backward: bool = False) -> torch.Tensor:
-    """Flattened float32 weights after ``args.steps`` second-order MAML steps on sinusoid tasks."""
+                  per_task_backward: bool = False, kind: str = "maml") -> torch.Tensor:
+    """Flattened float32 weights after ``args.steps`` outer steps of ``kind`` (see ``_sinusoid_learner``)."""
     import lightning as L
 
     import lightning_meta.strategies  # noqa: F401 - registers the deepspeed_* names
     from lightning_meta.datamodules import SinusoidDataModule
 
+    report = L.Callback()
+    report.on_exception = _print_exception_now  # type: ignore[method-assign]
     torch.manual_seed(0)
-    model = MAML(MLP(1, [40, 40]), task="regression", inner_lr=0.01, inner_steps=1,
-                 per_task_backward=per_task_backward)
+    model = _sinusoid_learner(kind, per_task_backward)
     dm = SinusoidDataModule(meta_batch_size=4, train_episodes=4 * args.steps, seed=0)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = L.Trainer(max_steps=args.steps, accelerator="gpu" if args.device.type == "cuda" else "cpu",
                             devices=1, strategy=strategy, precision=precision, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, default_root_dir=tmp)
+                            limit_val_batches=0, default_root_dir=tmp, callbacks=[report])
         trainer.fit(model, dm)
     # the (one-process) process group stays up: DDP and DeepSpeed reuse it in the next runs, and
     # DeepSpeed keeps references to it that a destroy/re-create would leave dangling
-    return torch.cat([p.detach().float().cpu().flatten() for p in model.parameters()])
+    gather = contextlib.nullcontext()
+    if getattr(trainer.strategy, "zero_stage", 0) == 3:  # partitioned parameters are empty outside forwards
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+    with gather:
+        return torch.cat([p.detach().float().cpu().flatten() for p in model.parameters()])
+
+
+def zero3_child(args: argparse.Namespace) -> None:
+    """``--zero3-child KIND``: prints ``ZERO3 <max abs diff> <max abs weight>`` of ZeRO-3 vs plain for KIND."""
+    ds3 = "deepspeed_meta_stage_3" if args.device.type == "cuda" else "deepspeed_cpu_stage_3"
+    plain = train_weights("auto", args, kind=args.zero3_child)
+    w = train_weights(ds3, args, kind=args.zero3_child)
+    print(f"ZERO3 {(w - plain).abs().max().item()!r} {w.abs().max().item()!r}", flush=True)
+
+
+def zero3_row(label: str, kind: str, args: argparse.Namespace) -> list[str]:
+    """One ZeRO-3 row, computed by ``zero3_child`` in a child process (a crash there cannot stop this script)."""
+    t = time.perf_counter()
+    cmd = [sys.executable, "-X", "faulthandler", os.path.abspath(__file__), "--device", str(args.device),
+           "--steps", str(args.steps), "--zero3-child", kind]
+    # the child starts its own one-process group: it must not see this process' rendezvous variables
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**env, "PYTHONWARNINGS": "ignore"})
+    found = [line.split() for line in proc.stdout.splitlines() if line.startswith("ZERO3 ")]
+    seconds = f"{time.perf_counter() - t:.1f}"
+    if proc.returncode != 0 or not found:
+        rc = proc.returncode
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+        lines = [line.strip() for line in proc.stderr.splitlines()]
+        errors = [line for line in lines if line.split(":")[0].endswith(("Error", "Exception"))]
+        message = errors[:1]  # the first exception (a crash may follow it, e.g. in the teardown)
+        if "Current thread" in " ".join(lines):  # faulthandler: the innermost project frame of the crash
+            stack = lines[[i for i, line in enumerate(lines) if line.startswith("Current thread")][-1] + 1:]
+            frames = [line[5:] for line in stack if line.startswith("File ")]
+            ours = [f for f in frames if "lightning_meta" in f] or frames
+            if ours:
+                path, _, rest = ours[0].partition(", ")
+                message.append(f"crashed in {os.path.basename(path.strip(chr(34)))}, {rest}")
+        sys.stderr.write(f"--- {label}: child stderr (end) ---\n{proc.stderr[-6000:]}\n")
+        return [label, f"error (child {how}): {'; '.join(message)[:240] or 'no error message'}", "-", seconds]
+    diff, biggest = float(found[-1][1]), float(found[-1][2])
+    return [label, fmt(diff), fmt(biggest), seconds]
 
 
 def strategies(args: argparse.Namespace) -> Table:
@@ -139,6 +205,10 @@ def strategies(args: argparse.Namespace) -> Table:
             return [name, fmt((w - plain).abs().max().item()), fmt(w.abs().max().item()),
                     f"{time.perf_counter() - t:.1f}"]
         table.add(attempt(row, 4))
+    ds3 = "deepspeed_meta_stage_3" if args.device.type == "cuda" else "deepspeed_cpu_stage_3"
+    for label, kind in [(f"DeepSpeed ZeRO-3, ANIL vs plain ANIL ({ds3})", "anil"),
+                        (f"DeepSpeed ZeRO-3, MAML adapt_filter='head' vs plain ({ds3})", "head")]:
+        table.add(attempt(lambda label=label, kind=kind: zero3_row(label, kind, args), 4))
     return table
 
 
@@ -345,11 +415,15 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--steps", type=int, default=None, help="outer steps in sections 1 and 2b (default 20; 3 quick)")
     p.add_argument("--out", default=None, help="also write the tables (markdown) to this file")
     p.add_argument("--sections", default="1234", help="which sections to run, e.g. 34")
+    p.add_argument("--zero3-child", default=None, choices=["anil", "head"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device is available; run with --device cpu (add --quick for a smoke test)")
     args.steps = args.steps or (3 if args.quick else 20)
+    if args.zero3_child:
+        zero3_child(args)
+        return ""
     start = time.perf_counter()
     name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
     head = (f"# GPU check ({datetime.date.today().isoformat()})\n\n"

@@ -18,8 +18,7 @@ __all__ = ["PreemptionCheckpoint"]
 
 
 class PreemptionCheckpoint(Callback):
-    """Saves a checkpoint and requeues the job when a preemption signal arrives, without saving
-    inside the signal handler.
+    """Saves a checkpoint and requeues the job on a preemption signal, without saving in the signal handler.
 
     The handler only sets a flag. At the next training-batch boundary all ranks agree (any rank
     flagged means stop), all ranks call ``trainer.save_checkpoint`` together (collective-safe for
@@ -67,8 +66,8 @@ class PreemptionCheckpoint(Callback):
             signal.signal(getattr(signal, self.signal_name), self._previous)
             self._previous = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,  # noqa: D102
+                           batch: Any, batch_idx: int) -> None:
         stop = trainer.strategy.reduce_boolean_decision(torch.tensor(self.flagged), all=False)
         if not stop:
             return

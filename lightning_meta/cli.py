@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_meta.algorithms  # noqa: F401  - registers the short class names
@@ -22,11 +23,61 @@ from lightning_meta.algorithms import MetaLearner
 from lightning_meta.datamodules import EpisodicDataModule
 from lightning_meta.errors import MetaConfigError
 
-__all__ = ["MetaCLI", "main"]
+__all__ = ["MetaCLI", "check_slurm_settings", "main"]
+
+
+def check_slurm_settings(num_devices: int | None = None, num_nodes: int | None = None) -> None:
+    """Refuses a Trainer whose ``devices`` / ``num_nodes`` differ from the Slurm job it runs in.
+
+    Under ``srun`` every Slurm task is one rank, so ``--ntasks-per-node`` must equal
+    ``trainer.devices`` and ``--nodes`` must equal ``trainer.num_nodes`` (DESIGN §5). Lightning
+    checks this only when its DDP launcher starts, not at all for a single-device Trainer (two
+    tasks would then train the same model side by side and overwrite each other's checkpoints),
+    and as a traceback. Called by :class:`MetaCLI` after the Trainer is built, before any process
+    group starts; outside Slurm (no ``SLURM_NTASKS``, a job named ``bash``/``interactive`` as
+    Lightning treats it, or under torchrun) it does nothing. ``None`` skips that comparison.
+
+    Raises:
+        MetaConfigError: the numbers differ; the message names both values and the fix.
+
+    Example:
+        >>> check_slurm_settings(num_devices=4, num_nodes=1)  # not in a Slurm job: nothing to check
+
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():
+        return
+    ntasks = int(os.environ["SLURM_NTASKS"])
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
+    if per_node is None:
+        if ntasks > 1:
+            raise MetaConfigError(
+                f"this Slurm job has SLURM_NTASKS={ntasks} but no --ntasks-per-node, which Lightning needs to place "
+                f"ranks; use `#SBATCH --ntasks-per-node=<devices per node>` (and --nodes) instead of --ntasks={ntasks}"
+            )
+    elif num_devices is not None and per_node.isdigit() and int(per_node) != num_devices:
+        raise MetaConfigError(
+            f"Slurm starts --ntasks-per-node={per_node} tasks per node (SLURM_NTASKS_PER_NODE) but the Trainer uses "
+            f"devices={num_devices}; each Slurm task is one rank, so they must be equal: pass --trainer.devices "
+            f"{per_node} (the sbatch templates pass --trainer.devices \"$SLURM_NTASKS_PER_NODE\") or set "
+            f"#SBATCH --ntasks-per-node={num_devices}"
+        )
+    nnodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES")
+    if num_nodes is not None and nnodes is not None and nnodes.isdigit() and int(nnodes) != num_nodes:
+        raise MetaConfigError(
+            f"Slurm runs this job on --nodes={nnodes} nodes (SLURM_NNODES) but the Trainer uses num_nodes={num_nodes}; "
+            f"they must be equal: pass --trainer.num_nodes {nnodes} (the sbatch templates pass --trainer.num_nodes "
+            f"\"$SLURM_NNODES\") or set #SBATCH --nodes={num_nodes}"
+        )
 
 
 class MetaCLI(LightningCLI):
-    """LightningCLI with the data/model links and the ``--test_after_fit`` option."""
+    """LightningCLI with the data/model links, the ``--test_after_fit`` option and Slurm checks.
+
+    Under Slurm the Trainer's ``devices`` and ``num_nodes`` are checked against the job
+    (:func:`check_slurm_settings`) as soon as the Trainer is built, before any process group starts.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
         parser.link_arguments("data", "model.init_args.ways", compute_fn=lambda dm: dm.ways, apply_on="instantiate")
@@ -35,8 +86,16 @@ class MetaCLI(LightningCLI):
             help="After `fit`, run `test` on the final model (the meta-test accuracy ± 95% CI is logged and printed).",
         )
 
+    def before_instantiate_classes(self) -> None:  # noqa: D102
+        check_slurm_settings()  # before Lightning's SLURMEnvironment raises its own --ntasks error as a traceback
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
+        trainer = super().instantiate_trainer(**kwargs)
+        check_slurm_settings(trainer.num_devices, trainer.num_nodes)
+        return trainer
+
     def after_fit(self) -> None:
-        """Runs the meta-test when ``--test_after_fit true``."""
+        """Run the meta-test when ``--test_after_fit true``."""
         if self.config.get(self.subcommand, {}).get("test_after_fit", False):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
@@ -85,7 +144,8 @@ def index_main(argv: list[str]) -> None:
             from lightning_meta.data.shards import _parse_index
 
             try:
-                old = {c.id: {"name": c.name, "split": c.split, "group": c.group} for c in _parse_index(Path(out)).classes}
+                old = {c.id: {"name": c.name, "split": c.split, "group": c.group}
+                       for c in _parse_index(Path(out)).classes}
             except MetaConfigError:
                 old = {}
         index = build_index(paths, class_meta=old, meta={"source": "lightning-meta index"})
@@ -97,7 +157,7 @@ def index_main(argv: list[str]) -> None:
 
 
 def console_main(argv: list[str] | None = None) -> None:
-    """The ``lightning-meta`` console script (returns nothing, so the exit status is 0 on success).
+    """Run the ``lightning-meta`` console script (returns nothing, so the exit status is 0 on success).
 
     ``fit|validate|test|predict`` go to LightningCLI; ``index`` rebuilds a shard index,
     ``convert`` turns image folders into shards (see ``lightning-meta convert --help``) and

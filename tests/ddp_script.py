@@ -1,53 +1,126 @@
-"""Trains a tiny meta-learner with 1 or 2 CPU processes (gloo) and saves the final weights.
+"""Trains tiny meta-learners with 1 or 2 CPU processes (gloo) and saves the final weights.
 
-Run by tests/test_ddp.py as ``python tests/ddp_script.py ALGO WORLD OUT``. Lightning's ``ddp``
-strategy re-launches this script for rank 1.
+Run by tests/test_ddp.py as::
+
+    python tests/ddp_script.py NAMES WORLD OUT [SHARDS]
+
+NAMES is one key of ``_models()`` or a comma-separated list of them: each is trained in turn
+(a fresh model, datamodule and Trainer, seeded alike) and then validated, all in the same
+processes, so one launch covers several algorithms. Lightning's ``ddp`` strategy re-launches
+this script for rank 1; later Trainers in the same script reuse the process group. OUT (``.npz``)
+holds ``<name>/weights`` (and ``<name>/init``, before training), ``<name>/running_stats`` (BatchNorm
+running means and variances), ``<name>/val`` (the validation score), ``<name>/n`` (validation
+episodes counted) and ``<name>/step`` for each name, and ``world``. Everything runs in float64,
+so 1 and 2 processes differ by summation order only (up to ~1e-7 after Adam scales the round-off in
+the zero gradients of conv biases before BatchNorm).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 
 
-def main(algo: str, world: int, out: str, shards: str) -> None:
-    from lightning_meta.algorithms import MAML, ProtoNet
-    from lightning_meta.backbones import MLP, Conv4
-    from lightning_meta.datamodules import ShardDataModule, SinusoidDataModule
+def _sine(**kw: Any):
+    from lightning_meta.datamodules import SinusoidDataModule
 
-    torch.set_num_threads(1)
+    args = dict(meta_batch_size=4, train_episodes=16, val_episodes=6, eval_meta_batch_size=2)
+    return SinusoidDataModule(**{**args, **kw})
+
+
+def _small_sine():
+    # shorter episodes for the sequence learners and the second-order variants
+    return _sine(shots=4, queries=4, eval_queries=4, train_episodes=8)
+
+
+def _glyphs(shards: str, shots: int = 2, **kw: Any):
+    from lightning_meta.datamodules import ShardDataModule
+
+    args = dict(ways=3, shots=shots, queries=2, meta_batch_size=4, train_episodes=8, val_episodes=6,
+                eval_meta_batch_size=2, eval_queries=2)
+    return ShardDataModule(shards=shards, **{**args, **kw})
+
+
+def _models() -> dict[str, Callable[[str], tuple[L.LightningModule, L.LightningDataModule]]]:
+    from lightning_meta import algorithms as A
+    from lightning_meta.backbones import MLP, Conv4
+
+    seq = {"task": "regression", "ways": 0, "max_len": 5, "lr": 0.01}
+    return {
+        # the four algorithm families named by issue 6, and per-task backward
+        "maml": lambda s: (A.MAML(MLP(1, [16, 16]), task="regression", inner_lr=0.01, inner_steps=2, lr=0.01),
+                           _sine()),
+        "maml_pertask": lambda s: (A.MAML(MLP(1, [16, 16]), task="regression", inner_lr=0.01, inner_steps=2, lr=0.01,
+                                          per_task_backward=True), _sine()),
+        "maml_conv": lambda s: (A.MAML(Conv4(1, 8, 16, norm="batch_no_stats"), ways=3, inner_lr=0.4, lr=0.01),
+                                _glyphs(s, shots=1)),
+        "anil": lambda s: (A.ANIL(MLP(1, [16, 16]), task="regression", inner_lr=0.01, inner_steps=2, lr=0.01),
+                           _sine()),
+        "protonet": lambda s: (A.ProtoNet(Conv4(1, 8, 16), ways=3, lr=0.01), _glyphs(s)),
+        # every other algorithm shipped so far
+        "metasgd": lambda s: (A.MetaSGD(MLP(1, [8, 8]), task="regression", inner_lr=0.01, inner_steps=2, lr=0.01),
+                              _small_sine()),
+        "reptile": lambda s: (A.Reptile(MLP(1, [8, 8]), task="regression", inner_lr=0.02, inner_steps=2, lr=0.5),
+                              _small_sine()),
+        "mamlpp": lambda s: (A.MAMLPlusPlus(MLP(1, [8, 8]), task="regression", inner_lr=0.01, inner_steps=2,
+                                            msl_anneal_epochs=2, lr=0.01), _small_sine()),
+        "mamlpp_conv": lambda s: (A.MAMLPlusPlus(Conv4(1, 4, 16), ways=3, inner_lr=0.1, inner_steps=2, bn="per_step",
+                                                 msl_anneal_epochs=2, lr=0.01), _glyphs(s, shots=1)),
+        "imaml": lambda s: (A.IMAML(MLP(1, [8, 8]), task="regression", inner_lr=0.05, inner_steps=3, cg_steps=3,
+                                    lam=1.0, lr=0.01), _small_sine()),
+        "matchingnet": lambda s: (A.MatchingNet(Conv4(1, 4, 16), fce=True, fce_steps=2, ways=3, lr=0.01), _glyphs(s)),
+        "matchingnet_pertask": lambda s: (A.MatchingNet(Conv4(1, 4, 16), fce=True, fce_steps=2, ways=3, lr=0.01,
+                                                        per_task_backward=True), _glyphs(s)),
+        "relationnet": lambda s: (A.RelationNet(Conv4(1, 4, 16, pool_blocks=2, flatten=False), relation_channels=4,
+                                                ways=3, lr=0.01), _glyphs(s)),
+        "metaoptnet": lambda s: (A.MetaOptNet(Conv4(1, 4, 16), ridge_lambda=1.0, scale=2.0, ways=3, lr=0.01),
+                                 _glyphs(s)),
+        "snail": lambda s: (A.SNAIL(MLP(1, [8]), tc_filters=4, attention=[(4, 4), (4, 4)], **seq), _small_sine()),
+        "transformer": lambda s: (A.TransformerICL(MLP(1, [8]), d_model=8, num_heads=2, num_layers=1,
+                                                   dim_feedforward=16, **seq), _small_sine()),
+        "mann": lambda s: (A.MANN(MLP(1, [8]), hidden_size=8, memory_slots=4, memory_width=4, read_heads=1,
+                                  label_offset=False, **seq), _small_sine()),
+    }
+
+
+def run_one(name: str, world: int, shards: str) -> dict[str, np.ndarray]:
+    """Trains and validates ``name``; returns its final weights and validation score (rank 0 only)."""
     L.seed_everything(0, verbose=False)
-    if algo in ("maml", "maml_pertask"):
-        dm = SinusoidDataModule(meta_batch_size=4, train_episodes=16, val_episodes=6, eval_meta_batch_size=2)
-        model = MAML(MLP(1, [16, 16]), task="regression", inner_lr=0.01, inner_steps=2, lr=0.01,
-                     per_task_backward=algo == "maml_pertask")
-    elif algo == "maml_conv":
-        dm = ShardDataModule(shards=shards, ways=3, shots=1, queries=2, meta_batch_size=4, train_episodes=8,
-                             val_episodes=6, eval_meta_batch_size=2, eval_queries=2)
-        model = MAML(Conv4(1, 8, 16, norm="batch_no_stats"), ways=3, inner_lr=0.4, lr=0.01)
-    else:
-        dm = ShardDataModule(shards=shards, ways=3, shots=2, queries=2, meta_batch_size=4, train_episodes=8,
-                             val_episodes=6, eval_meta_batch_size=2, eval_queries=2)
-        model = ProtoNet(Conv4(1, 8, 16), lr=0.01)
+    model, dm = _models()[name](shards)
     model = model.double()
-    dm_transfer = dm
+    model.on_before_batch_transfer = lambda batch, idx: batch.to(torch.float64)  # type: ignore[method-assign]
     trainer = L.Trainer(
         accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_epochs=2,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, deterministic=True,
+        num_sanity_val_steps=0, check_val_every_n_epoch=100, deterministic=True,
     )
-    model.on_before_batch_transfer = lambda batch, idx: batch.to(torch.float64)  # type: ignore[method-assign]
-    trainer.fit(model, dm_transfer)
-    metrics = trainer.validate(model, dm_transfer, verbose=False)[0]
-    if trainer.global_rank == 0:
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
-        key = "val/mse" if algo.startswith("maml") and algo != "maml_conv" else "val/acc"
-        np.savez(out, weights=flat, val=np.array(metrics[key]), n=np.array(metrics["val/episodes"]),
-                 world=np.array(trainer.world_size))
+    init = torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
+    trainer.fit(model, dm)
+    metrics = trainer.validate(model, dm, verbose=False)[0]
+    score = "val/mse" if "val/mse" in metrics else "val/acc"
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
+    stats = [b.detach().double().flatten() for n, b in model.named_buffers()
+             if n.endswith(("running_mean", "running_var"))]
+    return {f"{name}/weights": flat, f"{name}/init": init,
+            f"{name}/running_stats": torch.cat(stats).numpy() if stats else np.zeros(0),
+            f"{name}/val": np.array(metrics[score]), f"{name}/n": np.array(metrics["val/episodes"]),
+            f"{name}/step": np.array(trainer.global_step),
+            "world": np.array(trainer.world_size), "rank": np.array(trainer.global_rank)}
+
+
+def main(names: str, world: int, out: str, shards: str) -> None:
+    torch.set_num_threads(1)
+    results: dict[str, np.ndarray] = {}
+    for name in names.split(","):
+        results.update(run_one(name, world, shards))
+    if int(results["rank"]) == 0:
+        np.savez(out, **results)
 
 
 if __name__ == "__main__":
