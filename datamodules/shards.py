@@ -436,7 +436,9 @@ class ShardDataModule(EpisodicDataModule):
     Args:
         shards: brace pattern (``data/train-{000000..000009}.tar``), glob, list, directory, or (streaming)
             URLs; ``None`` for the embedded default.
-        val_shards, test_shards: separate shard sets for validation/test (all their classes are used).
+        val_shards, test_shards: separate shard sets for validation/test: their classes labelled with
+            that split when their index has such labels, else all their classes. A class that
+            would also be used by another split is refused.
         ways, shots, queries, eval_ways, eval_shots, eval_queries, meta_batch_size,
         eval_meta_batch_size, train_episodes, val_episodes, test_episodes, seed, num_workers:
             see :class:`~lightning_meta.datamodules.EpisodicDataModule`.
@@ -622,9 +624,21 @@ class ShardDataModule(EpisodicDataModule):
         labelled = any(c.split for c in index.classes)
         if labelled:
             out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+            unknown: dict[str, list[str]] = {}
             for i, c in enumerate(index.classes):
                 if c.split in out:
                     out[c.split].append(i)
+                else:  # an unlabelled class, or a split name no datamodule split asks for
+                    unknown.setdefault(str(c.split), []).append(c.name)
+            if unknown:
+                listing = "; ".join(
+                    f"split={k!r}: {len(v)} classes (e.g. {', '.join(v[:3])})" for k, v in unknown.items()
+                )
+                raise MetaConfigError(
+                    f"the index {index.path or ''} assigns classes to splits other than train/val/test ({listing}); "
+                    "label every class train, val or test (rewrite the shards with ShardWriter(split=...) or "
+                    "`lightning-meta convert`, then `lightning-meta index`)"
+                )
             return out
         order = np.random.default_rng(np.random.SeedSequence([self.seed, 4242])).permutation(len(index.classes))
         n = len(order)
@@ -709,9 +723,12 @@ class ShardDataModule(EpisodicDataModule):
         for split, extra in (("val", self.val_shards), ("test", self.test_shards)):
             if extra is not None:
                 s = self._open(extra)
-                plan[split] = [(s, list(range(len(s.index.classes))))]
+                # a labelled set contributes its classes of this split; an unlabelled one all of them
+                own = [i for i, c in enumerate(s.index.classes) if c.split == split]
+                plan[split] = [(s, own or list(range(len(s.index.classes))))]
             else:
                 plan[split] = [(s, p[split]) for s, p in zip(train_sets, positions, strict=True)]
+        self._check_disjoint(plan)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage or "", ("train", "val", "test")):
             self.sources[split] = self._build_split(split, plan[split])
@@ -721,6 +738,29 @@ class ShardDataModule(EpisodicDataModule):
         callbacks = getattr(trainer, "callbacks", None)
         if isinstance(callbacks, list) and not any(isinstance(c, SkippedSamplesLogger) for c in callbacks):
             callbacks.append(SkippedSamplesLogger())
+
+    @staticmethod
+    def _check_disjoint(plan: dict[str, list[tuple[_ShardSet, list[int]]]]) -> None:
+        """Refuse a class that two splits would both use.
+
+        A class is identified by its name within one shard set (the folder of its ``index.json``),
+        so the same shards given as ``shards`` and ``val_shards``/``test_shards`` are caught, while
+        two different data sets that happen to share class names are not confused.
+        """
+        keys: dict[str, set[tuple[str, str]]] = {}
+        for split, parts in plan.items():
+            keys[split] = set()
+            for sset, pos in parts:
+                where = os.path.dirname(os.path.abspath(sset.index.path)) if sset.index.path else str(sset.spec)
+                keys[split].update((where, sset.index.classes[i].name) for i in pos)
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = sorted(name for _, name in keys.get(a, set()) & keys.get(b, set()))
+            if shared:
+                raise MetaConfigError(
+                    f"{len(shared)} classes are in both the {a} and the {b} split (e.g. {', '.join(shared[:5])}); "
+                    f"meta-{b} classes must be unseen in meta-{a}: point {b}_shards at shards of other classes, "
+                    "or relabel the splits in index.json"
+                )
 
     def _build_split(self, split: str, parts: list[tuple[_ShardSet, list[int]]]) -> Any:
         shape = self._shape(split)

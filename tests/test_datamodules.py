@@ -517,7 +517,7 @@ def test_resume_continues_the_episode_stream_exactly():
     keys, batches = _epoch(_sinusoid(), 2)
     assert len(keys) == 5
 
-    progress = SimpleNamespace(current=SimpleNamespace(processed=2))
+    progress = SimpleNamespace(current=SimpleNamespace(processed=2, completed=2))  # mid-epoch: both equal
     batch_progress = SimpleNamespace(current=SimpleNamespace(processed=3))
     interrupted = _sinusoid()
     interrupted.trainer = SimpleNamespace(
@@ -561,3 +561,24 @@ def test_resume_with_a_different_seed_is_refused():
         dm.load_state_dict({"seed": 1, "epoch": 0, "batches": 2})
     msg = str(info.value)
     assert "data seed 1" in msg and "seed=0" in msg and "resume with the same seed" in msg
+
+
+def test_same_classes_in_two_splits_are_refused():
+    # unlabelled shards given again as the test set: all their classes, training classes included
+    dm = _dm(THIRDPARTY_PATTERN, test_shards=THIRDPARTY_PATTERN)
+    with pytest.raises(MetaConfigError, match="both the train and the test split") as err:
+        _ready(dm, "test")
+    assert "unseen" in str(err.value) and "test_shards" in str(err.value)
+
+
+def test_split_names_outside_train_val_test_are_refused(glyph_copy):
+    import json
+
+    path = glyph_copy / "index.json"
+    raw = json.loads(path.read_text())
+    first = raw["classes"][0]
+    first["split"] = "validation"  # a typo'd split: its classes would silently never be used
+    path.write_text(json.dumps(raw))
+    with pytest.raises(MetaConfigError, match="split='validation'") as err:
+        _ready(_dm(glyph_copy))
+    assert first["name"] in str(err.value) and "train, val or test" in str(err.value)
