@@ -16,8 +16,10 @@ class CompileMetaLoss(Callback):
 
     Small meta-learning models (the sinusoid MLP, a Conv-4 on 28x28 glyphs) spend most of each
     step dispatching hundreds of tiny operators of the inner loop, its vmap and its double
-    backward; compiling the meta-loss fuses them. Only the training loss is compiled: validation and
-    test adapt with other step counts and shapes and stay eager, so they never trigger
+    backward; compiling the meta-loss can fuse them. Measure before relying on it
+    (``benchmarks/sinusoid_overhead.py --variants vmap vmap+compile``): on the project's shared
+    2-core CPU it gave no speed-up inside Lightning (``benchmarks/README.md``). Only the training
+    loss is compiled: validation and test adapt with other step counts and shapes and stay eager, so they never trigger
     recompilation. The module is left untouched (the compiled function is an attribute of the
     instance, removed again when fitting ends), so checkpoints are identical with and without it.
     The first training step pays the compilation (tens of seconds on a CPU).
