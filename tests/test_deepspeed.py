@@ -1,4 +1,4 @@
-"""DeepSpeed strategies: registration, ZeRO-3 refusal, and exact ZeRO-0/1/2 meta-training on CPU (gloo).
+"""DeepSpeed strategies: registration, ZeRO-3 checks, and exact ZeRO-0/1/2/3 meta-training on CPU (gloo).
 
 The slow tests run tests/deepspeed_script.py in subprocesses (Lightning re-launches it for rank 1)
 and compare the final weights with one plain process over the same global meta-batch.
@@ -89,9 +89,16 @@ def test_zero3_refuses_full_adaptation():
 
 
 def test_zero3_accepts_partial_adaptation_and_keeps_it_whole():
+    from lightning_meta.backbones.adapters import FiLMBackbone
+
     assert check_zero3_compatible(_maml("head")) == ["model.head.weight", "model.head.bias"]
-    biases = check_zero3_compatible(_maml("bias"))
-    assert len(biases) == 3 and all(n.endswith("bias") for n in biases)
+    first = check_zero3_compatible(_maml(r"net\.0\.|head"))  # whole layers chosen by a regular expression
+    assert first == ["model.backbone.net.0.weight", "model.backbone.net.0.bias", "model.head.weight",
+                     "model.head.bias"]
+    for context_dim in (0, 4):  # FiLM layers own only their modulation parameters (plain or a CAVIA context)
+        film = MAML(FiLMBackbone(MLP(1, [32, 32]), target=r"net\.0$", context_dim=context_dim), task="regression",
+                    adapt_filter="film")
+        assert check_zero3_compatible(film) == film_names(context_dim)
     anil = ANIL(MLP(1, [32, 32]), task="regression")
     strategy = MetaDeepSpeedStrategy(stage=3)
     strategy.check_meta_module(anil)
@@ -100,7 +107,44 @@ def test_zero3_accepts_partial_adaptation_and_keeps_it_whole():
     MetaDeepSpeedStrategy(stage=2).check_meta_module(_maml())
 
 
-def test_zero3_refused_at_fit_setup(tmp_path):
+def film_names(context_dim: int) -> list[str]:
+    layer = "model.backbone.body.net.0.modulation."
+    return [layer + "context"] if context_dim else [layer + "film_scale", layer + "film_shift"]
+
+
+def _zero3_refusals():
+    from lightning_meta.algorithms import IMAML, MAMLPlusPlus, MetaSGD, Reptile
+    from lightning_meta.backbones.adapters import LoRABackbone
+
+    head = {"task": "regression", "adapt_filter": "head"}
+    return [
+        # adapted tensors inside modules that also hold partitioned weights
+        ("bias", lambda: _maml("bias"), r"adapt_filter='bias'\): module 'backbone.net.0' holds adapted "
+                                         r"\['backbone.net.0.bias'\] next to partitioned \['backbone.net.0.weight'\]"),
+        ("lora", lambda: MAML(LoRABackbone(MLP(1, [32, 32]), rank=2, freeze="none"), task="regression",
+                              adapt_filter="lora"), r"adapt_filter='lora'\): module 'backbone.body.net.0' holds"),
+        ("vmap", lambda: MAML(MLP(1, [32, 32]), task_batching="vmap", **head), r"task_batching='vmap'"),
+        ("per task", lambda: ANIL(MLP(1, [32, 32]), task="regression", per_task_backward=True),
+         r"per_task_backward=True\) gives wrong meta-gradients"),
+        ("checkpointing", lambda: MAML(MLP(1, [32, 32]), activation_checkpointing=True, **head),
+         r"activation_checkpointing=True"),
+        *[(cls.__name__, lambda cls=cls: cls(MLP(1, [32, 32]), **head), rf"{cls.__name__} is not one of the learners")
+          for cls in (IMAML, MAMLPlusPlus, MetaSGD, Reptile)],
+    ]
+
+
+def test_zero3_refuses_unsupported_partial_adaptation():
+    for label, make, message in _zero3_refusals():
+        with pytest.raises(MetaConfigError, match=message) as e:
+            check_zero3_compatible(make())
+        assert "ZeRO stage 2" in str(e.value), label  # the fix is named
+    # the same preset (bias) is fine with ZeRO-2
+    MetaDeepSpeedStrategy(stage=2).check_meta_module(_maml("bias"))
+
+
+@pytest.mark.parametrize(("adapt_filter", "message"), [("all", "ZeRO stage 3 cannot run MAML"),
+                                                        ("bias", "adapt_filter='bias'")])
+def test_zero3_refused_at_fit_setup(tmp_path, adapt_filter, message):
     from lightning_meta.datamodules import SinusoidDataModule
 
     before = {k: os.environ.get(k) for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
@@ -108,8 +152,10 @@ def test_zero3_refused_at_fit_setup(tmp_path):
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)
     dm = SinusoidDataModule(meta_batch_size=2, train_episodes=4, val_episodes=2, eval_meta_batch_size=2)
-    with pytest.raises(MetaConfigError, match="ZeRO stage 3 cannot run MAML"):
-        trainer.fit(_maml(), dm)
+    model = _maml(adapt_filter)
+    with pytest.raises(MetaConfigError, match=message):
+        trainer.fit(model, dm)
+    assert trainer.global_step == 0
     # the rendezvous variables of the in-process run are restored (later DDP launches depend on it)
     assert {k: os.environ.get(k) for k in before} == before
 
@@ -146,6 +192,31 @@ def test_zero_two_ranks_equal_one_plain_rank(tmp_path, algo, mode):
     assert int(one["step"]) == int(two["step"]) == 6
     assert one["weights"].shape == two["weights"].shape
     np.testing.assert_allclose(two["weights"], one["weights"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("algo", "world"), [("anil", 1), ("mamlhead", 1), ("anil", 2), ("mamlhead", 2),
+                                             ("mamlfirst", 2), ("film", 2), ("cavia", 2)])
+def test_zero3_partial_adaptation_equals_one_plain_rank(tmp_path, algo, world):
+    # ZeRO-3 keeps the adapted whole modules unpartitioned and strips their hooks; the rest is partitioned
+    one = _run(algo, "plain", 1, tmp_path / "one" / "w.npz")
+    zero3 = _run(algo, "zero3", world, tmp_path / "z3" / "w.npz")
+    assert int(zero3["world"]) == world and int(one["step"]) == int(zero3["step"]) == 6
+    assert np.abs(one["weights"] - one["init"]).max() > 1e-2  # training moved the weights
+    np.testing.assert_allclose(zero3["init"], one["init"], rtol=0, atol=0)
+    np.testing.assert_allclose(zero3["weights"], one["weights"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_zero3_validation_and_resume_equal_one_plain_rank(tmp_path):
+    # validation adapts with the partitioned body left attached (MAML.split_parameters(detach=True))
+    one = _run("mamlhead", "plain_val", 1, tmp_path / "one" / "w.npz")
+    val = _run("mamlhead", "zero3_val", 2, tmp_path / "val" / "w.npz")
+    assert np.isfinite(one["val"]) and abs(float(val["val"]) - float(one["val"])) < 1e-5
+    np.testing.assert_allclose(val["weights"], one["weights"], rtol=0, atol=1e-5)
+    resumed = _run("mamlhead", "zero3_resume", 2, tmp_path / "resume" / "w.npz")
+    assert int(resumed["step"]) == 6 and (tmp_path / "resume" / "ckpt" / "step=3.ckpt" / "checkpoint").is_dir()
+    np.testing.assert_allclose(resumed["weights"], one["weights"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

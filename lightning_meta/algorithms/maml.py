@@ -273,11 +273,15 @@ class MAML(MetaLearner):
 
         Adapted bf16/fp16 parameters (DeepSpeed ``bf16``, ``bf16-true``) come back as float32
         copies (differentiable casts): fast weights and inner updates stay float32 (DESIGN §5).
+        ``detach`` leaves outer-only DeepSpeed ZeRO-3 parameters attached (their partitioned
+        storage is gathered only for the parameter objects).
         """
         names = set(self.adapted_names)
         adapted, frozen = {}, {}
         for n, p in self.model.named_parameters():
-            p = p.detach() if detach else p
+            # DeepSpeed ZeRO-3 partitions outer-only weights (they carry ``ds_id``); its module hooks
+            # gather only the parameter objects themselves, so those are never replaced by a detached view
+            p = p.detach() if detach and (n in names or not hasattr(p, "ds_id")) else p
             (adapted if n in names else frozen)[n] = p
         return upcast_low_precision(adapted), frozen  # bf16: float32 fast weights
 

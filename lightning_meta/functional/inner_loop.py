@@ -322,9 +322,11 @@ def inner_adapt(
 
     Two gradient engines give the same numbers (tested): :func:`torch.func.grad` (default; the one
     that composes with ``vmap``) and ``torch.autograd.grad(create_graph=not first_order)``, used
-    when ``checkpoint`` is set or a :class:`PerStepBatchNorm` layer of ``net`` is training (its
-    in-place running-statistics update is not allowed under ``torch.func`` transforms). Neither of
-    these two cases works under ``vmap``; callers refuse that combination.
+    when ``checkpoint`` is set, a :class:`PerStepBatchNorm` layer of ``net`` is training (its
+    in-place running-statistics update is not allowed under ``torch.func`` transforms), or
+    ``frozen``/``buffers`` hold DeepSpeed ZeRO-3 parameters (gathered by module hooks that
+    ``torch.func`` transforms cannot run). None of these cases works under ``vmap``; callers
+    refuse that combination.
 
     With ``checkpoint`` each second-order step (forward, inner backward, update) runs under
     :func:`checkpointed`: the outer graph keeps only each step's input weights and recomputes the
@@ -365,7 +367,10 @@ def inner_adapt(
         return loss_fn(functional_call(net, (p, fixed), (x,)), y)
 
     layers = per_step_layers(net)
-    use_autograd = checkpoint or any(m.training for m in layers)
+    # DeepSpeed ZeRO-3 parameters (tagged ``ds_id``) are gathered by module hooks that must not run
+    # under torch.func transforms (segfaults, functorch asserts); autograd.grad runs them as usual
+    zero3 = any(hasattr(t, "ds_id") for t in fixed.values())
+    use_autograd = checkpoint or zero3 or any(m.training for m in layers)
     fast = dict(params)
     for step in range(steps):
         step_lr = lr(step) if callable(lr) else lr

@@ -14,6 +14,7 @@ from lightning_meta.strategies.deepspeed import (
     DeepSpeedNotInstalledError,
     MetaDeepSpeedStrategy,
     check_zero3_compatible,
+    prepare_zero3_adapted,
 )
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "DeepSpeedNotInstalledError",
     "MetaDeepSpeedStrategy",
     "check_zero3_compatible",
+    "prepare_zero3_adapted",
 ]
 
 MetaDeepSpeedStrategy.register_strategies(StrategyRegistry)
