@@ -365,8 +365,20 @@ class MAML(MetaLearner):
                 "link model ways to data ways (the CLI does) and set the datamodule's eval_ways to the same value"
             )
 
+    def _own_hooks(self) -> bool:
+        """Tell whether a subclass overrides :meth:`adapt` or :meth:`predict` (the batched paths skip them)."""
+        cls = type(self)
+        return cls.adapt is not MAML.adapt or cls.predict is not MAML.predict
+
     def meta_loss(self, batch: Episode) -> Tensor:
-        """Mean query loss after adaptation, over the tasks of the meta-batch."""
+        """Mean query loss after adaptation, over the tasks of the meta-batch.
+
+        The batched path below does not call :meth:`adapt` / :meth:`predict`; a subclass that
+        overrides either of them gets the generic per-task path (adapt, then predict, each task)
+        instead, so its hooks are what trains.
+        """
+        if self._own_hooks():
+            return MetaLearner.meta_loss(self, batch)
         self._check_ways(batch)
         adapted, frozen = self.split_parameters()
         buffers = self.model_buffers()
@@ -388,7 +400,13 @@ class MAML(MetaLearner):
         return losses.mean()
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
-        """Per-episode query scores after ``eval_inner_steps`` (and after each ``eval_report_steps``)."""
+        """Per-episode query scores after ``eval_inner_steps`` (and after each ``eval_report_steps``).
+
+        A subclass that overrides :meth:`adapt` or :meth:`predict` is evaluated with them (the
+        generic per-task path; ``eval_report_steps`` are then not reported).
+        """
+        if self._own_hooks():
+            return MetaLearner.evaluate(self, batch)
         self._check_ways(batch)
         name = self.score_name
         results: dict[str, list[Tensor]] = {name: []}
