@@ -19,11 +19,3 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("LIGHTNING_META_CACHE", None)
     else:
         os.environ["LIGHTNING_META_CACHE"] = old
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_process_group():
-    """A test that starts a process group in this process (DeepSpeed on CPU does) must not leave it to the next."""
-    yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

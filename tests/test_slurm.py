@@ -95,13 +95,17 @@ def _cli_fails(tmp_path, capsys, monkeypatch, *overrides: str) -> str:
     def no_fit(*args, **kwargs):
         raise AssertionError("Trainer.fit was reached: the settings were not checked before training")
 
+    def no_group(*args, **kwargs):
+        raise AssertionError("a process group was started before the settings were checked")
+
     monkeypatch.setattr(L.Trainer, "fit", no_fit)
+    # a test run earlier in this process may have left DeepSpeed's group behind, so spy on the call
+    monkeypatch.setattr(torch.distributed, "init_process_group", no_group)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(_tiny_config(tmp_path)), "--config", str(OVERLAY), "--trainer.accelerator", "cpu",
               "--trainer.default_root_dir", str(tmp_path / "run"), *overrides])
-    assert e.value.code == 2
-    assert not torch.distributed.is_initialized()  # refused before any process group started
+    assert e.value.code == 2  # refused, and no_group above proves no process group was started
     return capsys.readouterr().err
 
 
@@ -150,13 +154,17 @@ def test_matching_settings_pass_and_use_slurm(tmp_path, monkeypatch, fake_slurm)
 
     fake_slurm(ntasks_per_node=2, nnodes=1)
     monkeypatch.chdir(tmp_path)
+
+    def no_group(*args, **kwargs):
+        raise AssertionError("building the Trainer started a process group")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", no_group)
     cli = main(["--config", str(_tiny_config(tmp_path)), "--config", str(OVERLAY), "--trainer.accelerator", "cpu",
                 "--trainer.devices", "2", "--trainer.num_nodes", "1", "--trainer.strategy", "ddp",
                 "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
     env = cli.trainer.strategy.cluster_environment
     assert isinstance(env, SLURMEnvironment) and not env.auto_requeue
     assert cli.trainer.world_size == 2 and cli.trainer.num_devices == 2
-    assert not torch.distributed.is_initialized()
 
 
 def test_no_check_outside_slurm_or_in_interactive_jobs(fake_slurm):
