@@ -9,10 +9,12 @@ NAMES is one key of ``_models()`` or a comma-separated list of them: each is tra
 processes, so one launch covers several algorithms. Lightning's ``ddp`` strategy re-launches
 this script for rank 1; later Trainers in the same script reuse the process group. OUT (``.npz``)
 holds ``<name>/weights`` (and ``<name>/init``, before training), ``<name>/running_stats`` (BatchNorm
-running means and variances), ``<name>/val`` (the validation score), ``<name>/n`` (validation
-episodes counted) and ``<name>/step`` for each name, and ``world``. Everything runs in float64,
-so 1 and 2 processes differ by summation order only (up to ~1e-7 after Adam scales the round-off in
-the zero gradients of conv biases before BatchNorm).
+running means and variances; ``<name>/init_stats`` before training, ``<name>/running_stats_rank1``
+those of the last rank), ``<name>/batches_tracked`` (every ``num_batches_tracked``), ``<name>/val``
+(the validation score), ``<name>/n`` (validation episodes counted) and ``<name>/step`` for each
+name, and ``world``. Everything runs in float64, so 1 and 2 processes differ by summation order
+only (up to ~1e-7 after Adam scales the round-off in the zero gradients of conv biases before
+BatchNorm).
 """
 
 from __future__ import annotations
@@ -89,6 +91,13 @@ def _models() -> dict[str, Callable[[str], tuple[L.LightningModule, L.LightningD
     }
 
 
+def _running_stats(model: torch.nn.Module) -> torch.Tensor:
+    """Every BatchNorm running mean and variance of ``model``, flattened (float64)."""
+    stats = [b.detach().double().flatten() for n, b in model.named_buffers()
+             if n.endswith(("running_mean", "running_var"))]
+    return torch.cat(stats) if stats else torch.zeros(0, dtype=torch.float64)
+
+
 def run_one(name: str, world: int, shards: str) -> dict[str, np.ndarray]:
     """Trains and validates ``name``; returns its final weights and validation score (rank 0 only)."""
     L.seed_everything(0, verbose=False)
@@ -101,14 +110,18 @@ def run_one(name: str, world: int, shards: str) -> dict[str, np.ndarray]:
         num_sanity_val_steps=0, check_val_every_n_epoch=100, deterministic=True,
     )
     init = torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
+    init_stats = _running_stats(model)
     trainer.fit(model, dm)
     metrics = trainer.validate(model, dm, verbose=False)[0]
     score = "val/mse" if "val/mse" in metrics else "val/acc"
     flat = torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
-    stats = [b.detach().double().flatten() for n, b in model.named_buffers()
-             if n.endswith(("running_mean", "running_var"))]
+    stats = _running_stats(model)
+    last_rank_stats = trainer.strategy.all_gather(stats)[-1] if world > 1 and stats.numel() else stats
+    tracked = [b.detach().flatten() for n, b in model.named_buffers() if n.endswith("num_batches_tracked")]
     return {f"{name}/weights": flat, f"{name}/init": init,
-            f"{name}/running_stats": torch.cat(stats).numpy() if stats else np.zeros(0),
+            f"{name}/running_stats": stats.numpy(), f"{name}/init_stats": init_stats.numpy(),
+            f"{name}/running_stats_rank1": last_rank_stats.numpy(),
+            f"{name}/batches_tracked": torch.cat(tracked).numpy() if tracked else np.zeros(0, dtype=np.int64),
             f"{name}/val": np.array(metrics[score]), f"{name}/n": np.array(metrics["val/episodes"]),
             f"{name}/step": np.array(trainer.global_step),
             "world": np.array(trainer.world_size), "rank": np.array(trainer.global_rank)}

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
+from lightning_meta.functional.bn_sync import RunningStatsSync
 from lightning_meta.metrics import EpisodicMean
 
 __all__ = ["MetaLearner", "TaskKind"]
@@ -34,6 +35,13 @@ class MetaLearner(L.LightningModule):
     ``{split}/acc`` (or ``{split}/mse``) with its 95% CI half-width ``{split}/acc_ci95`` over
     episodes, computed from sufficient statistics so the value is exact under DDP.
 
+    Under DDP (or DeepSpeed) with more than one process, BatchNorm running statistics (and the
+    per-step ones of :class:`~lightning_meta.functional.inner_loop.PerStepBatchNorm`) end every
+    training step equal on all ranks to those of one process that ran the whole global
+    meta-batch (:class:`~lightning_meta.functional.bn_sync.RunningStatsSync`); set the class
+    attribute ``sync_running_stats = False`` to keep per-rank statistics. Subclasses overriding
+    ``on_train_batch_start``, ``on_train_batch_end`` or ``on_train_end`` must call ``super()``.
+
     Args:
         ways: classes per episode (the output size of a task head); linked from the datamodule.
         task: ``classification`` (cross-entropy, accuracy) or ``regression`` (MSE).
@@ -43,7 +51,11 @@ class MetaLearner(L.LightningModule):
             before the next task runs), so memory no longer grows with the meta-batch size; the
             gradient is the same mean over tasks. Uses manual optimisation; under DDP the
             gradients are synchronised once, after the last task.
+
     """
+
+    #: synchronise BatchNorm running statistics across ranks after every training step (see above)
+    sync_running_stats: bool = True
 
     def __init__(self, ways: int = 5, task: TaskKind = "classification", lr: float = 1e-3, weight_decay: float = 0.0,
                  per_task_backward: bool = False):
@@ -74,7 +86,7 @@ class MetaLearner(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement adapt(episode)")
 
     def predict(self, state: Any, x: Tensor) -> Tensor:
-        """Outputs for inputs ``x`` of the task described by ``state``."""
+        """Return the outputs for inputs ``x`` of the task described by ``state``."""
         raise NotImplementedError(f"{type(self).__name__} must implement predict(state, x)")
 
     def meta_loss(self, batch: Episode) -> Tensor:
@@ -186,8 +198,35 @@ class MetaLearner(L.LightningModule):
         self._display_loss = torch.stack(shown).mean() if shown else None
         return total
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Start recording BatchNorm running-statistics updates when training with several processes."""
+        trainer = self._trainer
+        wanted = self.sync_running_stats and trainer is not None and trainer.world_size > 1
+        sync = self.__dict__.get("_running_stats_sync")
+        if not wanted:
+            if sync is not None:  # left by an interrupted multi-process fit
+                self._drop_running_stats_sync()
+            return
+        if sync is None:
+            sync = self._running_stats_sync = RunningStatsSync(self)
+        sync.begin()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Give every rank the running statistics of one process that ran the whole global meta-batch."""
+        sync = self.__dict__.get("_running_stats_sync")
+        if sync is not None and sync.active:
+            sync.sync(self.all_gather)
+
+    def on_train_end(self) -> None:  # noqa: D102
+        self._drop_running_stats_sync()
+
+    def _drop_running_stats_sync(self) -> None:
+        sync = self.__dict__.pop("_running_stats_sync", None)
+        if sync is not None:
+            sync.remove()
+
     def _log_this_step(self) -> bool:
-        """True on the steps the logger writes (every ``log_every_n_steps``) and the first one.
+        """Tell whether this step is one the logger writes (every ``log_every_n_steps``) and the first one.
 
         ``self.log`` costs about a millisecond in Lightning; for tiny models (sinusoid) calling
         it on steps whose values are never written would double the step time.

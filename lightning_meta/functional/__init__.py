@@ -1,5 +1,6 @@
 """Pure functions with no Lightning dependency: inner loops, metric-space maths, statistics."""
 
+from lightning_meta.functional.bn_sync import RunningStatsSync, replay_running_stats, tracked_norm_layers
 from lightning_meta.functional.inner_loop import (
     BNPolicy,
     Params,
@@ -20,6 +21,7 @@ __all__ = [
     "BNPolicy",
     "Params",
     "PerStepBatchNorm",
+    "RunningStatsSync",
     "accuracy",
     "bn_policy",
     "checkpointed",
@@ -31,8 +33,10 @@ __all__ = [
     "norm_step",
     "pairwise_distance",
     "prototypes",
+    "replay_running_stats",
     "ridge_logits",
     "ridge_regression",
     "sgd_step",
+    "tracked_norm_layers",
     "upcast_low_precision",
 ]
