@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from episode_fixtures import cls_batch as _cls_batch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -35,13 +36,6 @@ def tiny_vit(**kw) -> ViT:
     return ViT(**args)
 
 
-def _cls_batch(tasks=2, ways=3, shots=2, queries=3, size=16, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    eps = [Episode(torch.randn(ways * shots, 1, size, size, generator=g, dtype=dtype),
-                   torch.arange(ways).repeat_interleave(shots),
-                   torch.randn(ways * queries, 1, size, size, generator=g, dtype=dtype),
-                   torch.arange(ways).repeat_interleave(queries), torch.arange(ways)) for _ in range(tasks)]
-    return collate_episodes(eps)
 
 
 def _grads(model, batch):

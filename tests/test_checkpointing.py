@@ -6,25 +6,14 @@ import copy
 
 import pytest
 import torch
+from episode_fixtures import cls_batch as _cls_batch
 from torch import nn
 
-from lightning_meta import Episode, collate_episodes
 from lightning_meta.algorithms import ANIL, MAML, MAMLPlusPlus, MetaSGD
 from lightning_meta.backbones import MLP, Conv4
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import inner_adapt
 from lightning_meta.functional.inner_loop import checkpointed
-
-
-def _cls_batch(tasks=2, ways=3, shots=2, queries=3, size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    eps = []
-    for _ in range(tasks):
-        eps.append(Episode(torch.randn(ways * shots, 1, size, size, generator=g, dtype=torch.float64),
-                           torch.arange(ways).repeat_interleave(shots),
-                           torch.randn(ways * queries, 1, size, size, generator=g, dtype=torch.float64),
-                           torch.arange(ways).repeat_interleave(queries), torch.arange(ways)))
-    return collate_episodes(eps)
 
 
 def _grads(model, batch):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from episode_fixtures import cls_batch as _cls_batch
 from torch import nn
 
 from lightning_meta import Episode, collate_episodes
@@ -39,15 +40,6 @@ def _reg_batch(tasks=3, n=6, d=3, seed=0):
     return collate_episodes(eps)
 
 
-def _cls_batch(tasks=2, ways=3, shots=2, queries=3, size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    eps = []
-    for _ in range(tasks):
-        eps.append(Episode(torch.randn(ways * shots, 1, size, size, generator=g, dtype=torch.float64),
-                           torch.arange(ways).repeat_interleave(shots),
-                           torch.randn(ways * queries, 1, size, size, generator=g, dtype=torch.float64),
-                           torch.arange(ways).repeat_interleave(queries), torch.arange(ways)))
-    return collate_episodes(eps)
 
 
 def _grads(model, batch):
