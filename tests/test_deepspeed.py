@@ -220,6 +220,19 @@ def test_zero3_validation_and_resume_equal_one_plain_rank(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("mode", "world"), [("zero3_evalckpt", 1), ("zero3_evalckpt", 2), ("zero2_evalckpt", 2)])
+def test_validate_from_a_deepspeed_checkpoint_equals_plain(tmp_path, mode, world):
+    # DeepSpeed's inference engine cannot load ZeRO-3 weights (they live in the optimizer
+    # partitions); the strategy rebuilds them, so validation scores equal a plain checkpoint's
+    one = _run("mamlhead", "plain_evalckpt", 1, tmp_path / "one" / "w.npz")
+    ds = _run("mamlhead", mode, world, tmp_path / "ds" / "w.npz")
+    assert int(ds["world"]) == world and (tmp_path / "ds" / "ckpt" / "step=3.ckpt").exists()
+    assert np.abs(one["weights"] - one["init"]).max() > 1e-3  # the checkpoint holds trained weights
+    np.testing.assert_allclose(ds["weights"], one["weights"], rtol=0, atol=1e-5)
+    assert np.isfinite(one["val"]) and abs(float(ds["val"]) - float(one["val"])) < 1e-5
+
+
+@pytest.mark.slow
 def test_per_task_backward_needs_and_gets_the_boundary(tmp_path):
     one = _run("maml", "plain", 1, tmp_path / "one" / "w.npz")
     per_task = _run("maml", "zero2_pertask", 2, tmp_path / "pt" / "w.npz")

@@ -234,9 +234,9 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
     mostly-full adaptation, presets that adapt tensors inside partitioned modules (``bias``,
     ``lora``), ``task_batching='vmap'``, ``per_task_backward=True`` (wrong meta-gradients under
     ZeRO-3), MAML activation checkpointing, IMAML / MAML++ / Meta-SGD / Reptile and non-MAML
-    learners. Use ZeRO-2 for those. ``Trainer.validate(ckpt_path=...)`` from a ZeRO-3 checkpoint
-    fails inside DeepSpeed 0.19 (its inference engine has no ``_restore_from_bit16_weights``).
-    Not yet run on GPU.
+    learners. Use ZeRO-2 for those. ``Trainer.validate/test/predict(ckpt_path=...)`` load a ZeRO-3
+    checkpoint folder by rebuilding its fp32 weights (:meth:`load_checkpoint`); DeepSpeed's own
+    inference-engine loader fails on them. Not yet run on GPU.
 
     The ``meta_batch_size`` of lightning_meta datamodules is global (split over the processes);
     the meta-gradient is the mean over all tasks only if every rank holds the same number of
@@ -310,6 +310,76 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
             stripped = prepare_zero3_adapted(module, adapted)
             rank_zero_info(f"ZeRO-3: gathered the adapted parameters and removed ZeRO-3 hooks from {stripped} "
                            "module(s) that hold only adapted parameters")
+
+    # -------------------------------------------- evaluating a checkpoint
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads a DeepSpeed checkpoint folder; ZeRO-3 folders also load for ``validate``/``test``/``predict``.
+
+        Training resumes through DeepSpeed's own loader. Outside ``fit`` Lightning builds a
+        DeepSpeed inference engine, which cannot restore ZeRO-3 weights from the optimizer
+        partitions where they are saved (DeepSpeed 0.19 fails with ``'DeepSpeedZeRoOffload'
+        object has no attribute '_restore_from_bit16_weights'``). For that case the fp32 weights
+        are rebuilt from the partitions (DeepSpeed's ``zero_to_fp32``) on rank 0 and copied into
+        the partitioned module one parameter at a time, so memory stays at one full tensor.
+        """
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        module = self.lightning_module
+        fitting = module is not None and module.trainer.state.fn == TrainerFn.FITTING
+        if self.zero_stage != 3 or fitting or self.load_full_weights:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        return self._load_zero3_for_evaluation(self.broadcast(checkpoint_path))
+
+    def _load_zero3_for_evaluation(self, checkpoint_path: str) -> dict[str, Any]:
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = self.lightning_module
+        assert module is not None
+        folder = str(checkpoint_path)
+        latest = os.path.join(folder, "latest")
+        tag = open(latest).read().strip() if os.path.isfile(latest) else "checkpoint"
+        states = os.path.join(folder, tag, "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        if not os.path.isfile(states):
+            raise MetaConfigError(
+                f"{folder!r} is not a ZeRO-3 DeepSpeed checkpoint folder (no {tag}/zero_pp_rank_0_mp_rank_00_model_states.pt); "
+                "pass the `.ckpt` folder a ZeRO-3 run saved, or load a single-file checkpoint with "
+                "strategy=MetaDeepSpeedStrategy(stage=3, load_full_weights=True)"
+            )
+        full: dict[str, torch.Tensor] = {}
+        if self.global_rank == 0:
+            raw = get_fp32_state_dict_from_zero_checkpoint(folder, tag=tag)
+            prefix = "_forward_module."
+            full = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in raw.items()}
+            missing = [n for n, _ in module.named_parameters() if n not in full]
+            if missing and module.strict_loading:
+                raise MetaConfigError(f"the ZeRO-3 checkpoint {folder!r} has no weights for {missing[:5]} "
+                                      f"({len(missing)} parameters); is it from a different model?")
+        for name, param in module.named_parameters():
+            # parameters ZeRO does not manage, and the adapted ones kept whole (prepare_zero3_adapted:
+            # their hooks are gone, so they must never be partitioned again), are copied on every rank
+            whole = getattr(param, "ds_persist", False) and param.ds_status == ZeroParamStatus.AVAILABLE
+            if not hasattr(param, "ds_id") or whole:
+                value = self.broadcast(full.get(name) if self.global_rank == 0 else None)
+                if value is not None:
+                    param.data.copy_(value.to(param.dtype).view_as(param))
+                continue
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if self.global_rank == 0 and name in full:
+                    param.data.copy_(full[name].to(param.dtype).view_as(param))
+        for name, buf in module.named_buffers():
+            value = full.get(name) if self.global_rank == 0 else None
+            payload = self.broadcast(value.cpu() if value is not None else None)
+            if payload is not None:
+                buf.copy_(payload.to(buf.dtype))
+        client = torch.load(states, map_location="cpu", weights_only=False)
+        ds_keys = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes",
+                   "frozen_param_fragments", "shared_params", "lr_scheduler", "data_sampler", "random_ltd",
+                   "sparse_tensor_module_names", "skipped_steps", "global_steps", "global_samples",
+                   "dp_world_size", "mp_world_size", "ds_config", "ds_version"}
+        return {k: v for k, v in client.items() if k not in ds_keys}
 
     @override
     def _auto_select_batch_size(self) -> int:
