@@ -5,7 +5,8 @@ Run by tests/test_deepspeed.py as::
     python tests/deepspeed_script.py ALGO MODE WORLD OUT [SHARDS]
 
 ALGO: ``maml`` (second order, sinusoid MLP), ``mamlhead`` / ``mamlfirst`` (the same with
-``adapt_filter="head"`` / the first layer and the head), ``film`` / ``cavia`` (MAML adapting FiLM
+``adapt_filter="head"`` / the first layer and the head), ``lora`` (MAML adapting LoRA factors),
+``film`` / ``cavia`` (MAML adapting FiLM
 parameters / a CAVIA context after the first layer), ``anil`` (sinusoid MLP) or ``protonet``
 (glyph shards).
 MODE: ``plain`` (Lightning's default strategy, WORLD must be 1), ``zero0``/``zero1``/``zero2``/``zero3``
@@ -46,6 +47,12 @@ def build(algo: str, pertask: bool, shards: str):
         cls = ANIL if algo == "anil" else MAML
         model = cls(MLP(1, [16, 16]), task="regression", inner_lr=0.01, inner_steps=2, lr=0.01,
                     per_task_backward=pertask, **kwargs)
+    elif algo == "lora":  # MAML adapting rank-1 LoRA factors on every Linear; the base weights train outside
+        from lightning_meta.backbones.adapters import LoRABackbone
+
+        dm = SinusoidDataModule(meta_batch_size=4, train_episodes=16, val_episodes=4, eval_meta_batch_size=2)
+        model = MAML(LoRABackbone(MLP(1, [16, 16]), rank=1, freeze="none"), task="regression", inner_lr=0.05,
+                     inner_steps=2, lr=0.01, adapt_filter="lora")
     elif algo in ("film", "cavia"):  # MAML adapting FiLM parameters / a CAVIA context after the first layer
         dm = SinusoidDataModule(meta_batch_size=4, train_episodes=16, val_episodes=4, eval_meta_batch_size=2)
         body = FiLMBackbone(MLP(1, [16, 16]), target=r"net\.0$", context_dim=4 if algo == "cavia" else 0)

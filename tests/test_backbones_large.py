@@ -224,7 +224,7 @@ def test_lora_linear_equals_hand_formula_and_freezes_base():
     x = torch.randn(7, 5, dtype=torch.float64)
     expected = x @ layer.weight.T + layer.bias + (3.0 / 2) * (x @ layer.lora_A.T) @ layer.lora_B.T
     torch.testing.assert_close(layer(x), expected)
-    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_factors.A", "lora_factors.B"}
     assert "rank=2" in repr(layer) and "alpha=3" in repr(layer)
 
 
@@ -236,7 +236,7 @@ def test_lora_linear_equals_hand_formula_and_freezes_base():
 def test_lora_backbone_freeze_modes(freeze, trainable_base):
     body = LoRABackbone(MLP(3, [6, 5]), rank=2, target=r"^net\.0$", freeze=freeze)
     trainable = {n.removeprefix("body."): p.requires_grad for n, p in body.named_parameters()}
-    assert trainable.pop("net.0.lora_A") and trainable.pop("net.0.lora_B")
+    assert trainable.pop("net.0.lora_factors.A") and trainable.pop("net.0.lora_factors.B")
     assert {n for n, t in trainable.items() if t} == trainable_base
     assert body.out_features == 5 and body.wrapped == ["net.0"]
 
@@ -257,13 +257,13 @@ def test_lora_preset_adapts_only_lora_parameters():
     torch.manual_seed(0)
     model = MAML(LoRABackbone(tiny_vit(), rank=2, target=r"attn\.qkv$", freeze="none"), ways=3,
                  adapt_filter="lora", inner_lr=0.5)
-    assert model.adapted_names == [f"backbone.body.blocks.{i}.attn.qkv.lora_{m}" for i in range(2) for m in "AB"]
+    assert model.adapted_names == [f"backbone.body.blocks.{i}.attn.qkv.lora_factors.{m}" for i in range(2) for m in "AB"]
     batch = _cls_batch(tasks=1, dtype=torch.float32)
     fast = model.adapt(batch.tasks()[0])
     params = dict(model.model.named_parameters())
     changed = {n for n, v in fast.items() if not torch.equal(v.detach(), params[n].detach())}
     # B moves in the first step (A's gradient is zero while B is zero); nothing outside LoRA moves
-    assert changed and all(n.endswith("lora_B") for n in changed)
+    assert changed and all(n.endswith("lora_factors.B") for n in changed)
 
 
 class TanhMLP(nn.Module):
@@ -284,7 +284,7 @@ def test_maml_lora_meta_gradient_equals_explicit_autograd_loop():
                  inner_steps=steps, adapt_filter="lora").double()
     with torch.no_grad():  # non-zero B so that every term of the meta-gradient is exercised
         for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
+            if n.endswith("lora_factors.B"):
                 p.normal_(0, 0.3)
     g = torch.Generator().manual_seed(3)
     eps = [Episode(torch.randn(6, 3, generator=g, dtype=torch.float64), torch.arange(ways).repeat(2),
@@ -300,7 +300,7 @@ def test_maml_lora_meta_gradient_equals_explicit_autograd_loop():
         for layer in ("l1", "l2"):
             pre = f"backbone.body.{layer}."
             w, b = P[pre + "weight"], P[pre + "bias"]
-            h = torch.tanh(h @ w.T + b + s * (h @ lo[pre + "lora_A"].T) @ lo[pre + "lora_B"].T)
+            h = torch.tanh(h @ w.T + b + s * (h @ lo[pre + "lora_factors.A"].T) @ lo[pre + "lora_factors.B"].T)
         return h @ P["head.weight"].T + P["head.bias"]
 
     total = 0
@@ -322,7 +322,7 @@ def test_maml_lora_vit_vmap_equals_loop():
     body = LoRABackbone(tiny_vit(depth=1), rank=2, target=r"attn", freeze="none")
     with torch.no_grad():
         for n, p in body.named_parameters():
-            if n.endswith("lora_B"):
+            if n.endswith("lora_factors.B"):
                 p.normal_(0, 0.1)
     a = MAML(copy.deepcopy(body), ways=3, inner_lr=0.3, inner_steps=2, adapt_filter="lora").double()
     b = MAML(copy.deepcopy(body), ways=3, inner_lr=0.3, inner_steps=2, adapt_filter="lora",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("deepspeed")
 
@@ -99,12 +100,27 @@ def test_zero3_accepts_partial_adaptation_and_keeps_it_whole():
         film = MAML(FiLMBackbone(MLP(1, [32, 32]), target=r"net\.0$", context_dim=context_dim), task="regression",
                     adapt_filter="film")
         assert check_zero3_compatible(film) == film_names(context_dim)
+    # LoRA factors sit in their own module (LoRALinear.lora_factors), apart from the partitioned base weight
+    from lightning_meta.backbones.adapters import LoRABackbone
+
+    lora = MAML(LoRABackbone(MLP(1, [32, 32]), rank=2, freeze="none"), task="regression", adapt_filter="lora")
+    assert check_zero3_compatible(lora) == [f"model.backbone.body.net.{i}.lora_factors.{m}" for i in (0, 2)
+                                            for m in "AB"]
     anil = ANIL(MLP(1, [32, 32]), task="regression")
     strategy = MetaDeepSpeedStrategy(stage=3)
     strategy.check_meta_module(anil)
     assert strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] >= 32  # head.weight [1, 32]
     # stages 0-2 accept full second-order adaptation (exact, see the slow tests)
     MetaDeepSpeedStrategy(stage=2).check_meta_module(_maml())
+
+
+def test_zero3_check_reads_partitioned_sizes():
+    # a second Trainer call (test after fit) checks a module ZeRO-3 already partitioned: its
+    # tensors are empty and ds_numel holds the real size; reading numel() refused ANIL as 100% adapted
+    anil = ANIL(MLP(1, [32, 32]), task="regression")
+    for p in anil.parameters():
+        p.ds_numel, p.data = p.numel(), torch.empty(0)
+    assert check_zero3_compatible(anil) == ["model.head.weight", "model.head.bias"]
 
 
 def film_names(context_dim: int) -> list[str]:
@@ -114,15 +130,12 @@ def film_names(context_dim: int) -> list[str]:
 
 def _zero3_refusals():
     from lightning_meta.algorithms import IMAML, MAMLPlusPlus, MetaSGD, Reptile
-    from lightning_meta.backbones.adapters import LoRABackbone
 
     head = {"task": "regression", "adapt_filter": "head"}
     return [
         # adapted tensors inside modules that also hold partitioned weights
         ("bias", lambda: _maml("bias"), r"adapt_filter='bias'\): module 'backbone.net.0' holds adapted "
                                          r"\['backbone.net.0.bias'\] next to partitioned \['backbone.net.0.weight'\]"),
-        ("lora", lambda: MAML(LoRABackbone(MLP(1, [32, 32]), rank=2, freeze="none"), task="regression",
-                              adapt_filter="lora"), r"adapt_filter='lora'\): module 'backbone.body.net.0' holds"),
         ("vmap", lambda: MAML(MLP(1, [32, 32]), task_batching="vmap", **head), r"task_batching='vmap'"),
         ("per task", lambda: ANIL(MLP(1, [32, 32]), task="regression", per_task_backward=True),
          r"per_task_backward=True\) gives wrong meta-gradients"),
@@ -196,7 +209,7 @@ def test_zero_two_ranks_equal_one_plain_rank(tmp_path, algo, mode):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("algo", "world"), [("anil", 1), ("mamlhead", 1), ("anil", 2), ("mamlhead", 2),
-                                             ("mamlfirst", 2), ("film", 2), ("cavia", 2)])
+                                             ("mamlfirst", 2), ("film", 2), ("cavia", 2), ("lora", 2)])
 def test_zero3_partial_adaptation_equals_one_plain_rank(tmp_path, algo, world):
     # ZeRO-3 keeps the adapted whole modules unpartitioned and strips their hooks; the rest is partitioned
     one = _run(algo, "plain", 1, tmp_path / "one" / "w.npz")
@@ -230,6 +243,21 @@ def test_validate_from_a_deepspeed_checkpoint_equals_plain(tmp_path, mode, world
     assert np.abs(one["weights"] - one["init"]).max() > 1e-3  # the checkpoint holds trained weights
     np.testing.assert_allclose(ds["weights"], one["weights"], rtol=0, atol=1e-5)
     assert np.isfinite(one["val"]) and abs(float(ds["val"]) - float(one["val"])) < 1e-5
+
+
+@pytest.mark.slow
+def test_vit_lora_config_runs_under_zero3(tmp_path):
+    # configs/vit_lora_zero2.yaml (LoRA factors + head adapt) shrunk for CPU, under ZeRO-3: fit, then test
+    vit = "--model.init_args.backbone.init_args.backbone.init_args."
+    args = [sys.executable, "-c", "from lightning_meta.cli import console_main; console_main()", "fit", "--config", str(ROOT / "configs" / "vit_lora_zero2.yaml"),
+            "--trainer.accelerator", "cpu", "--trainer.strategy", "deepspeed_cpu_stage_3", vit + "dim", "32",
+            vit + "depth", "2", vit + "heads", "2", "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar",
+            "false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(32500 + os.getpid() % 1000))
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout + proc.stderr
+    assert "keeping the" in out and "adapted parameter tensors unpartitioned" in out and "meta-test acc" in out
 
 
 @pytest.mark.slow

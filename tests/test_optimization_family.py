@@ -161,7 +161,7 @@ def test_reptile_update_equals_explicit_loop(batching):
 def test_adapt_filter_presets_and_regex():
     f = adapt_filter_fn("head")
     assert f("head.weight") and not f("backbone.encoder.0.weight")
-    assert adapt_filter_fn("lora")("blocks.0.lora_A") and not adapt_filter_fn("lora")("blocks.0.weight")
+    assert adapt_filter_fn("lora")("blocks.0.lora_factors.A") and not adapt_filter_fn("lora")("blocks.0.weight")
     assert adapt_filter_fn("film")("backbone.film.gamma") and adapt_filter_fn("film")("context")
     assert adapt_filter_fn(r"encoder\.0\.")("backbone.encoder.0.weight")
     with pytest.raises(MetaConfigError, match="adapt_filter"):

@@ -1,6 +1,6 @@
 """Embedding networks ("bodies"); algorithms add their own task head."""
 
-from lightning_meta.backbones.adapters import FiLM, FiLMBackbone, LoRABackbone, LoRALinear, add_film, add_lora
+from lightning_meta.backbones.adapters import FiLM, FiLMBackbone, LoRABackbone, LoRAFactors, LoRALinear, add_film, add_lora
 from lightning_meta.backbones.conv4 import Conv4
 from lightning_meta.backbones.mlp import MLP
 from lightning_meta.backbones.resnet12 import ResNet12
@@ -12,6 +12,7 @@ __all__ = [
     "FiLM",
     "FiLMBackbone",
     "LoRABackbone",
+    "LoRAFactors",
     "LoRALinear",
     "MLP",
     "ResNet12",

@@ -2,7 +2,7 @@
 
 These modules give a network a few parameters whose names the ``adapt_filter`` presets of
 :func:`lightning_meta.algorithms.maml.adapt_filter_fn` select: ``lora`` picks names containing
-``lora_`` (:class:`LoRALinear`'s ``lora_A`` and ``lora_B``), ``film`` picks names containing
+``lora_`` (:class:`LoRALinear`'s ``lora_factors.A`` and ``lora_factors.B``), ``film`` picks names containing
 ``film`` or ``context`` (:class:`FiLM`'s ``film_scale`` / ``film_shift``, or its CAVIA
 ``context`` vector). Both start as the identity, so adding them leaves the network's function
 unchanged, and both are plain tensor maths, so they work under ``torch.func`` transforms.
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_meta.errors import MetaConfigError
 
-__all__ = ["FiLM", "FiLMBackbone", "LoRABackbone", "LoRALinear", "add_film", "add_lora"]
+__all__ = ["FiLM", "FiLMBackbone", "LoRABackbone", "LoRAFactors", "LoRALinear", "add_film", "add_lora"]
 
 Freeze = Literal["wrapped", "all", "none"]
 
@@ -38,14 +38,43 @@ def _check_rank_alpha(rank: int, alpha: float | None) -> float:
     return float(alpha)
 
 
+class LoRAFactors(nn.Module):
+    """The two factors of a LoRA update, ``x -> (alpha / rank) * x A^T B^T``, in their own module.
+
+    :class:`LoRALinear` keeps them here rather than next to its base weight so that a module
+    holds either adapted or base parameters, never both: ZeRO-3 can then keep the factors whole
+    and partition the base weight (see :func:`~lightning_meta.strategies.check_zero3_compatible`).
+    ``A`` (``[rank, in]``) starts Kaiming-uniform and ``B`` (``[out, rank]``) at zero.
+
+    Example:
+        >>> f = LoRAFactors(8, 4, rank=2, scaling=0.5)
+        >>> f(torch.randn(3, 8)).abs().max().item(), [n for n, _ in f.named_parameters()]
+        (0.0, ['A', 'B'])
+
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.scaling = scaling
+        self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., in] -> [..., out]``."""
+        return F.linear(F.linear(x, self.A), self.B) * self.scaling
+
+
 class LoRALinear(nn.Linear):
     """``nn.Linear`` plus a low-rank update: ``x W^T + b + (alpha / rank) * x A^T B^T`` (Hu et al. 2022).
 
-    ``lora_A`` (``[rank, in]``) starts Kaiming-uniform and ``lora_B`` (``[out, rank]``) at zero, so
-    the layer computes exactly the base layer until ``lora_B`` moves. ``weight`` and ``bias`` keep
-    their names (a state dict of the base network still loads) and are frozen
-    (``requires_grad=False``) unless ``freeze_base=False``. The ``lora`` preset of ``adapt_filter``
-    selects ``lora_A`` and ``lora_B``.
+    The factors live in the child :class:`LoRAFactors` ``lora_factors`` (parameter names
+    ``lora_factors.A`` and ``lora_factors.B``; also reachable as ``lora_A`` and ``lora_B``).
+    ``A`` starts Kaiming-uniform and ``B`` at zero, so the layer computes exactly the base layer
+    until ``B`` moves. ``weight`` and ``bias`` keep their names (a state dict of the base network
+    still loads) and are frozen (``requires_grad=False``) unless ``freeze_base=False``. The
+    ``lora`` preset of ``adapt_filter`` selects the factors (names containing ``lora_``).
 
     Args:
         in_features, out_features, bias: as :class:`torch.nn.Linear`.
@@ -61,7 +90,7 @@ class LoRALinear(nn.Linear):
         >>> lora = LoRALinear.from_linear(base, rank=2)
         >>> x = torch.randn(3, 8)
         >>> torch.equal(lora(x), base(x)), sorted(n for n, p in lora.named_parameters() if p.requires_grad)
-        (True, ['lora_A', 'lora_B'])
+        (True, ['lora_factors.A', 'lora_factors.B'])
 
     """
 
@@ -81,11 +110,19 @@ class LoRALinear(nn.Linear):
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_factors = LoRAFactors(in_features, out_features, rank, self.scaling, device=device, dtype=dtype)
         if freeze_base:
             self.freeze_base()
+
+    @property
+    def lora_A(self) -> nn.Parameter:  # noqa: N802
+        """The ``[rank, in]`` factor (``lora_factors.A``)."""
+        return self.lora_factors.A
+
+    @property
+    def lora_B(self) -> nn.Parameter:  # noqa: N802
+        """The ``[out, rank]`` factor (``lora_factors.B``), zero at initialisation."""
+        return self.lora_factors.B
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 4, alpha: float | None = None,
@@ -109,7 +146,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., in] -> [..., out]``."""
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return F.linear(x, self.weight, self.bias) + self.lora_factors(x)
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}"
@@ -130,7 +167,7 @@ def add_lora(
     r"""Replace, in place, the ``nn.Linear`` layers of ``module`` matching ``target`` by :class:`LoRALinear`.
 
     The replacement shares the original weight and bias, so parameter names (and the network's
-    function, at initialisation) do not change; each gains ``lora_A`` and ``lora_B``.
+    function, at initialisation) do not change; each gains ``lora_factors.A`` and ``lora_factors.B``.
 
     Args:
         module: the network to modify.
@@ -152,7 +189,7 @@ def add_lora(
         >>> add_lora(net, rank=2, target=r"^0$")
         ['0']
         >>> [n for n, _ in net.named_parameters()]
-        ['0.weight', '0.bias', '0.lora_A', '0.lora_B', '2.weight', '2.bias']
+        ['0.weight', '0.bias', '0.lora_factors.A', '0.lora_factors.B', '2.weight', '2.bias']
 
     """
     _check_rank_alpha(rank, alpha)

@@ -7,8 +7,8 @@ methods: importing this module, or :mod:`lightning_meta`, never imports it.
   stages 0/1/2 with second-order inner loops. ZeRO-3 partitions parameters and gathers them only
   inside module forwards, so a functional inner loop over partitioned weights fails (size
   mismatch, ``ds_status`` errors, segfaults under ``vmap``); stage 3 is therefore accepted only
-  when the model adapts a small subset made of whole modules (ANIL, ``adapt_filter`` head / film
-  or a regular expression naming whole layers; not bias or lora). That subset is kept whole on
+  when the model adapts a small subset made of whole modules (ANIL, ``adapt_filter`` head / film /
+  lora or a regular expression naming whole layers; not bias). That subset is kept whole on
   every rank and freed from ZeRO-3's module hooks (:func:`prepare_zero3_adapted`); the rest of
   the network stays partitioned and runs through ordinary module calls.
 - :class:`CPUDeepSpeedStrategy`: the same on CPU processes with the gloo backend, for tests and
@@ -114,10 +114,11 @@ def check_zero3_compatible(module: torch.nn.Module) -> list[str]:
       ``ZERO3_MAX_ADAPTED_FRACTION`` of the elements;
     - every module that owns an adapted parameter owns only adapted parameters (whole-module
       selections: ANIL, ``adapt_filter='head'``, ``'film'`` over
-      :class:`~lightning_meta.backbones.adapters.FiLM` layers (plain or CAVIA context), or a
-      regular expression naming whole layers, e.g. ``'encoder|head'``). ``bias`` and
-      ``lora`` put adapted tensors in modules that also hold partitioned weights and are refused
-      (use ZeRO-2 for them).
+      :class:`~lightning_meta.backbones.adapters.FiLM` layers (plain or CAVIA context), ``'lora'``
+      (:class:`~lightning_meta.backbones.adapters.LoRALinear` keeps its factors in a child
+      module), or a regular expression naming whole layers, e.g. ``'encoder|head'``). ``bias``
+      puts adapted tensors in modules that also hold partitioned weights and is refused (use
+      ZeRO-2 for it).
 
     Example:
         >>> from lightning_meta.algorithms import ANIL
@@ -129,7 +130,8 @@ def check_zero3_compatible(module: torch.nn.Module) -> list[str]:
     name = type(module).__name__
     fix = ("use ZeRO stage 2 (strategy='deepspeed_meta_stage_2' or 'deepspeed_cpu_stage_2'; exact for second-order "
            "inner loops), or with ZeRO-3 adapt whole modules only: ANIL, MAML(adapt_filter='head'), "
-           "MAML(adapt_filter='film') over FiLM layers, or a regular expression naming whole layers")
+           "MAML(adapt_filter='film') over FiLM layers, MAML(adapt_filter='lora') over LoRALinear layers, or a regular "
+           "expression naming whole layers")
     adapted = getattr(module, "adapted_names", None)
     net = getattr(module, "model", None)
     if adapted is None or not isinstance(net, torch.nn.Module):
@@ -138,7 +140,8 @@ def check_zero3_compatible(module: torch.nn.Module) -> list[str]:
             f"that call the network functionally fail; {name} does not declare which parameters it adapts "
             f"(no `adapted_names` list over `model`), so it cannot be checked; {fix}"
         )
-    sizes = {n: p.numel() for n, p in net.named_parameters()}
+    # a module ZeRO-3 has already partitioned (a second Trainer call) holds empty tensors: use ds_numel
+    sizes = {n: int(getattr(p, "ds_numel", p.numel())) for n, p in net.named_parameters()}
     missing = [n for n in adapted if n not in sizes]
     if missing:
         raise MetaConfigError(f"{name}.adapted_names lists {missing}, which are not parameters of {name}.model")
@@ -218,8 +221,8 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
 
     ZeRO-3 supports exactly one path: partial adaptation of whole modules, i.e.
     :class:`~lightning_meta.algorithms.ANIL`, or :class:`~lightning_meta.algorithms.MAML` with
-    ``adapt_filter='head'``, ``'film'`` (FiLM layers, plain or CAVIA context) or a regular
-    expression that selects whole layers (at most ``ZERO3_MAX_ADAPTED_FRACTION`` of the
+    ``adapt_filter='head'``, ``'film'`` (FiLM layers, plain or CAVIA context), ``'lora'``
+    (LoRALinear factors) or a regular expression that selects whole layers (at most ``ZERO3_MAX_ADAPTED_FRACTION`` of the
     elements), with ``task_batching='loop'`` and ``per_task_backward=False``. The adapted
     parameters are kept unpartitioned on every rank (the persistence threshold is raised to the
     largest of them), gathered once after ``deepspeed.initialize``, and ZeRO-3's module hooks are
@@ -227,12 +230,11 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
     rest of the network is gathered by ZeRO-3's hooks in ordinary module calls (MAML's inner
     gradient then comes from ``torch.autograd.grad``, see
     :func:`~lightning_meta.functional.inner_adapt`). On CPU (gloo) the weights after 6 steps match
-    one plain process within 1e-7 with 1 and 2 processes for ANIL, MAML ``head``, ``film``, CAVIA
-    context and first-layer-plus-head (tests/test_deepspeed.py); validation, DeepSpeed checkpoint
+    one plain process within 1e-5 with 1 and 2 processes for ANIL, MAML ``head``, ``film``, CAVIA
+    context, ``lora`` and first-layer-plus-head (tests/test_deepspeed.py); validation, DeepSpeed checkpoint
     saving and resuming training work. Everything else is refused at setup with a
     :class:`~lightning_meta.errors.MetaConfigError` (see :func:`check_zero3_compatible`): full or
-    mostly-full adaptation, presets that adapt tensors inside partitioned modules (``bias``,
-    ``lora``), ``task_batching='vmap'``, ``per_task_backward=True`` (wrong meta-gradients under
+    mostly-full adaptation, the ``bias`` preset (adapted tensors inside partitioned modules), ``task_batching='vmap'``, ``per_task_backward=True`` (wrong meta-gradients under
     ZeRO-3), MAML activation checkpointing, IMAML / MAML++ / Meta-SGD / Reptile and non-MAML
     learners. Use ZeRO-2 for those. ``Trainer.validate/test/predict(ckpt_path=...)`` load a ZeRO-3
     checkpoint folder by rebuilding its fp32 weights (:meth:`load_checkpoint`); DeepSpeed's own
@@ -285,7 +287,7 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
             return
         adapted = check_zero3_compatible(module)
         params = dict(module.named_parameters())
-        largest = max(params[n].numel() for n in adapted)
+        largest = max(int(getattr(params[n], "ds_numel", params[n].numel())) for n in adapted)
         zero = self.config["zero_optimization"]
         zero["stage3_param_persistence_threshold"] = max(int(zero.get("stage3_param_persistence_threshold", 0)),
                                                          largest)
