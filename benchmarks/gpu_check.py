@@ -105,7 +105,12 @@ def fmt(x: float) -> str:
 
 # ------------------------------------------------------------------------------- 1. strategies
 def _sinusoid_learner(kind: str, per_task_backward: bool = False) -> MAML:
-    """``maml`` (second order, all weights adapt), ``anil``, or ``head`` (MAML adapting only the head)."""
+    """``maml`` (second order, all weights adapt), ``anil``, ``head`` (MAML adapting only the head) or ``lora``."""
+    if kind == "lora":  # rank-2 LoRA factors adapt; the base weights (trained in the outer loop) do not
+        from lightning_meta.backbones.adapters import LoRABackbone
+
+        return MAML(LoRABackbone(MLP(1, [40, 40]), rank=2, freeze="none"), task="regression", inner_lr=0.01,
+                    inner_steps=1, per_task_backward=per_task_backward, adapt_filter="lora")
     if kind == "anil":
         return ANIL(MLP(1, [40, 40]), task="regression", inner_lr=0.01, inner_steps=1,
                     per_task_backward=per_task_backward)
@@ -207,7 +212,8 @@ def strategies(args: argparse.Namespace) -> Table:
         table.add(attempt(row, 4))
     ds3 = "deepspeed_meta_stage_3" if args.device.type == "cuda" else "deepspeed_cpu_stage_3"
     for label, kind in [(f"DeepSpeed ZeRO-3, ANIL vs plain ANIL ({ds3})", "anil"),
-                        (f"DeepSpeed ZeRO-3, MAML adapt_filter='head' vs plain ({ds3})", "head")]:
+                        (f"DeepSpeed ZeRO-3, MAML adapt_filter='head' vs plain ({ds3})", "head"),
+                        (f"DeepSpeed ZeRO-3, MAML adapt_filter='lora' vs plain ({ds3})", "lora")]:
         table.add(attempt(lambda label=label, kind=kind: zero3_row(label, kind, args), 4))
     return table
 
@@ -415,7 +421,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--steps", type=int, default=None, help="outer steps in sections 1 and 2b (default 20; 3 quick)")
     p.add_argument("--out", default=None, help="also write the tables (markdown) to this file")
     p.add_argument("--sections", default="1234", help="which sections to run, e.g. 34")
-    p.add_argument("--zero3-child", default=None, choices=["anil", "head"], help=argparse.SUPPRESS)
+    p.add_argument("--zero3-child", default=None, choices=["anil", "head", "lora"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
