@@ -151,6 +151,8 @@ def test_zero3_refuses_unsupported_partial_adaptation():
         with pytest.raises(MetaConfigError, match=message) as e:
             check_zero3_compatible(make())
         assert "ZeRO stage 2" in str(e.value), label  # the fix is named
+    with pytest.raises(MetaConfigError, match=r"add FiLM layers \(lightning_meta.backbones.add_film\)"):
+        check_zero3_compatible(_maml("bias"))  # the ZeRO-3 alternative to BitFit is named
     # the same preset (bias) is fine with ZeRO-2
     MetaDeepSpeedStrategy(stage=2).check_meta_module(_maml("bias"))
 

@@ -169,6 +169,8 @@ def check_zero3_compatible(module: torch.nn.Module) -> list[str]:
                 f"adapted {sorted(set(own) - set(mixed))} next to partitioned {mixed}; ZeRO-3 gathers a module's "
                 "weights in hooks that cannot take functional fast weights, so only whole modules can adapt; "
                 f"{fix}"
+                + ("; for a bias-like per-channel offset under ZeRO-3, add FiLM layers "
+                   "(lightning_meta.backbones.add_film) and use adapt_filter='film'" if spec == "bias" else "")
             )
     return [f"model.{n}" for n in adapted]
 
