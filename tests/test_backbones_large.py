@@ -216,6 +216,23 @@ def test_lora_at_init_equals_base_model_exactly():
     assert not unexpected and missing and all("lora_" in k for k in missing)
 
 
+def test_lora_state_dict_with_the_old_factor_names_loads():
+    # before LoRAFactors, the factors were LoRALinear parameters named lora_A / lora_B
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    add_lora(net, rank=2)
+    with torch.no_grad():
+        net[0].lora_B.normal_()
+    old = {k.replace("lora_factors.A", "lora_A").replace("lora_factors.B", "lora_B"): v.clone()
+           for k, v in net.state_dict().items()}
+    assert "0.lora_A" in old and not any("lora_factors" in k for k in old)
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    add_lora(fresh, rank=2)
+    assert fresh.load_state_dict(old) is not None  # strict: no missing or unexpected keys
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(fresh(x), net(x))
+
+
 def test_lora_linear_equals_hand_formula_and_freezes_base():
     torch.manual_seed(0)
     layer = LoRALinear(5, 4, rank=2, alpha=3.0).double()

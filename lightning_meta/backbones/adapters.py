@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +147,13 @@ class LoRALinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         """``[..., in] -> [..., out]``."""
         return F.linear(x, self.weight, self.bias) + self.lora_factors(x)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # state dicts saved before the factors moved into `lora_factors` name them `lora_A` / `lora_B`
+        for old, new in (("lora_A", "lora_factors.A"), ("lora_B", "lora_factors.B")):
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}"
