@@ -274,7 +274,8 @@ def test_lora_preset_adapts_only_lora_parameters():
     torch.manual_seed(0)
     model = MAML(LoRABackbone(tiny_vit(), rank=2, target=r"attn\.qkv$", freeze="none"), ways=3,
                  adapt_filter="lora", inner_lr=0.5)
-    assert model.adapted_names == [f"backbone.body.blocks.{i}.attn.qkv.lora_factors.{m}" for i in range(2) for m in "AB"]
+    assert model.adapted_names == [f"backbone.body.blocks.{i}.attn.qkv.lora_factors.{m}"
+                                   for i in range(2) for m in "AB"]
     batch = _cls_batch(tasks=1, dtype=torch.float32)
     fast = model.adapt(batch.tasks()[0])
     params = dict(model.model.named_parameters())

@@ -251,7 +251,8 @@ def test_validate_from_a_deepspeed_checkpoint_equals_plain(tmp_path, mode, world
 def test_vit_lora_config_runs_under_zero3(tmp_path):
     # configs/vit_lora_zero2.yaml (LoRA factors + head adapt) shrunk for CPU, under ZeRO-3: fit, then test
     vit = "--model.init_args.backbone.init_args.backbone.init_args."
-    args = [sys.executable, "-c", "from lightning_meta.cli import console_main; console_main()", "fit", "--config", str(ROOT / "configs" / "vit_lora_zero2.yaml"),
+    args = [sys.executable, "-c", "from lightning_meta.cli import console_main; console_main()", "fit",
+            "--config", str(ROOT / "configs" / "vit_lora_zero2.yaml"),
             "--trainer.accelerator", "cpu", "--trainer.strategy", "deepspeed_cpu_stage_3", vit + "dim", "32",
             vit + "depth", "2", vit + "heads", "2", "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar",
             "false"]

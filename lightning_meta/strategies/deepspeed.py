@@ -224,8 +224,8 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
     ZeRO-3 supports exactly one path: partial adaptation of whole modules, i.e.
     :class:`~lightning_meta.algorithms.ANIL`, or :class:`~lightning_meta.algorithms.MAML` with
     ``adapt_filter='head'``, ``'film'`` (FiLM layers, plain or CAVIA context), ``'lora'``
-    (LoRALinear factors) or a regular expression that selects whole layers (at most ``ZERO3_MAX_ADAPTED_FRACTION`` of the
-    elements), with ``task_batching='loop'`` and ``per_task_backward=False``. The adapted
+    (LoRALinear factors) or a regular expression that selects whole layers (at most
+    ``ZERO3_MAX_ADAPTED_FRACTION`` of the elements), with ``task_batching='loop'`` and ``per_task_backward=False``. The adapted
     parameters are kept unpartitioned on every rank (the persistence threshold is raised to the
     largest of them), gathered once after ``deepspeed.initialize``, and ZeRO-3's module hooks are
     removed from the modules that own them, so the inner loop applies them functionally while the
@@ -236,7 +236,8 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
     context, ``lora`` and first-layer-plus-head (tests/test_deepspeed.py); validation, DeepSpeed checkpoint
     saving and resuming training work. Everything else is refused at setup with a
     :class:`~lightning_meta.errors.MetaConfigError` (see :func:`check_zero3_compatible`): full or
-    mostly-full adaptation, the ``bias`` preset (adapted tensors inside partitioned modules), ``task_batching='vmap'``, ``per_task_backward=True`` (wrong meta-gradients under
+    mostly-full adaptation, the ``bias`` preset (adapted tensors inside partitioned modules),
+    ``task_batching='vmap'``, ``per_task_backward=True`` (wrong meta-gradients under
     ZeRO-3), MAML activation checkpointing, IMAML / MAML++ / Meta-SGD / Reptile and non-MAML
     learners. Use ZeRO-2 for those. ``Trainer.validate/test/predict(ckpt_path=...)`` load a ZeRO-3
     checkpoint folder by rebuilding its fp32 weights (:meth:`load_checkpoint`); DeepSpeed's own
@@ -318,7 +319,7 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
     # -------------------------------------------- evaluating a checkpoint
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Loads a DeepSpeed checkpoint folder; ZeRO-3 folders also load for ``validate``/``test``/``predict``.
+        """Load a DeepSpeed checkpoint folder; ZeRO-3 folders also load for ``validate``/``test``/``predict``.
 
         Training resumes through DeepSpeed's own loader. Outside ``fit`` Lightning builds a
         DeepSpeed inference engine, which cannot restore ZeRO-3 weights from the optimizer
@@ -348,7 +349,8 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
         states = os.path.join(folder, tag, "zero_pp_rank_0_mp_rank_00_model_states.pt")
         if not os.path.isfile(states):
             raise MetaConfigError(
-                f"{folder!r} is not a ZeRO-3 DeepSpeed checkpoint folder (no {tag}/zero_pp_rank_0_mp_rank_00_model_states.pt); "
+                f"{folder!r} is not a ZeRO-3 DeepSpeed checkpoint folder "
+                f"(no {tag}/zero_pp_rank_0_mp_rank_00_model_states.pt); "
                 "pass the `.ckpt` folder a ZeRO-3 run saved, or load a single-file checkpoint with "
                 "strategy=MetaDeepSpeedStrategy(stage=3, load_full_weights=True)"
             )
