@@ -16,7 +16,8 @@ MODE: ``plain`` (Lightning's default strategy, WORLD must be 1), ``zero0``/``zer
 variant), ``zero2_resume`` / ``zero3_resume`` (train 3 steps, save a DeepSpeed checkpoint, resume
 in a fresh Trainer to the end), ``plain_val`` / ``zero3_val`` (validate every 3 steps; the
 last ``val/mse`` is saved), or ``plain_evalckpt`` / ``zero2_evalckpt`` / ``zero3_evalckpt`` (train
-3 steps, save, then ``Trainer.validate(ckpt_path=...)`` with fresh weights in a fresh Trainer).
+3 steps, save, then ``Trainer.validate(ckpt_path=...)`` with fresh weights in a fresh Trainer;
+``zero2_evalckpt3`` validates the ZeRO-2 checkpoint under ZeRO-3, which must be refused).
 The global meta-batch is the same whatever WORLD is. Lightning re-launches this script for the
 other ranks.
 """
@@ -113,14 +114,15 @@ def main(algo: str, mode: str, world: int, out: str, shards: str) -> None:
         model, dm = build(algo, pertask, shards)  # fresh weights: everything must come from the checkpoint
         trainer = trainer_for(mode, world, MAX_STEPS, root)
         trainer.fit(model, dm, ckpt_path=ckpt)
-    elif mode.endswith("evalckpt"):
+    elif mode.endswith(("evalckpt", "evalckpt3")):
         # train 3 steps and save; a fresh model in a fresh Trainer validates from the checkpoint only
         stop = MAX_STEPS // 2
         trainer = trainer_for(mode, world, stop, root, checkpoint_every=stop)
         trainer.fit(model, dm)
         ckpt = os.path.join(root, "ckpt", f"step={stop}.ckpt")
         model, dm = build(algo, pertask, shards)
-        trainer = trainer_for(mode.split("_")[0] + "_val", world, stop, root)
+        # evalckpt3: validate under ZeRO-3 whatever stage saved the checkpoint
+        trainer = trainer_for(("zero3" if mode.endswith("3") else mode.split("_")[0]) + "_val", world, stop, root)
         trainer.validate(model, dm, ckpt_path=ckpt)
     else:
         trainer = trainer_for(mode, world, MAX_STEPS, root)

@@ -264,6 +264,17 @@ def test_vit_lora_config_runs_under_zero3(tmp_path):
 
 
 @pytest.mark.slow
+def test_zero3_refuses_to_evaluate_a_checkpoint_of_another_stage(tmp_path):
+    out = tmp_path / "w.npz"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(33500 + os.getpid() % 1000))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "mamlhead", "zero2_evalckpt3", "1", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0 and not out.exists()
+    assert "is not a ZeRO-3 DeepSpeed checkpoint folder" in proc.stderr
+    assert "load_full_weights=True" in proc.stderr  # the fix is named
+
+
+@pytest.mark.slow
 def test_per_task_backward_needs_and_gets_the_boundary(tmp_path):
     one = _run("maml", "plain", 1, tmp_path / "one" / "w.npz")
     per_task = _run("maml", "zero2_pertask", 2, tmp_path / "pt" / "w.npz")

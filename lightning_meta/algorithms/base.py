@@ -225,6 +225,15 @@ class MetaLearner(L.LightningModule):
         if sync is not None:
             sync.remove()
 
+    def _overrides_hooks_of(self, batched: type) -> bool:
+        """Tell whether ``type(self)`` overrides :meth:`adapt` or :meth:`predict` below ``batched``.
+
+        Learners with a batched fast path that never calls those hooks (``MAML``, ``ProtoNet``)
+        use the generic per-task path of this class instead when a subclass overrides them.
+        """
+        cls = type(self)
+        return cls.adapt is not batched.adapt or cls.predict is not batched.predict
+
     def _log_this_step(self) -> bool:
         """Tell whether this step is one the logger writes (every ``log_every_n_steps``) and the first one.
 

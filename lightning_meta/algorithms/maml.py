@@ -365,11 +365,6 @@ class MAML(MetaLearner):
                 "link model ways to data ways (the CLI does) and set the datamodule's eval_ways to the same value"
             )
 
-    def _own_hooks(self) -> bool:
-        """Tell whether a subclass overrides :meth:`adapt` or :meth:`predict` (the batched paths skip them)."""
-        cls = type(self)
-        return cls.adapt is not MAML.adapt or cls.predict is not MAML.predict
-
     def meta_loss(self, batch: Episode) -> Tensor:
         """Mean query loss after adaptation, over the tasks of the meta-batch.
 
@@ -377,7 +372,7 @@ class MAML(MetaLearner):
         overrides either of them gets the generic per-task path (adapt, then predict, each task)
         instead, so its hooks are what trains.
         """
-        if self._own_hooks():
+        if self._overrides_hooks_of(MAML):
             return MetaLearner.meta_loss(self, batch)
         self._check_ways(batch)
         adapted, frozen = self.split_parameters()
@@ -405,7 +400,7 @@ class MAML(MetaLearner):
         A subclass that overrides :meth:`adapt` or :meth:`predict` is evaluated with them (the
         generic per-task path; ``eval_report_steps`` are then not reported).
         """
-        if self._own_hooks():
+        if self._overrides_hooks_of(MAML):
             return MetaLearner.evaluate(self, batch)
         self._check_ways(batch)
         name = self.score_name

@@ -111,18 +111,13 @@ class ProtoNet(MetaLearner):
             logits.append(-pairwise_distance(emb[ns:], protos, self.distance) / self.temperature)
         return torch.stack(logits)
 
-    def _own_hooks(self) -> bool:
-        """Tell whether a subclass overrides :meth:`adapt` or :meth:`predict` (the batched paths skip them)."""
-        cls = type(self)
-        return cls.adapt is not ProtoNet.adapt or cls.predict is not ProtoNet.predict
-
     def meta_loss(self, batch: Episode) -> Tensor:
         """Cross-entropy of the queries of all tasks (tasks embedded together).
 
         A subclass that overrides :meth:`adapt` or :meth:`predict` trains through them instead
         (the generic per-task path of :class:`~lightning_meta.algorithms.MetaLearner`).
         """
-        if self._own_hooks():
+        if self._overrides_hooks_of(ProtoNet):
             return MetaLearner.meta_loss(self, batch)
         logits = self._batched_logits(batch)
         self._train_scores = (logits.detach().argmax(-1) == batch.query_y).float().mean(1)
@@ -130,7 +125,7 @@ class ProtoNet(MetaLearner):
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
         """Per-episode query accuracy (through :meth:`adapt` / :meth:`predict` when a subclass overrides them)."""
-        if self._own_hooks():
+        if self._overrides_hooks_of(ProtoNet):
             return MetaLearner.evaluate(self, batch)
         with torch.no_grad():
             logits = self._batched_logits(batch)

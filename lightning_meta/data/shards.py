@@ -387,7 +387,7 @@ class ShardWriter:
     Example:
         >>> import tempfile, numpy as np
         >>> with ShardWriter(tempfile.mkdtemp()) as w:
-        ...     w.add_class(0, [np.zeros((28, 28), np.uint8)] * 3, name="a", split="train")
+        ...     _ = w.add_class(0, [np.zeros((28, 28), np.uint8)] * 3, name="a", split="train")
         >>> w.index.classes[0].count
         3
     """

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -71,6 +72,11 @@ def _require_deepspeed(who: str) -> None:
 def _zero_stage(config: dict[str, Any] | None) -> int:
     zero = (config or {}).get("zero_optimization") or {}
     return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+
+
+def _numel(p: torch.Tensor) -> int:
+    """Elements of ``p``; a parameter ZeRO-3 has already partitioned holds an empty tensor, its size is ``ds_numel``."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def _zero3_unsupported_learner(module: torch.nn.Module) -> str | None:
@@ -140,8 +146,7 @@ def check_zero3_compatible(module: torch.nn.Module) -> list[str]:
             f"that call the network functionally fail; {name} does not declare which parameters it adapts "
             f"(no `adapted_names` list over `model`), so it cannot be checked; {fix}"
         )
-    # a module ZeRO-3 has already partitioned (a second Trainer call) holds empty tensors: use ds_numel
-    sizes = {n: int(getattr(p, "ds_numel", p.numel())) for n, p in net.named_parameters()}
+    sizes = {n: _numel(p) for n, p in net.named_parameters()}  # also on a second Trainer call (partitioned)
     missing = [n for n in adapted if n not in sizes]
     if missing:
         raise MetaConfigError(f"{name}.adapted_names lists {missing}, which are not parameters of {name}.model")
@@ -225,23 +230,23 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
     :class:`~lightning_meta.algorithms.ANIL`, or :class:`~lightning_meta.algorithms.MAML` with
     ``adapt_filter='head'``, ``'film'`` (FiLM layers, plain or CAVIA context), ``'lora'``
     (LoRALinear factors) or a regular expression that selects whole layers (at most
-    ``ZERO3_MAX_ADAPTED_FRACTION`` of the elements), with ``task_batching='loop'`` and ``per_task_backward=False``. The adapted
-    parameters are kept unpartitioned on every rank (the persistence threshold is raised to the
-    largest of them), gathered once after ``deepspeed.initialize``, and ZeRO-3's module hooks are
-    removed from the modules that own them, so the inner loop applies them functionally while the
-    rest of the network is gathered by ZeRO-3's hooks in ordinary module calls (MAML's inner
-    gradient then comes from ``torch.autograd.grad``, see
-    :func:`~lightning_meta.functional.inner_adapt`). On CPU (gloo) the weights after 6 steps match
-    one plain process within 1e-5 with 1 and 2 processes for ANIL, MAML ``head``, ``film``, CAVIA
-    context, ``lora`` and first-layer-plus-head (tests/test_deepspeed.py); validation, DeepSpeed checkpoint
-    saving and resuming training work. Everything else is refused at setup with a
-    :class:`~lightning_meta.errors.MetaConfigError` (see :func:`check_zero3_compatible`): full or
-    mostly-full adaptation, the ``bias`` preset (adapted tensors inside partitioned modules),
-    ``task_batching='vmap'``, ``per_task_backward=True`` (wrong meta-gradients under
-    ZeRO-3), MAML activation checkpointing, IMAML / MAML++ / Meta-SGD / Reptile and non-MAML
-    learners. Use ZeRO-2 for those. ``Trainer.validate/test/predict(ckpt_path=...)`` load a ZeRO-3
-    checkpoint folder by rebuilding its fp32 weights (:meth:`load_checkpoint`); DeepSpeed's own
-    inference-engine loader fails on them. Not yet run on GPU.
+    ``ZERO3_MAX_ADAPTED_FRACTION`` of the elements), with ``task_batching='loop'`` and
+    ``per_task_backward=False``. The adapted parameters are kept unpartitioned on every rank (the
+    persistence threshold is raised to the largest of them), gathered once after
+    ``deepspeed.initialize``, and ZeRO-3's module hooks are removed from the modules that own them,
+    so the inner loop applies them functionally while the rest of the network is gathered by
+    ZeRO-3's hooks in ordinary module calls (MAML's inner gradient then comes from
+    ``torch.autograd.grad``, see :func:`~lightning_meta.functional.inner_adapt`). On CPU (gloo) the
+    weights after 6 steps match one plain process within 1e-5 with 1 and 2 processes for ANIL, MAML
+    ``head``, ``film``, CAVIA context, ``lora`` and first-layer-plus-head (tests/test_deepspeed.py);
+    validation, DeepSpeed checkpoint saving and resuming training work. Everything else is refused
+    at setup with a :class:`~lightning_meta.errors.MetaConfigError` (see
+    :func:`check_zero3_compatible`): full or mostly-full adaptation, the ``bias`` preset (adapted
+    tensors inside partitioned modules), ``task_batching='vmap'``, ``per_task_backward=True`` (wrong
+    meta-gradients under ZeRO-3), MAML activation checkpointing, IMAML / MAML++ / Meta-SGD / Reptile
+    and non-MAML learners. Use ZeRO-2 for those. ``Trainer.validate/test/predict(ckpt_path=...)``
+    load a ZeRO-3 checkpoint folder by rebuilding its fp32 weights (:meth:`load_checkpoint`);
+    DeepSpeed's own inference-engine loader fails on them. Not yet run on GPU.
 
     The ``meta_batch_size`` of lightning_meta datamodules is global (split over the processes);
     the meta-gradient is the mean over all tasks only if every rank holds the same number of
@@ -290,7 +295,7 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
             return
         adapted = check_zero3_compatible(module)
         params = dict(module.named_parameters())
-        largest = max(int(getattr(params[n], "ds_numel", params[n].numel())) for n in adapted)
+        largest = max(_numel(params[n]) for n in adapted)
         zero = self.config["zero_optimization"]
         zero["stage3_param_persistence_threshold"] = max(int(zero.get("stage3_param_persistence_threshold", 0)),
                                                          largest)
@@ -324,9 +329,10 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
         Training resumes through DeepSpeed's own loader. Outside ``fit`` Lightning builds a
         DeepSpeed inference engine, which cannot restore ZeRO-3 weights from the optimizer
         partitions where they are saved (DeepSpeed 0.19 fails with ``'DeepSpeedZeRoOffload'
-        object has no attribute '_restore_from_bit16_weights'``). For that case the fp32 weights
-        are rebuilt from the partitions (DeepSpeed's ``zero_to_fp32``) on rank 0 and copied into
-        the partitioned module one parameter at a time, so memory stays at one full tensor.
+        object has no attribute '_restore_from_bit16_weights'``). For that case rank 0 rebuilds the
+        full fp32 state dict from the partitions (DeepSpeed's ``zero_to_fp32``, in CPU memory) and
+        copies it into the partitioned module one parameter at a time; the other ranks gather one
+        tensor at a time.
         """
         from lightning.pytorch.trainer.states import TrainerFn
 
@@ -344,8 +350,8 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
         module = self.lightning_module
         assert module is not None
         folder = str(checkpoint_path)
-        latest = os.path.join(folder, "latest")
-        tag = open(latest).read().strip() if os.path.isfile(latest) else "checkpoint"
+        latest = Path(folder, "latest")
+        tag = latest.read_text().strip() if latest.is_file() else "checkpoint"
         states = os.path.join(folder, tag, "zero_pp_rank_0_mp_rank_00_model_states.pt")
         if not os.path.isfile(states):
             raise MetaConfigError(
@@ -355,14 +361,16 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
                 "strategy=MetaDeepSpeedStrategy(stage=3, load_full_weights=True)"
             )
         full: dict[str, torch.Tensor] = {}
+        missing: list[str] = []
         if self.global_rank == 0:
             raw = get_fp32_state_dict_from_zero_checkpoint(folder, tag=tag)
             prefix = "_forward_module."
             full = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in raw.items()}
             missing = [n for n, _ in module.named_parameters() if n not in full]
-            if missing and module.strict_loading:
-                raise MetaConfigError(f"the ZeRO-3 checkpoint {folder!r} has no weights for {missing[:5]} "
-                                      f"({len(missing)} parameters); is it from a different model?")
+        missing = self.broadcast(missing)  # every rank raises, rather than the others waiting in a collective
+        if missing and module.strict_loading:
+            raise MetaConfigError(f"the ZeRO-3 checkpoint {folder!r} has no weights for {missing[:5]} "
+                                  f"({len(missing)} parameters); is it from a different model?")
         for name, param in module.named_parameters():
             # parameters ZeRO does not manage, and the adapted ones kept whole (prepare_zero3_adapted:
             # their hooks are gone, so they must never be partitioned again), are copied on every rank
