@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from ports import free_port
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
@@ -871,7 +872,7 @@ def test_meta_overfitting_is_identical_on_every_rank_and_equal_to_one_process(tm
     script.write_text(DDP_SCRIPT)
     results = {}
     for world in (1, 2):
-        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29700 + (os.getpid() % 500) + world))
+        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
         proc = subprocess.run([sys.executable, str(script), str(world), str(tmp_path / f"w{world}")], env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]

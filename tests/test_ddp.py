@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ports import free_port
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
@@ -29,7 +30,7 @@ RUNNING_STATS = ["protonet", "mamlpp_conv", "matchingnet", "matchingnet_pertask"
 
 
 def _run(world: int, out: Path, shards: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + (os.getpid() % 1000) + world))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
         env.pop(k, None)
     proc = subprocess.run([sys.executable, str(SCRIPT), ",".join(NAMES), str(world), str(out), shards], env=env,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ports import free_port
 
 from lightning_meta.cli import check_slurm_settings, main
 from lightning_meta.errors import MetaConfigError
@@ -177,17 +177,11 @@ def test_no_check_outside_slurm_or_in_interactive_jobs(fake_slurm):
 
 
 # ---------------------------------------------------------------------------------------------- fake srun
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _srun(tmp: Path, run_dir: Path, out: Path, hold_at: int | None = None) -> list[subprocess.Popen]:
     """Starts the two tasks of the job; ``hold_at``: hold both ranks at that step (see slurm_script.Hold)."""
     out.mkdir(parents=True)
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in FOREIGN}
-    base.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    base.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                 PATH=f"{tmp / 'bin'}{os.pathsep}{os.environ['PATH']}",
                 PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "lightning_meta", "fit", "--config", str(tmp / "tiny.yaml"), "--config", str(OVERLAY),
