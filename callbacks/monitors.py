@@ -354,7 +354,8 @@ class InnerLoopMonitor(_EpisodeCapture):
 
     Raises:
         MetaConfigError: at setup, when the model is not gradient-based (ProtoNet, SNAIL, ...),
-            ``steps`` exceeds MAML++'s learned per-step rates, or ``num_episodes`` is too large.
+            or ``num_episodes`` is too large. (MAML++ steps beyond its trained ones reuse the last
+            learned rate, as its evaluation does.)
 
     Example:
         >>> trainer = L.Trainer(callbacks=[InnerLoopMonitor(num_episodes=8, steps=10)])  # doctest: +SKIP
@@ -385,16 +386,6 @@ class InnerLoopMonitor(_EpisodeCapture):
             return
         _require_gradient_based(pl_module, self.name)
         _refuse_too_many(self.name, self.num_episodes, trainer)
-        steps = self._steps(pl_module)
-        lrs = pl_module.inner_lrs()
-        if callable(lrs):  # per-step rates (MAML++): only as many steps as rates
-            try:
-                lrs(steps - 1)
-            except (IndexError, KeyError) as e:
-                raise MetaConfigError(
-                    f"InnerLoopMonitor(steps={steps}) follows more inner steps than {type(pl_module).__name__} has "
-                    f"learned per-step rates for ({e}); set steps <= max(inner_steps, eval_inner_steps) of the model"
-                ) from e
         writer = tensorboard_writer(trainer)
         if writer is not None and trainer.is_global_zero and not self._layout_written:
             p = self.prefix
@@ -861,7 +852,7 @@ def learned_rates(pl_module: L.LightningModule) -> dict[str, Tensor]:
     """Return the learned inner learning rates, ``{name: tensor}``; ``{}`` when they are not learned.
 
     Meta-SGD: one tensor per adapted parameter (its shape). MAML++ (any ``inner_lrs`` that is a
-    callable of the step): ``step{k}/{parameter}`` scalars for every inner step ``k``.
+    callable of the step): ``step{k}/{parameter}`` scalars for every trained inner step ``k``.
     """
     inner = getattr(pl_module, "inner_lrs", None)
     if inner is None:
@@ -871,7 +862,7 @@ def learned_rates(pl_module: L.LightningModule) -> dict[str, Tensor]:
     if isinstance(lrs, Mapping):
         out = {k: v for k, v in lrs.items() if isinstance(v, Tensor)}
     elif callable(lrs):
-        n = max(int(getattr(pl_module, "inner_steps", 1)), int(getattr(pl_module, "eval_inner_steps", 1) or 1))
+        n = int(getattr(pl_module, "inner_steps", 1))  # later evaluation steps reuse the last rate
         for k in range(n):
             try:
                 step = lrs(k)

@@ -365,12 +365,21 @@ def test_inner_loop_monitor_follows_anil_and_metasgd(tmp_path):
         assert monitor.last["inner/support_loss_step2"] < monitor.last["inner/support_loss_step0"]
 
 
+def test_inner_loop_monitor_follows_mamlpp_beyond_its_trained_steps(tmp_path):
+    """Steps past ``inner_steps`` reuse MAML++'s last learned rate, as its evaluation does."""
+    torch.manual_seed(0)
+    model = MAMLPlusPlus(MLP(1, [8]), task="regression", msl_anneal_epochs=0, learn_inner_lrs=False,
+                         inner_lr=0.05, inner_steps=2, lr=1e-2)
+    monitor = InnerLoopMonitor(num_episodes=2, steps=4)
+    trainer(tmp_path, [monitor]).fit(model, datamodule=sine_dm())
+    expected = manual_curves(model, first_val_episodes(sine_dm(), 2), 4, 0.05, classification=False)
+    for k, v in expected.items():
+        assert monitor.last[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
 def test_inner_loop_monitor_refusals(tmp_path):
     with pytest.raises(MetaConfigError, match="InnerLoopMonitor needs a gradient-based learner.*ProtoNet"):
         trainer(tmp_path, [InnerLoopMonitor(1)]).fit(ProtoNet(Flat()), datamodule=image_dm())
-    with pytest.raises(MetaConfigError, match=r"steps=4.*MAMLPlusPlus.*steps <= max\(inner_steps, eval_inner_steps\)"):
-        model = MAMLPlusPlus(MLP(1, [4]), task="regression", msl_anneal_epochs=0, inner_lr=0.01, inner_steps=3)
-        trainer(tmp_path, [InnerLoopMonitor(1, steps=4)]).fit(model, datamodule=sine_dm())
     with pytest.raises(MetaConfigError, match=r"InnerLoopMonitor\(num_episodes=7\).*num_episodes <= 6"):
         trainer(tmp_path, [InnerLoopMonitor(7)]).fit(MAML(MLP(1, [4]), task="regression"), datamodule=sine_dm())
     with pytest.raises(MetaConfigError, match="steps=0"):

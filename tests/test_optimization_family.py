@@ -382,7 +382,7 @@ def _per_step_model(cls, policy):
                 p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.2 * torch.randn_like(p))
         if hasattr(model, "step_lrs"):
             for v in model.step_lrs.values():
-                v.copy_(torch.tensor([0.2, 0.35, 0.15]))
+                v.copy_(torch.tensor([0.2, 0.35]))  # evaluation's third step reuses the second
     return model
 
 
@@ -404,7 +404,7 @@ def test_per_step_batchnorm_against_hand_written_loop(algo, policy, monkeypatch)
     assert weights[0] > 0 if algo == "MAMLPlusPlus" else True
 
     def rate(name, s):
-        return lrs[name.replace(".", "__")][s] if lrs else 0.3
+        return lrs[name.replace(".", "__")][min(s, 1)] if lrs else 0.3
 
     total = 0.0
     for i in range(batch.num_tasks):
@@ -526,10 +526,12 @@ def _eval_case(name):
         return m, (lambda k, s: m.alphas[k.replace(".", "__")].detach()), {}
     if name == "MAMLPlusPlus":
         m = MAMLPlusPlus(MLP(1, [8]), inner_lr=0.05, msl_anneal_epochs=0, **common)
+        assert all(v.shape == (1,) for v in m.step_lrs.values())  # one learned rate per trained step
         with torch.no_grad():
             for v in m.step_lrs.values():
-                v.copy_(torch.tensor([0.05, 0.03, 0.08, 0.02]))
-        return m, (lambda k, s: m.step_lrs[k.replace(".", "__")][s].detach()), {}
+                v.fill_(0.07)
+        # evaluation steps beyond the trained one reuse its (learned) rate
+        return m, (lambda k, s: m.step_lrs[k.replace(".", "__")][0].detach()), {}
     if name == "Reptile":
         m = Reptile(MLP(1, [8]), inner_lr=0.05, **common)
         return m, (lambda k, s: 0.05), {}
@@ -548,3 +550,119 @@ def test_evaluation_with_more_inner_steps_than_training(name):
     one = torch.stack([_eval_reference(model, ep, 1, lr_of, **extra) for ep in batch.tasks()])
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
     assert (got - one).abs().max() > 1e-6  # four steps really ran, not the training one
+
+
+# ------------------------------------------------------- review fixes (fourth session)
+def test_imaml_adapt_solves_the_proximal_problem():
+    """``adapt`` + ``predict`` (predict_step, user code) run the same regularised inner loop as training."""
+    from lightning_meta.algorithms import IMAML
+
+    torch.manual_seed(0)
+    model = IMAML(MLP(1, [8]), task="regression", inner_lr=0.05, inner_steps=3, lam=0.5).double().eval()
+    batch = _reg_batch(tasks=2, d=1, seed=5)
+    for ep in batch.tasks():
+        got = F.mse_loss(model.predict(model.adapt(ep), ep.query_x), ep.query_y)
+        want = _eval_reference(model, ep, 3, lambda k, s: 0.05, prox=0.5)
+        plain = _eval_reference(model, ep, 3, lambda k, s: 0.05)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert (got - plain).abs() > 1e-6  # the proximal term really acts
+    torch.testing.assert_close(model.evaluate(batch)["mse"],
+                               torch.stack([_eval_reference(model, ep, 3, lambda k, s: 0.05, prox=0.5)
+                                            for ep in batch.tasks()]), rtol=1e-9, atol=1e-12)
+
+
+def test_imaml_refuses_first_order():
+    from lightning_meta.algorithms import IMAML
+
+    with pytest.raises(MetaConfigError, match="no first-order variant"):
+        IMAML(MLP(1, [8]), task="regression", first_order=True)
+
+
+def test_mamlpp_loads_a_checkpoint_with_rates_for_evaluation_steps():
+    """Earlier checkpoints kept max(inner_steps, eval_inner_steps) rates; the untrained ones are dropped."""
+    from lightning_meta.algorithms import MAMLPlusPlus
+
+    model = MAMLPlusPlus(MLP(1, [8]), task="regression", inner_steps=2, eval_inner_steps=5)
+    state = model.state_dict()
+    old = {k: (torch.cat([v, torch.full((3,), 9.0)]) if k.startswith("step_lrs.") else v) for k, v in state.items()}
+    for k in [k for k in old if k.startswith("step_lrs.")]:
+        old[k][:2] = torch.tensor([0.3, 0.4])
+    model.load_state_dict(old)
+    for v in model.step_lrs.values():
+        assert v.tolist() == pytest.approx([0.3, 0.4])
+    rates = model.inner_lrs()
+    assert float(rates(4)["head.weight"].detach()) == pytest.approx(0.4)  # step 5 of evaluation reuses the last rate
+
+
+class _Underscored(nn.Module):
+    """A body whose attribute name ends in '_' ('hidden_.weight' does not survive '.' -> '__' -> '.')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden_ = nn.Linear(1, 4)
+        self.out_features = 4
+
+    def forward(self, x):
+        return torch.relu(self.hidden_(x))
+
+
+def test_per_parameter_rates_follow_names_that_do_not_round_trip():
+    from lightning_meta.algorithms import MAMLPlusPlus
+    from lightning_meta.algorithms.maml import parameter_keys
+
+    for model in (MetaSGD(_Underscored(), task="regression"),
+                  MAMLPlusPlus(_Underscored(), task="regression", inner_steps=2, msl_anneal_epochs=0)):
+        rates = model.inner_lrs()
+        rates = rates(0) if callable(rates) else rates
+        assert set(rates) == set(model.adapted_names)
+        model.double().meta_loss(_reg_batch(tasks=2, d=1, seed=1)).backward()
+        assert all(p.grad is not None for p in model.parameters())  # every rate and weight is trained
+    with pytest.raises(MetaConfigError, match="same per-parameter key"):
+        parameter_keys(["a.b", "a__b"])
+
+
+def test_metasgd_init_range_is_checked():
+    for bad in [(0.1, 0.005), (0.005,), (-0.1, 0.1)]:
+        with pytest.raises(MetaConfigError, match="init_range"):
+            MetaSGD(MLP(1, [8]), task="regression", init_range=bad)
+
+
+def test_reptile_refuses_weights_it_would_never_train():
+    with pytest.raises(MetaConfigError, match="would never train"):
+        Reptile(MLP(1, [8]), task="regression", adapt_filter="head")
+    body = MLP(1, [8]).requires_grad_(False)  # frozen on purpose: accepted
+    model = Reptile(body, task="regression", adapt_filter="head")
+    assert model.adapted_names == ["head.weight", "head.bias"]
+
+
+def test_frozen_batchnorm_without_running_statistics_is_refused_at_construction():
+    for cls in (MAML, ANIL):
+        with pytest.raises(MetaConfigError, match="bn='transductive'"):
+            cls(Conv4(1, 4, 16, norm="batch_no_stats"), ways=3, bn="frozen")
+
+
+def test_filter_matching_only_outer_only_per_step_norm_weights_is_explained():
+    with pytest.raises(MetaConfigError, match="outer loop only"):
+        MAML(Conv4(1, 4, 16, norm="batch"), ways=3, bn="per_step", adapt_filter=r"encoder\.1\.")
+
+
+def test_per_step_conversion_keeps_film_layers():
+    """A FiLM layer attached to a BatchNorm (add_film's default target) keeps acting after the conversion."""
+    from lightning_meta.backbones import add_film
+    from lightning_meta.functional.inner_loop import convert_per_step_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    add_film(net, target=r"^1$")
+    with torch.no_grad():
+        for p in net[1].modulation.parameters():
+            p.normal_()
+    x = torch.randn(5, 1, 6, 6)
+    before = net(x)
+    convert_per_step_norm(net, steps=3)
+    assert "1.modulation" in dict(net.named_modules())
+    torch.testing.assert_close(net(x), before)
+    body = Conv4(1, 4, 16, norm="batch")
+    add_film(body)
+    model = MAML(body, ways=3, bn="per_step", inner_steps=2, adapt_filter="film")
+    assert model.adapted_names and all("modulation" in n for n in model.adapted_names)

@@ -38,6 +38,9 @@ class IMAML(MAML):
         ``bn`` cannot be a per-step policy: the implicit gradient assumes one fixed inner objective).
         iMAML has no ``activation_checkpointing``: its inner loop keeps no graph, so its memory is
         already flat in ``inner_steps``.
+        task_batching: ``loop`` only (the conjugate-gradient solve runs task by task).
+        first_order: must stay ``False``; iMAML has no first-order variant, ``True`` is refused with
+            a message naming the alternatives.
 
     Example:
         >>> from lightning_meta.backbones import MLP
@@ -63,7 +66,15 @@ class IMAML(MAML):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         task_batching: Literal["loop"] = "loop",
+        first_order: bool = False,
     ) -> None:
+        if first_order:
+            raise MetaConfigError(
+                "IMAML with first_order=True: iMAML's meta-gradient is implicit (conjugate gradient on "
+                "Hessian-vector products) and never differentiates through the inner loop, so there is no "
+                "first-order variant of it; drop first_order (its memory is already flat in inner_steps), or use "
+                "MAML with first_order=True for first-order MAML"
+            )
         if task_batching != "loop":
             raise MetaConfigError(f"task_batching={task_batching!r}: IMAML supports only 'loop'")
         if bn in PER_STEP_POLICIES:
@@ -93,9 +104,13 @@ class IMAML(MAML):
 
         return names, loss
 
-    def _adapted_weights(self, adapted: Params, frozen: Params, buffers: Params, sx: Tensor, sy: Tensor,
-                         steps: int, monitor=None) -> Params:
-        """Gradient descent on the proximally regularised support loss from ``theta`` (no graph kept)."""
+    def _inner_loop(self, adapted: Params, frozen: Params, buffers: Params, sx: Tensor, sy: Tensor, steps: int,
+                    first_order: bool, callback=None) -> Params:
+        """Gradient descent on the proximally regularised support loss from ``theta`` (no graph kept).
+
+        Used by training, evaluation and :meth:`adapt` alike (``first_order`` is moot: nothing is
+        differentiated through these steps).
+        """
         theta = {k: v.detach() for k, v in adapted.items()}
         frozen = {k: v.detach() for k, v in frozen.items()}
         names, loss = self._regularised_support(theta, frozen, buffers, sx, sy)
@@ -106,21 +121,9 @@ class IMAML(MAML):
                 reg = sum(((c - theta[k]) ** 2).sum() for c, k in zip(cur, names, strict=True)) * (self.lam / 2)
                 grads = torch.autograd.grad(loss(cur) + reg, cur)
             phi = [t.detach() - self.inner_lr * g for t, g in zip(cur, grads, strict=True)]
-            if monitor is not None:
-                monitor(step, dict(zip(names, phi, strict=True)))
+            if callback is not None:
+                callback(step, dict(zip(names, phi, strict=True)))
         return dict(zip(names, phi, strict=True))
-
-    def task_query_outputs(self, adapted, frozen, buffers, sx, sy, qx, steps, first_order, report=()):
-        """Query outputs after the regularised inner loop (used at evaluation)."""
-        outs: dict[int, Tensor] = {}
-
-        def monitor(step: int, fast: Params) -> None:
-            if step + 1 in report:
-                with torch.no_grad():
-                    outs[step + 1] = self.forward_fast(fast, frozen, buffers, qx)
-
-        fast = self._adapted_weights(adapted, frozen, buffers, sx, sy, steps, monitor if report else None)
-        return self.forward_fast(fast, frozen, buffers, qx), outs
 
     def meta_loss(self, batch: Episode) -> Tensor:
         """Surrogate whose gradient is the mean over tasks of the implicit meta-gradient.
@@ -139,7 +142,8 @@ class IMAML(MAML):
         losses, scores = [], []
         with bn_policy(self.model, self.bn):
             for ep in batch.tasks():
-                phi = self._adapted_weights(adapted, frozen_d, buffers, ep.support_x, ep.support_y, self.inner_steps)
+                phi = self._inner_loop(adapted, frozen_d, buffers, ep.support_x, ep.support_y, self.inner_steps,
+                                       True)
                 with torch.enable_grad():
                     leaf = [phi[k].requires_grad_(True) for k in names]
                     out = self.forward_fast(dict(zip(names, leaf, strict=True)), frozen, buffers, ep.query_x)

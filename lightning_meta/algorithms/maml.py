@@ -55,6 +55,30 @@ def adapt_filter_fn(spec: str) -> Callable[[str], bool]:
     return lambda name: pattern.search(name) is not None
 
 
+def parameter_keys(names: Sequence[str]) -> dict[str, str]:
+    """``{key: name}``: a :class:`torch.nn.ParameterDict` key for each parameter name (keys cannot hold ``.``).
+
+    Learners that keep one tensor per adapted parameter (Meta-SGD rates, MAML++ per-step rates) store
+    them under ``name.replace('.', '__')`` and map back through this dict, never by reversing the
+    replacement (a name such as ``hidden_.weight`` does not survive the round trip).
+
+    Example:
+        >>> parameter_keys(["head.weight", "body.hidden_.bias"])
+        {'head__weight': 'head.weight', 'body__hidden___bias': 'body.hidden_.bias'}
+
+    """
+    keys: dict[str, str] = {}
+    for name in names:
+        key = name.replace(".", "__")
+        if key in keys:
+            raise MetaConfigError(
+                f"parameters {keys[key]!r} and {name!r} map to the same per-parameter key {key!r}; "
+                "rename one of the modules (avoid '__' in module attribute names)"
+            )
+        keys[key] = name
+    return keys
+
+
 def _refuse_vmap_through_fused_norms(model: nn.Module, bn: BNPolicy, adapted: set[str] | None = None) -> None:
     """Refuses second-order ``vmap`` over tasks when the adapted weights include affine normalisation.
 
@@ -241,9 +265,25 @@ class MAML(MetaLearner):
                 )
             per_step_norm = {f"{mn}.{pn}" for mn, m in self.model.named_modules() if isinstance(m, PerStepBatchNorm)
                              for pn, _ in m.named_parameters(recurse=False)}
+        if bn == "frozen":
+            untracked = [name for name, m in self.model.named_modules()
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None]
+            if untracked:
+                raise MetaConfigError(
+                    f"bn='frozen' normalises with running statistics, but the BatchNorm layers {untracked[:4]} of "
+                    f"{type(backbone).__name__} keep none (track_running_stats=False); use bn='transductive', or a "
+                    "backbone whose BatchNorm tracks statistics (e.g. Conv4 norm='batch')"
+                )
         keep = adapt_filter_fn(adapt_filter)
         # per-step BatchNorm weights (MAML++ BNWB) are learned in the outer loop only
         self.adapted_names = [n for n, _ in self.model.named_parameters() if keep(n) and n not in per_step_norm]
+        if not self.adapted_names and any(keep(n) for n in per_step_norm):
+            raise MetaConfigError(
+                f"adapt_filter={adapt_filter!r} matches only the per-step BatchNorm weights "
+                f"{sorted(n for n in per_step_norm if keep(n))[:4]}, which bn={bn!r} learns in the outer loop only "
+                "(MAML++ BNWB) and never adapts; widen adapt_filter (e.g. 'all' or 'head'), or use bn='transductive' "
+                "to adapt the BatchNorm weights in the inner loop"
+            )
         if not self.adapted_names:
             names = [n for n, _ in self.model.named_parameters()]
             raise MetaConfigError(
@@ -325,11 +365,19 @@ class MAML(MetaLearner):
                 with torch.no_grad():
                     outs[step + 1] = self.forward_fast(fast, frozen, buffers, qx)
 
-        fast = inner_adapt(self.model, adapted, buffers, sx, sy, self.loss_fn, self.inner_lrs(), steps, first_order,
-                           frozen=frozen, callback=monitor if report else None,
-                           checkpoint=self.activation_checkpointing)
+        fast = self._inner_loop(adapted, frozen, buffers, sx, sy, steps, first_order, monitor if report else None)
         with norm_step(self.model, steps - 1):  # per-step BatchNorm: the query uses the last step's row
             return self.forward_fast(fast, frozen, buffers, qx), outs
+
+    def _inner_loop(self, adapted: Params, frozen: Params, buffers: Params, sx: Tensor, sy: Tensor, steps: int,
+                    first_order: bool, callback: Callable[[int, Params], None] | None = None) -> Params:
+        """Return the adapted weights after ``steps`` inner steps on ``(sx, sy)``.
+
+        The one inner loop that training, evaluation and :meth:`adapt` share; a learner with another
+        inner problem, such as :class:`~lightning_meta.algorithms.IMAML`, overrides this alone.
+        """
+        return inner_adapt(self.model, adapted, buffers, sx, sy, self.loss_fn, self.inner_lrs(), steps, first_order,
+                           frozen=frozen, callback=callback, checkpoint=self.activation_checkpointing)
 
     # --------------------------------------------------------------- hooks
     def adapt(self, episode: Episode, steps: int | None = None, first_order: bool | None = None) -> Params:
@@ -343,9 +391,8 @@ class MAML(MetaLearner):
         first_order = self.first_order if first_order is None else first_order
         adapted, frozen = self.split_parameters(detach=not self.training)
         with bn_policy(self.model, self.bn):
-            fast = inner_adapt(self.model, adapted, self.model_buffers(), episode.support_x, episode.support_y,
-                               self.loss_fn, self.inner_lrs(), steps, first_order, frozen=frozen,
-                               checkpoint=self.activation_checkpointing)
+            fast = self._inner_loop(adapted, frozen, self.model_buffers(), episode.support_x, episode.support_y,
+                                    steps, first_order)
         return {**frozen, **fast}
 
     def predict(self, state: Params, x: Tensor) -> Tensor:

@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import TaskKind
-from lightning_meta.algorithms.maml import MAML
+from lightning_meta.algorithms.maml import MAML, parameter_keys
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
-from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
+from lightning_meta.functional import BNPolicy, Params, bn_policy
 from lightning_meta.functional.inner_loop import checkpointed, norm_step
 
 __all__ = ["MAMLPlusPlus", "msl_weights"]
@@ -42,6 +42,19 @@ def msl_weights(steps: int, epoch: int, anneal_epochs: int) -> list[float]:
     return early + [1.0 - sum(early)]
 
 
+def _drop_untrained_step_lrs(module: nn.ParameterDict, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook of ``MAMLPlusPlus.step_lrs``: cut rates saved for steps beyond ``inner_steps``.
+
+    Checkpoints of earlier versions kept ``max(inner_steps, eval_inner_steps)`` rates per tensor;
+    the rates after ``inner_steps`` were never trained (no gradient reaches them), so dropping
+    them loses nothing and lets such checkpoints load.
+    """
+    for key, own in module.items():
+        saved = state_dict.get(prefix + key)
+        if saved is not None and saved.dim() == 1 and saved.shape[0] > own.shape[0]:
+            state_dict[prefix + key] = saved[: own.shape[0]]
+
+
 class MAMLPlusPlus(MAML):
     """MAML with the MAML++ fixes: LSLR, MSL, derivative-order annealing and per-step BatchNorm.
 
@@ -49,7 +62,7 @@ class MAMLPlusPlus(MAML):
     derivative-order annealing (DA) and, with ``bn="per_step"``, per-step BatchNorm (BNRS + BNWB).
 
     - LSLR: every adapted parameter tensor has its own learned step size for each inner step
-      (initialised to ``inner_lr``).
+      (initialised to ``inner_lr``); evaluation steps beyond ``inner_steps`` reuse the last one.
     - MSL: the outer loss is the importance-weighted sum of the query losses after every inner
       step (:func:`msl_weights`), annealed towards the final step over ``msl_anneal_epochs`` epochs.
     - DA: first-order for the first ``first_order_epochs`` epochs, second order afterwards.
@@ -116,16 +129,22 @@ class MAMLPlusPlus(MAML):
         self.save_hyperparameters(ignore=["backbone"])
         self.msl_anneal_epochs = msl_anneal_epochs
         self.first_order_epochs = first_order_epochs
-        n = max(self.inner_steps, self.eval_inner_steps)
+        self._lr_names = parameter_keys(self.adapted_names)
         self.step_lrs = nn.ParameterDict({
-            name.replace(".", "__"): nn.Parameter(torch.full((n,), float(inner_lr)), requires_grad=learn_inner_lrs)
-            for name in self.adapted_names
+            key: nn.Parameter(torch.full((self.inner_steps,), float(inner_lr)), requires_grad=learn_inner_lrs)
+            for key in self._lr_names
         })
+        self.step_lrs.register_load_state_dict_pre_hook(_drop_untrained_step_lrs)
 
     def inner_lrs(self):
-        """Return a callable ``step -> {parameter name: rate}`` (the LSLR rates of that step)."""
-        lrs = {k.replace("__", "."): v for k, v in self.step_lrs.items()}
-        return lambda step: {k: v[step] for k, v in lrs.items()}
+        """Return a callable ``step -> {parameter name: rate}`` (the LSLR rates of that step).
+
+        Steps beyond ``inner_steps`` (evaluation with ``eval_inner_steps`` > ``inner_steps``) reuse
+        the last trained rate, as the per-step BatchNorm layers reuse their last row.
+        """
+        lrs = {self._lr_names[k]: v for k, v in self.step_lrs.items()}
+        last = self.inner_steps - 1
+        return lambda step: {k: v[min(step, last)] for k, v in lrs.items()}
 
     @property
     def current_epoch_or_zero(self) -> int:
@@ -157,8 +176,7 @@ class MAMLPlusPlus(MAML):
             else:
                 outs.append(self._query_at_step(step, fast, frozen, buffers, qx))
 
-        inner_adapt(self.model, adapted, buffers, sx, sy, self.loss_fn, self.inner_lrs(), self.inner_steps,
-                    first_order, frozen=frozen, callback=keep, checkpoint=self.activation_checkpointing)
+        self._inner_loop(adapted, frozen, buffers, sx, sy, self.inner_steps, first_order, keep)
         return outs
 
     def meta_loss(self, batch: Episode) -> Tensor:

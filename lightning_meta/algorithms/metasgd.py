@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lightning_meta.algorithms.base import TaskKind
-from lightning_meta.algorithms.maml import MAML
+from lightning_meta.algorithms.maml import MAML, parameter_keys
+from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params
 
 __all__ = ["MetaSGD"]
@@ -61,16 +62,24 @@ class MetaSGD(MAML):
                          task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn,
                          eval_report_steps=eval_report_steps, task=task, lr=lr, weight_decay=weight_decay,
                          per_task_backward=per_task_backward, activation_checkpointing=activation_checkpointing)
+        if init_range is not None:
+            bounds = list(init_range)
+            if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1]:
+                raise MetaConfigError(
+                    f"init_range={bounds} must be two numbers [low, high] with 0 <= low < high (the Meta-SGD paper "
+                    "draws the rates from [0.005, 0.1]); or leave it null to start every rate at inner_lr"
+                )
         self.save_hyperparameters(ignore=["backbone"])
         params = dict(self.model.named_parameters())
+        self._alpha_names = parameter_keys(self.adapted_names)
         alphas = {}
-        for name in self.adapted_names:
+        for key, name in self._alpha_names.items():
             a = torch.full_like(params[name], inner_lr)
             if init_range is not None:
                 a.uniform_(*init_range)
-            alphas[name.replace(".", "__")] = nn.Parameter(a)
+            alphas[key] = nn.Parameter(a)
         self.alphas = nn.ParameterDict(alphas)
 
     def inner_lrs(self) -> Params:
         """``{parameter name: alpha}`` (alpha has the parameter's shape)."""
-        return {k.replace("__", "."): v for k, v in self.alphas.items()}
+        return {self._alpha_names[k]: v for k, v in self.alphas.items()}

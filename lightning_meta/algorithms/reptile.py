@@ -12,7 +12,7 @@ from lightning_meta.algorithms.base import TaskKind
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
-from lightning_meta.functional import BNPolicy, bn_policy, inner_adapt
+from lightning_meta.functional import BNPolicy, bn_policy
 from lightning_meta.functional.inner_loop import PER_STEP_POLICIES
 
 __all__ = ["Reptile"]
@@ -26,13 +26,16 @@ class Reptile(MAML):
     ``theta - mean_i theta'_i`` of a surrogate loss, so that Lightning, DDP (which averages it over
     ranks: the mean over all tasks) and any optimiser apply it; with ``outer_optimizer="sgd"`` and
     ``lr = epsilon`` one step is exactly the paper's update. Evaluation adapts on the support set
-    like MAML. The logged ``train/loss`` is the mean query loss after adaptation.
+    like MAML. Reptile minimises no loss; as a progress signal, the logged ``train/loss`` is the loss
+    on all query examples of the meta-batch, pooled, of the task-averaged adapted weights
+    ``mean_i theta'_i`` (BatchNorm batch statistics are then pooled over the tasks as well).
 
     Args:
         outer_optimizer: ``sgd`` (the paper's update, ``lr`` = epsilon) or ``adam`` on the Reptile direction.
         backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, task_batching,
         vmap_chunk_size, bn, task, lr, weight_decay: see :class:`MAML` (``bn`` cannot be a per-step
-        policy: the Reptile direction never reaches outer-only per-step BatchNorm weights).
+        policy: the Reptile direction never reaches outer-only per-step BatchNorm weights; for the
+        same reason ``adapt_filter`` must cover every trainable weight).
         Reptile has no ``activation_checkpointing``: its inner steps are first order and keep no graph.
 
     Example:
@@ -68,14 +71,22 @@ class Reptile(MAML):
                          eval_inner_steps=eval_inner_steps, first_order=True, adapt_filter=adapt_filter,
                          task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn, task=task, lr=lr,
                          weight_decay=weight_decay)
+        adapted = set(self.adapted_names)
+        idle = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in adapted]
+        if idle:
+            raise MetaConfigError(
+                f"Reptile with adapt_filter={adapt_filter!r}: the Reptile update theta + epsilon * (theta' - theta) "
+                f"is zero for weights the inner loop does not adapt, so the trainable weights {idle[:4]}"
+                f"{' ...' if len(idle) > 4 else ''} would never train; use adapt_filter='all', or freeze those "
+                "weights (requires_grad=False) before building Reptile, or use MAML/ANIL, whose outer loop trains them"
+            )
         if outer_optimizer not in ("sgd", "adam"):
             raise MetaConfigError(f"outer_optimizer={outer_optimizer!r} is not supported; use 'sgd' or 'adam'")
         self.save_hyperparameters(ignore=["backbone"])
         self.outer_optimizer = outer_optimizer
 
     def _task_weights(self, adapted, frozen, buffers, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        return inner_adapt(self.model, adapted, buffers, x, y, self.loss_fn, self.inner_lrs(), self.inner_steps,
-                           True, frozen=frozen)
+        return self._inner_loop(adapted, frozen, buffers, x, y, self.inner_steps, True)
 
     def meta_loss(self, batch: Episode) -> Tensor:
         """Surrogate whose gradient is ``theta - mean_i theta'_i`` (the Reptile direction)."""

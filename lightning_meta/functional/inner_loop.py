@@ -264,9 +264,29 @@ def convert_per_step_norm(net: nn.Module, steps: int, eval_running_stats: bool =
     for parent_name, parent in list(net.named_modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                setattr(parent, child_name, PerStepBatchNorm.from_batchnorm(child, steps, eval_running_stats))
+                new = PerStepBatchNorm.from_batchnorm(child, steps, eval_running_stats)
+                _move_attachments(child, new)
+                setattr(parent, child_name, new)
                 replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     return replaced
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _move_attachments(old: nn.Module, new: nn.Module) -> None:
+    """Carry the children and forward hooks of a replaced layer over to its replacement.
+
+    A FiLM ``modulation`` child and its forward hook (:func:`lightning_meta.backbones.add_film`)
+    then keep acting after the layer becomes a :class:`PerStepBatchNorm`.
+    """
+    for name, sub in old.named_children():
+        new.add_module(name, sub)
+    for attr in _HOOK_DICTS:
+        src, dst = getattr(old, attr, None), getattr(new, attr, None)
+        if src and dst is not None:
+            dst.update(src)
 
 
 def _autograd_step(
