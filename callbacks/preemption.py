@@ -59,6 +59,7 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self.flagged = False
+        self.saved_path = None
         self._previous = signal.signal(getattr(signal, self.signal_name), self._handler)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102

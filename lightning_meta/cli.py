@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import lightning_meta.algorithms  # noqa: F401  - registers the short class names
 import lightning_meta.backbones  # noqa: F401
@@ -72,6 +73,54 @@ def check_slurm_settings(num_devices: int | None = None, num_nodes: int | None =
         )
 
 
+_SPECIAL_CKPT = ("best", "last", "hpc", "registry")
+
+
+def _config_inputs(config) -> set[str]:
+    """Real paths of the ``--config`` files a run was started with."""
+    paths = config.get("config") if hasattr(config, "get") else None
+    out = set()
+    for p in paths or []:
+        path = getattr(p, "absolute", None) or getattr(p, "relative", None) or str(p)
+        out.add(os.path.realpath(str(path)))
+    return out
+
+
+class MetaSaveConfig(SaveConfigCallback):
+    """Lightning's resolved-config saving, except that it never overwrites a config it did not write.
+
+    With a logger the resolved ``config.yaml`` goes into the run's version folder, as in
+    Lightning. Without one (``--trainer.logger false``) Lightning writes it into
+    ``default_root_dir`` (by default the working directory), where it would replace the user's own
+    ``config.yaml``, possibly the very file given to ``--config``. This callback skips the save,
+    with a warning naming the file, when the target is one of the ``--config`` inputs or an
+    existing file without the ``# lightning.pytorch==`` header Lightning writes.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:  # noqa: D102
+        if self.already_saved or not self.save_to_log_dir:
+            return super().setup(trainer, pl_module, stage)
+        log_dir = trainer.log_dir  # a collective call: every rank
+        reason = None
+        if trainer.is_global_zero and log_dir is not None:
+            target = os.path.realpath(os.path.join(log_dir, self.config_filename))
+            if target in _config_inputs(self.config):
+                reason = f"{target} is the --config file of this run"
+            elif os.path.isfile(target):
+                with open(target, encoding="utf-8", errors="replace") as f:
+                    first = f.readline()
+                if not first.startswith("# lightning.pytorch=="):
+                    reason = f"{target} exists and was not written by lightning-meta/LightningCLI"
+        reason = trainer.strategy.broadcast(reason)
+        if reason is None:
+            return super().setup(trainer, pl_module, stage)
+        rank_zero_warn(
+            f"not saving the resolved config: {reason}. Keep a logger on (each run then gets its own version "
+            "folder) or set --trainer.default_root_dir to a run folder"
+        )
+        self.already_saved = True
+
+
 class MetaCLI(LightningCLI):
     """LightningCLI with the data/model links, the ``--test_after_fit`` option and Slurm checks.
 
@@ -88,6 +137,14 @@ class MetaCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:  # noqa: D102
         check_slurm_settings()  # before Lightning's SLURMEnvironment raises its own --ntasks error as a traceback
+        cfg = self.config.get(self.subcommand, {}) if self.subcommand else self.config
+        ckpt = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
+        if (isinstance(ckpt, str) and ckpt not in _SPECIAL_CKPT and not ckpt.startswith("registry:")
+                and "://" not in ckpt and not os.path.exists(ckpt)):
+            raise MetaConfigError(
+                f"ckpt_path={ckpt!r} does not exist; give a checkpoint file (a DeepSpeed checkpoint is a folder), "
+                "or 'last' / 'hpc' / 'best' for Lightning's own lookup"
+            )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
         trainer = super().instantiate_trainer(**kwargs)
@@ -95,9 +152,23 @@ class MetaCLI(LightningCLI):
         return trainer
 
     def after_fit(self) -> None:
-        """Run the meta-test when ``--test_after_fit true``."""
-        if self.config.get(self.subcommand, {}).get("test_after_fit", False):
-            self.trainer.test(self.model, datamodule=self.datamodule)
+        """Run the meta-test when ``--test_after_fit true`` and training ran to its end.
+
+        A run stopped by :class:`~lightning_meta.callbacks.PreemptionCheckpoint` (or interrupted)
+        is not tested: its model is partly trained, and the requeued job tests when it finishes.
+        """
+        if not self.config.get(self.subcommand, {}).get("test_after_fit", False):
+            return
+        preempted = [cb.saved_path for cb in self.trainer.callbacks if getattr(cb, "saved_path", None)]
+        if preempted or self.trainer.interrupted:
+            why = f"it was preempted (checkpoint {preempted[0]})" if preempted else "it was interrupted"
+            rank_zero_info(f"skipping --test_after_fit: training did not finish, {why}")
+            return
+        self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+_EPILOG = ("other commands: `lightning-meta index SHARDS` (build a shard index), `lightning-meta convert ...` "
+           "(image folders to shards), `lightning-meta report RUNS` (tables and plots of runs); each has --help")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MetaCLI:
@@ -115,7 +186,8 @@ def main(args: list[str] | None = None, run: bool = True) -> MetaCLI:
             subclass_mode_data=True,
             args=args,
             run=run,
-            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            parser_kwargs={"parser_mode": "omegaconf", "default_env": False, "epilog": _EPILOG},
+            save_config_callback=MetaSaveConfig,
             save_config_kwargs={"overwrite": True},
         )
     except Exception as e:
@@ -144,10 +216,20 @@ def index_main(argv: list[str]) -> None:
             from lightning_meta.data.shards import _parse_index
 
             try:
-                old = {c.id: {"name": c.name, "split": c.split, "group": c.group}
-                       for c in _parse_index(Path(out)).classes}
+                previous = _parse_index(Path(out))
             except MetaConfigError:
-                old = {}
+                previous = None  # unreadable or another format: rebuilt from scratch
+            if previous is not None:
+                given = {os.path.realpath(p) for p in paths}
+                dropped = [s for s in previous.shards if os.path.exists(s) and os.path.realpath(s) not in given]
+                if dropped and a.output is None:
+                    raise MetaConfigError(
+                        f"{out} also lists {len(dropped)} shard(s) that {a.shards!r} does not match (e.g. "
+                        f"{os.path.basename(dropped[0])}); rebuilding it from this subset would drop them with their "
+                        f"class names and splits. Index the whole set (`lightning-meta index "
+                        f"{os.path.dirname(out) or '.'}`), or write the subset's index elsewhere with --output"
+                    )
+                old = {c.id: {"name": c.name, "split": c.split, "group": c.group} for c in previous.classes}
         index = build_index(paths, class_meta=old, meta={"source": "lightning-meta index"})
         index.save(out)
     except MetaConfigError as e:
@@ -163,6 +245,7 @@ def console_main(argv: list[str] | None = None) -> None:
     ``convert`` turns image folders into shards (see ``lightning-meta convert --help``) and
     ``report`` tabulates and plots the results of run directories (``lightning-meta report --help``).
     """
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "index":
         return index_main(argv[1:])
@@ -174,4 +257,4 @@ def console_main(argv: list[str] | None = None) -> None:
         from lightning_meta.data.convert import main as convert_main
 
         return convert_main(argv[1:])
-    main(argv)
+    main(None if from_command_line else argv)  # None: LightningCLI reads sys.argv itself (no args= warning)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import Callback
 
 from lightning_meta.cli import console_main, main
 
@@ -144,3 +146,92 @@ def test_predict_subcommand(tmp_path, monkeypatch):
     preds = cli.trainer.predict_loop.predictions
     assert preds and preds[0]["labels"].shape == (2, 75)  # 2 episodes of 5-way 15-query
     assert preds[0]["classes"].shape == (2, 75)
+
+
+# ---------------------------------------------------------------- review fixes (fourth session)
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
+TINY = ["--data.init_args.meta_batch_size", "2", "--data.init_args.eval_meta_batch_size", "2",
+        "--data.init_args.test_episodes", "4", "--trainer.limit_val_batches", "0",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+class SendSignal(Callback):
+    """Sends SIGUSR1 to this process at a training step (a scheduler's preemption warning)."""
+
+    def __init__(self, at_step: int = 2) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_a_run_without_logger_never_overwrites_the_input_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    own = tmp_path / "config.yaml"
+    own.write_text(Path(QUICK).read_text())
+    before = own.read_bytes()
+    with pytest.warns(UserWarning, match="not saving the resolved config: .*is the --config file"):
+        main(["fit", "--config", "config.yaml", "--trainer.logger", "false", "--trainer.max_steps", "2", *TINY])
+    assert own.read_bytes() == before
+    # another config.yaml that Lightning did not write is kept as well
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("my notes\n")
+    with pytest.warns(UserWarning, match="was not written by lightning-meta"):
+        main(["fit", "--config", QUICK, "--trainer.logger", "false", "--trainer.max_steps", "2",
+              "--trainer.default_root_dir", str(other), *TINY])
+    assert (other / "config.yaml").read_text() == "my notes\n"
+
+
+def test_test_after_fit_is_skipped_for_a_preempted_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "--config", QUICK, "--trainer.max_steps", "6", *TINY,
+                "--trainer.callbacks+=lightning_meta.callbacks.PreemptionCheckpoint",
+                "--trainer.callbacks.requeue=false",
+                "--trainer.callbacks+=test_cli.SendSignal", "--trainer.callbacks.at_step=2",
+                "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert cli.trainer.global_step == 3  # stopped after the flagged batch
+    assert (tmp_path / "run" / "hpc_ckpt_1.ckpt").exists()
+    assert "test/acc" not in cli.trainer.callback_metrics  # the partly trained model was not meta-tested
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["test", "--config", QUICK, "--ckpt_path", str(tmp_path / "nope.ckpt")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "nope.ckpt' does not exist" in err and "Traceback" not in err
+
+
+def test_top_level_help_lists_the_other_commands():
+    out = subprocess.run([sys.executable, "-m", "lightning_meta", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "lightning-meta index" in out.stdout and "lightning-meta report" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "lightning_meta", "fit", "--config", QUICK, "--print_config"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "args parameter" not in out.stderr  # the command line is read, not passed
+
+
+def test_index_refuses_to_drop_shards_of_the_folder_index(tmp_path, capsys):
+    import numpy as np
+
+    from lightning_meta.data.shards import ShardWriter, load_index
+
+    with ShardWriter(tmp_path, prefix="d", max_samples=4) as w:  # one class per shard
+        for c in range(6):
+            w.add_class(c, [np.full((8, 8), c * 40, np.uint8)] * 4, name=f"c{c}", split="train" if c < 3 else "val")
+    full = load_index(str(tmp_path))
+    assert len(full.shards) == 6
+    before = (tmp_path / "index.json").read_bytes()
+    subset = str(tmp_path / "d-train-*.tar")
+    with pytest.raises(SystemExit) as e:
+        console_main(["index", subset])
+    assert e.value.code == 2
+    assert "does not match" in capsys.readouterr().err and (tmp_path / "index.json").read_bytes() == before
+    console_main(["index", subset, "--output", str(tmp_path / "sub" / "index.json")])
+    console_main(["index", str(tmp_path)])  # the whole folder: names and splits kept
+    again = load_index(str(tmp_path))
+    assert [(c.name, c.split) for c in again.classes] == [(c.name, c.split) for c in full.classes]
