@@ -307,6 +307,73 @@ def test_output_is_atomic_and_not_overwritten(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["omni", "out"]
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+def test_output_overlapping_the_input_is_refused_and_keeps_the_sources(tmp_path, where):
+    raw = tmp_path / "data" / "raw"
+    shutil.copytree(IMAGEFOLDER, raw)
+    out, relation = {"same": (raw, "is"), "parent": (raw.parent, "contains"),
+                     "inside": (raw / "shards", "lies inside")}[where]
+    before = _snapshot(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(MetaConfigError, match=f"{relation} the input") as e:
+            convert_imagefolder(raw, out, image_size=8, overwrite=overwrite)
+        msg = str(e.value)
+        assert repr(str(out)) in msg and repr(str(raw)) in msg and "choose an output folder outside the input" in msg
+        assert _snapshot(tmp_path) == before, "the source images and nothing else are still there"
+    # the other converters refuse the same way, before reading anything
+    with pytest.raises(MetaConfigError, match=f"{relation} the input"):
+        convert_omniglot(raw, out, overwrite=True)
+    with pytest.raises(MetaConfigError, match=f"{relation} the input"):
+        convert_miniimagenet(raw, out, overwrite=True)
+    assert _snapshot(tmp_path) == before
+    assert not (raw / "shards").exists() and sorted(p.name for p in raw.parent.iterdir()) == ["raw"]
+
+
+def test_cli_convert_into_the_parent_of_the_input_deletes_nothing(tmp_path, capsys):
+    """The reported data loss: ``convert imagefolder data/raw data --overwrite`` deleted data/raw."""
+    raw = tmp_path / "data" / "raw"
+    shutil.copytree(IMAGEFOLDER, raw)
+    before = _snapshot(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["imagefolder", str(raw), str(raw.parent), "--image-size", "28", "--overwrite"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "contains the input" in err and str(raw) in err and "outside the input" in err and err.count("\n") == 1
+    assert _snapshot(tmp_path) == before
+
+
+def test_output_overlap_follows_symlinks_zips_and_miniimagenet_images(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    shutil.copytree(IMAGEFOLDER, raw)
+    (tmp_path / "link").symlink_to(raw, target_is_directory=True)
+    with pytest.raises(MetaConfigError, match=r"'.*link' \(really '.*raw'\)"):  # the real paths are compared
+        convert_imagefolder(tmp_path / "link", raw, overwrite=True)
+    with pytest.raises(MetaConfigError, match="is the input"):
+        convert_imagefolder(raw, tmp_path / "data" / "x" / ".." / "raw", overwrite=True)
+    # a zip input: an output folder above the zip would delete it
+    (tmp_path / "zips").mkdir()
+    zipped = _zip_tree(OMNI, tmp_path / "zips" / "omni.zip")
+    with pytest.raises(MetaConfigError, match="contains the input"):
+        convert_omniglot(zipped, tmp_path / "zips", overwrite=True)
+    assert zipped.is_file()
+    # miniImageNet: the csv root and a separate images folder are both inputs
+    mini = tmp_path / "mini"
+    shutil.copytree(MINI, mini)
+    images = tmp_path / "elsewhere" / "images"
+    shutil.move(mini / "images", images)
+    with pytest.raises(MetaConfigError, match="contains the input"):
+        convert_miniimagenet(mini, tmp_path, images=images, overwrite=True)
+    with pytest.raises(MetaConfigError, match=r"lies inside the input '.*images'"):
+        convert_miniimagenet(mini, images / "out", images=images)
+    assert len(convert_miniimagenet(mini, tmp_path / "ok", images=images).classes) == 7  # sibling folders are fine
+    assert len(list(images.iterdir())) == len(list(MINI.joinpath("images").iterdir()))
+
+
 def test_cli_convert_and_one_line_errors(tmp_path, capsys):
     console_main(["convert", "omniglot", str(OMNI), str(tmp_path / "o"), "--rotations", "--val-alphabets", "Beta",
                   "--format", "npy", "--image-size", "16"])

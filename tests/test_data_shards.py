@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tarfile
 from pathlib import Path
 
@@ -19,12 +20,14 @@ import pytest
 import torch
 
 from lightning_meta.data import shards as shards_mod
+from lightning_meta.data.convert import convert_imagefolder
 from lightning_meta.data.glyphs import generate_glyphs
 from lightning_meta.data.sampling import FixedShape, episode_rng, sample_fixed
 from lightning_meta.data.shards import (
     INDEX_NAME,
     IndexedReader,
     ShardWriter,
+    atomic_write_bytes,
     build_index,
     load_index,
     resolve_shards,
@@ -392,6 +395,54 @@ def test_verify_memoises_checksums_in_the_cache(written, _private_cache, monkeyp
     assert len(memo) == 4
     monkeypatch.setattr(shards_mod, "sha256_file", lambda p: pytest.fail(f"re-hashed {p}"))
     verify_index(index)  # all four are memoised: no hashing
+
+
+# --------------------------------------------------------------------------- permissions
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_atomic_files_shards_and_glyph_folder_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """mkstemp/mkdtemp make 0600/0700 entries; what is published gets an ordinary file's permissions."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "old.json").write_bytes(b"{}")
+    os.chmod(tmp_path / "a" / "old.json", 0o600)
+    old = os.umask(umask)
+    try:
+        assert shards_mod.current_umask() == umask
+        atomic_write_bytes(tmp_path / "a" / "new.json", b"{}")
+        atomic_write_bytes(tmp_path / "a" / "old.json", b"[]")  # replacing a private file
+        written = _write(tmp_path / "w", max_samples=4)
+        glyphs = generate_glyphs(tmp_path / "g", alphabets=2, chars_per_alphabet=(1, 1), drawings=2, splits=(1, 1, 0))
+        converted = tmp_path / "c"
+        convert_imagefolder(Path(__file__).parent / "data" / "fake_trees" / "imagefolder", converted)
+        assert os.umask(umask) == umask, "reading the umask leaves it as it was"
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "a" / "new.json") == _mode(tmp_path / "a" / "old.json") == file_mode
+    for folder in (written, glyphs, converted):
+        files = sorted(folder.iterdir())
+        assert len([f for f in files if f.suffix == ".tar"]) >= 1 and folder / INDEX_NAME in files
+        assert {f.name: _mode(f) for f in files} == {f.name: file_mode for f in files}
+    assert _mode(glyphs) == _mode(converted) == dir_mode
+    assert not list(tmp_path.rglob(".*")), "no temporary file or folder is left behind"
+
+
+def test_umask_is_read_without_proc_too(monkeypatch):
+    """Where /proc/self/status is missing the umask is set and restored (under a lock)."""
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/self/status")
+
+    old = os.umask(0o027)
+    try:
+        with_proc = shards_mod.current_umask()
+        monkeypatch.setattr(shards_mod, "open", no_proc, raising=False)
+        assert shards_mod.current_umask() == with_proc == 0o027
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
 
 
 # --------------------------------------------------------------------------- sampling

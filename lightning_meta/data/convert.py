@@ -14,7 +14,10 @@ Three layouts are understood (each a subcommand, each also a Python function):
 
 ``--format npy`` stores raw ``uint8`` arrays (no decoding cost when training); ``png`` is smaller.
 The output folder appears atomically: everything is written to a temporary folder beside it and
-renamed at the end, so an interrupted conversion leaves no half-written shard set behind.
+renamed at the end, so an interrupted conversion leaves no half-written shard set behind. The
+output folder must lie outside the input (it may not be the input, nor a folder above or inside
+it): replacing it with ``--overwrite`` would otherwise delete the source images. Output files get
+the ordinary permissions of the current umask.
 
 Example:
     ``lightning-meta convert omniglot images_background_small1.zip data/small1 --rotations --val-fraction 0.2``
@@ -41,7 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lightning_meta.data.shards import INDEX_NAME, ShardIndex, ShardWriter
+from lightning_meta.data.shards import INDEX_NAME, ShardIndex, ShardWriter, publish_permissions
 from lightning_meta.errors import MetaConfigError
 
 __all__ = [
@@ -200,9 +203,59 @@ def _decode_all(
 
 
 # --------------------------------------------------------------------------- atomic output
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def _check_output_outside(out_dir: str | os.PathLike, *sources: str | os.PathLike | None) -> None:
+    """Refuse an output folder that is, contains or lies inside one of the ``sources`` (None skipped).
+
+    Replacing the output (``--overwrite``) moves the old folder away and deletes it, and the
+    temporary folder is created beside the output: an output equal to or above an input would
+    delete the source images, one inside an input would be read back as a class by the next
+    conversion. Paths are compared as resolved real paths (``~``, ``..`` and symlinks followed),
+    before anything is read or written.
+
+    Raises:
+        MetaConfigError: naming the output, the input and the fix.
+
+    """
+    out = _real(out_dir)
+    for src in sources:
+        if src is None:
+            continue
+        inp = _real(src)
+        if out == inp:
+            relation = "is"
+        elif out in inp.parents:
+            relation = "contains"
+        elif inp in out.parents:
+            relation = "lies inside"
+        else:
+            continue
+
+        def shown(given: str | os.PathLike, real: Path) -> str:
+            text = os.path.expanduser(os.fspath(given))
+            return repr(text) if os.path.abspath(text) == str(real) else f"{text!r} (really {str(real)!r})"
+
+        example = f", e.g. {str(inp.parent / (inp.stem + '-shards'))!r}" if inp.parent != inp else ""
+        raise MetaConfigError(
+            f"output folder {shown(out_dir, out)} {relation} the input {shown(src, inp)}; writing there would "
+            f"replace or mix with the source files (and --overwrite would delete them): choose an output folder "
+            f"outside the input{example}")
+
+
 @contextlib.contextmanager
-def _atomic_output(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yields a temporary folder beside ``out_dir`` that replaces it when the block succeeds."""
+def _atomic_output(
+    out_dir: str | os.PathLike, overwrite: bool, sources: Sequence[str | os.PathLike | None] = ()
+) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out_dir`` that replaces it when the block succeeds.
+
+    ``out_dir`` must lie outside every path of ``sources`` (see :func:`_check_output_outside`).
+    The published folder gets the ordinary permissions of the current umask (``mkdtemp`` makes it
+    0700); the files in it were written with them already.
+    """
+    _check_output_outside(out_dir, *sources)
     out = Path(os.path.expanduser(os.fspath(out_dir))).absolute()
     if out.exists() and not out.is_dir():
         raise MetaConfigError(f"output {str(out)!r} exists and is not a folder; choose a folder path")
@@ -213,7 +266,7 @@ def _atomic_output(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         yield tmp
-        _publish_permissions(tmp)
+        publish_permissions(tmp)
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
@@ -224,14 +277,6 @@ def _atomic_output(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _publish_permissions(folder: Path) -> None:
-    """Makes the finished folder readable like an ordinary data folder (mkdtemp/mkstemp make it private)."""
-    os.chmod(folder, 0o755)
-    for f in folder.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o644)
 
 
 @contextlib.contextmanager
@@ -275,7 +320,8 @@ def _write(
     plans = sorted(plans, key=lambda p: order.get(p.split, len(order)))  # stable: keeps the name order
     shape: tuple[int, ...] | None = None
     first: str | None = None
-    with _atomic_output(out_dir, overwrite) as tmp, _maybe_pool(workers) as pool:
+    sources = (tree.path, meta.get("input"))  # a second guard for every converter (each checks first)
+    with _atomic_output(out_dir, overwrite, sources) as tmp, _maybe_pool(workers) as pool:
         with ShardWriter(tmp, prefix=prefix, max_samples=max_samples, meta={**meta, "format": fmt}) as writer:
             class_id = 0
             for plan in plans:
@@ -356,9 +402,11 @@ def convert_imagefolder(
         resample: resize filter.
 
     Raises:
-        MetaConfigError: missing folder, no class folders, an empty class, bad split names or ratios.
+        MetaConfigError: missing folder, no class folders, an empty class, bad split names or ratios, an
+            ``out_dir`` that is, contains or lies inside ``root``.
 
     """
+    _check_output_outside(out_dir, root)
     tree = SourceTree(root, "imagefolder root")
     try:
         if split_folders and split_ratios is not None:
@@ -562,9 +610,11 @@ def convert_omniglot(
         workers: decoding processes (0 = this process).
 
     Raises:
-        MetaConfigError: missing input, wrong layout, an empty character folder, bad split options.
+        MetaConfigError: missing input, wrong layout, an empty character folder, bad split options, an
+            ``out_dir`` that is, contains or lies inside ``source``.
 
     """
+    _check_output_outside(out_dir, source)
     tree = SourceTree(source, "omniglot source")
     try:
         bad = [s for s in rotation_splits if s not in SPLITS]
@@ -608,10 +658,12 @@ def convert_miniimagenet(
     per class (``images/<label>/<filename>``). Classes keep their split and their WordNet id as name.
 
     Raises:
-        MetaConfigError: missing csv or image files, a bad header, a class in two splits.
+        MetaConfigError: missing csv or image files, a bad header, a class in two splits, an ``out_dir``
+            that is, contains or lies inside ``root`` or ``images``.
 
     """
     root = Path(os.path.expanduser(os.fspath(root)))
+    _check_output_outside(out_dir, root, images)
     if not root.is_dir():
         raise MetaConfigError(f"miniimagenet root {str(root)!r} is not a folder; point at the folder holding "
                               "train.csv, val.csv, test.csv and images/")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_meta.data.shards import INDEX_NAME, ShardWriter, cache_dir
+from lightning_meta.data.shards import INDEX_NAME, ShardWriter, cache_dir, publish_permissions
 
 __all__ = ["GLYPHS_VERSION", "default_glyph_shards", "generate_glyphs", "render_character"]
 
@@ -101,7 +101,8 @@ def generate_glyphs(
     """Generates the glyph data set as class-grouped shards with an index in ``out_dir``.
 
     Args:
-        out_dir: destination folder (written atomically: a temporary folder renamed at the end).
+        out_dir: destination folder (written atomically: a temporary folder renamed at the end);
+            the folder and its files get the ordinary permissions of the current umask.
         seed: generator seed; the same seed gives the same bytes.
         alphabets: number of alphabets.
         chars_per_alphabet: inclusive range of characters per alphabet.
@@ -145,6 +146,7 @@ def generate_glyphs(
         (tmp / "README.txt").write_text(
             "Embedded default data set of lightning-meta (procedural glyph alphabets).\n"
             + json.dumps(meta) + "\n")
+        publish_permissions(tmp)  # mkdtemp's 0700 -> an ordinary folder's 0o777 & ~umask
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

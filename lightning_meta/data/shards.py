@@ -14,6 +14,7 @@ import json
 import os
 import tarfile
 import tempfile
+import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ __all__ = [
     "cache_dir",
     "decode_image",
     "load_index",
+    "publish_permissions",
     "resolve_shards",
 ]
 
@@ -52,8 +54,49 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """Return the process umask, read without changing it where the platform allows.
+
+    On Linux it is parsed from ``/proc/self/status`` (``Umask:`` line, kernel 4.7+), which is
+    thread-safe. Elsewhere it is read the only portable way, by setting it (to the private 0o077)
+    and restoring it at once, serialised by a lock; a file another thread creates between those
+    two calls (a few microseconds) gets private permissions, never wider ones.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        umask = os.umask(0o077)  # private, should another thread create a file meanwhile
+        os.umask(umask)
+    return umask
+
+
+def publish_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` the permissions of an ordinary new file or folder under the current umask.
+
+    ``tempfile.mkstemp`` and ``mkdtemp`` create private entries (0600 / 0700) whatever the umask;
+    everything written atomically through them (shards, ``index.json``, reports, caches) is passed
+    here before it is renamed into place, so it ends up ``0o666 & ~umask`` (a file, 0644 under the
+    usual umask 022) or ``0o777 & ~umask`` (a folder, 0755), as ``open(path, "w")`` or
+    ``os.mkdir`` would create it. Only ``path`` itself changes, not a folder's contents.
+    """
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to a temporary file in the same folder, fsyncs, then renames over ``path``."""
+    """Write ``data`` to a temporary file in the same folder, fsync it, then rename it over ``path``.
+
+    The file gets the permissions of an ordinary new file (``0o666 & ~umask``, see
+    :func:`publish_permissions`), not the private 0600 of its ``mkstemp`` temporary.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -62,6 +105,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        publish_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -427,6 +471,7 @@ class ShardWriter:
         self._final = str(self.out_dir / name)
         fd, self._tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{name}.", suffix=".tmp")
         os.close(fd)
+        publish_permissions(self._tmp)  # mkstemp's 0600 -> an ordinary file's 0o666 & ~umask
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self._count = 0
         self._split = split
