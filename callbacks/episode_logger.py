@@ -9,18 +9,51 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_meta.data.shards import atomic_write_bytes
 
 __all__ = ["TestResultWriter"]
 
 
+def checkpoint_global_step(path: Any) -> int | None:
+    """Return the ``global_step`` (optimizer steps trained) saved in a Lightning checkpoint file, else ``None``.
+
+    The file is opened with ``torch.load(map_location="cpu", weights_only=True, mmap=True)``: only
+    the small ``global_step`` entry is used, and no tensor is read into memory. A folder (a
+    DeepSpeed checkpoint), a remote URL or a file that ``weights_only`` refuses gives ``None``.
+
+    Example:
+        >>> checkpoint_global_step("no/such/file.ckpt") is None
+        True
+
+    """
+    import torch
+
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return None
+    for mmap in (True, False):  # mmap needs the zip format of torch >= 1.6; retry without for older files
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception:  # anything unreadable is "unknown", never an error at the end of a test
+            continue
+        step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+        return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+    return None
+
+
 class TestResultWriter(Callback):
     """Saves the logged ``test/*`` metrics, the episode shape and wall time to ``results.json``.
 
     The file lands in the logger's run directory (``lightning_logs/version_N``) and is written
-    atomically, so report tools never read a half-written file.
+    atomically, so report tools never read a half-written file. It is written at the end of
+    ``test``, and at the end of a ``validate`` run (with the ``val/*`` metrics).
+
+    ``global_step`` is the number of optimizer steps the *evaluated weights* were trained for:
+    the trainer's step when the same trainer ran ``fit`` (``--test_after_fit``); for an
+    evaluation-only run (``lightning-meta test|validate --ckpt_path``) the ``global_step`` saved
+    in that checkpoint, and ``null`` when it is unknown (no checkpoint, or one that cannot be
+    read). ``evaluation_only`` says which case it is, ``ckpt_path`` names the checkpoint.
 
     Args:
         filename: name of the JSON file.
@@ -35,22 +68,56 @@ class TestResultWriter(Callback):
             raise ValueError(f"filename={filename!r} must be a plain file name such as 'results.json'")
         self.filename = filename
         self._start = time.time()
+        self._ckpt_step: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        self._ckpt_step = None  # runs before Lightning restores a checkpoint (on_load_checkpoint below)
+
+    def on_load_checkpoint(  # noqa: D102
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        step = checkpoint.get("global_step")
+        self._ckpt_step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._start = time.time()
 
-    @rank_zero_only
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    def _trained_steps(self, trainer: L.Trainer) -> tuple[int | None, bool]:
+        """``(optimizer steps of the evaluated weights or None, evaluation_only)``."""
+        if trainer.global_step > 0:  # this trainer ran fit: keep its own count
+            return trainer.global_step, False
+        if not trainer.ckpt_path:  # weights from elsewhere (a fresh model, load_from_checkpoint): unknown
+            return None, True
+        # Lightning passes the checkpoint to on_load_checkpoint only when it holds callback states
+        # (not for save_weights_only checkpoints): read the step from the file then
+        step = self._ckpt_step if self._ckpt_step is not None else checkpoint_global_step(trainer.ckpt_path)
+        return step, True
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, prefix: str) -> None:
+        # every rank: Trainer.log_dir broadcasts (a collective), so rank 0 alone would wait for the others forever
+        folder = trainer.log_dir or trainer.default_root_dir
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{prefix}/")}
         dm = trainer.datamodule
+        steps, evaluation_only = self._trained_steps(trainer)
         record: dict[str, Any] = {
             "algorithm": type(pl_module).__name__,
+            "stage": stage,
             "metrics": metrics,
-            "global_step": trainer.global_step,
+            "global_step": steps,
+            "evaluation_only": evaluation_only,
+            "ckpt_path": None if not trainer.ckpt_path else str(trainer.ckpt_path),
             "wall_time_s": round(time.time() - self._start, 2),
         }
-        for attr in ("eval_ways", "eval_shots", "eval_queries", "test_episodes", "seed"):
+        for attr in ("eval_ways", "eval_shots", "eval_queries", f"{prefix}_episodes", "seed"):
             if dm is not None and hasattr(dm, attr):
                 record[attr] = getattr(dm, attr)
-        folder = trainer.log_dir or trainer.default_root_dir
         atomic_write_bytes(os.path.join(folder, self.filename), json.dumps(record, indent=2).encode())
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._write(trainer, pl_module, "test", "test")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if trainer.state.fn == TrainerFn.VALIDATING:  # `validate` only; validation during fit is in the event files
+            self._write(trainer, pl_module, "validate", "val")

@@ -11,7 +11,14 @@ band, for all runs at once.
 
 Training episodes are ``optimizer steps × meta_batch_size`` (the global meta-batch, read from
 ``config.yaml``). Lightning logs validation metrics during ``fit`` at the index of the last
-training batch, so a validation logged at step ``s`` came after ``s + 1`` optimizer steps.
+training batch, so a validation logged at step ``s`` came after ``s + 1`` optimizer steps. A run of
+``lightning-meta test|validate --ckpt_path`` trained nothing itself: its steps are those of the
+evaluated checkpoint, which :class:`~lightning_meta.callbacks.TestResultWriter` records in
+``results.json`` (``?`` when unknown).
+
+A folder holding several runs may include runs without results yet (a run stopped by a
+configuration error at setup, or one still before its first validation): they are left out with
+a note, and only a report left with no run at all is an error.
 
 Example:
     ``lightning-meta report lightning_logs/maml_sinusoid/version_0 lightning_logs/quickstart --out-png cmp.png``
@@ -31,7 +38,8 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +47,29 @@ from typing import Any
 from lightning_meta.data.shards import atomic_write_bytes
 from lightning_meta.errors import MetaConfigError
 
-__all__ = ["RunSummary", "collect_runs", "find_run_dirs", "load_run", "main", "markdown_table", "plot_validation"]
+__all__ = ["NoResultsError", "RunSummary", "collect_runs", "find_run_dirs", "load_run", "main", "markdown_table",
+           "plot_validation"]
 
 EVENT_GLOB = "events.out.tfevents.*"
 _EXPECTED = (
     "expected a Lightning log folder such as lightning_logs/NAME/version_N holding TensorBoard event files "
     "(events.out.tfevents.*), as written by `lightning-meta fit`"
 )
+
+
+class NoResultsError(MetaConfigError):
+    """A run directory holds no validation or test results (yet).
+
+    Attributes:
+        path: the run directory.
+        reason: a short, one-line reason, for the note that says the run was skipped.
+
+    """
+
+    def __init__(self, message: str, path: Path, reason: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
 
 
 @dataclass
@@ -60,13 +84,16 @@ class RunSummary:
         ways, shots: training episode shape (``None`` if unknown; ``ways`` is ``None`` for regression).
         eval_ways, eval_shots: validation/test episode shape.
         meta_batch_size: global episodes per optimizer step (``None`` if unknown).
-        steps: optimizer steps trained (``None`` if unknown).
+        steps: optimizer steps trained (``None`` if unknown); for an evaluation-only run, those of the
+            evaluated checkpoint.
         wall_time_s: seconds from the start of ``fit`` to the end of ``test`` (``results.json``), else
             the span of the event files' timestamps.
-        val_steps: optimizer steps done at each validation.
+        val_steps: optimizer steps done at each validation; empty when unknown (an evaluation-only
+            run of a checkpoint whose step was not recorded), so the run cannot be plotted.
         val_mean, val_ci95: validation score and its 95% CI half-width at each validation.
         val_episodes: number of validation episodes (of the last validation).
         test: ``(mean, ci95, episodes)`` of the test, or ``None`` when the run was not tested.
+        evaluation_only: the run trained nothing itself (``lightning-meta test|validate``).
 
     """
 
@@ -86,6 +113,7 @@ class RunSummary:
     val_ci95: list[float] = field(default_factory=list)
     val_episodes: int | None = None
     test: tuple[float, float, int] | None = None
+    evaluation_only: bool = False
 
     @property
     def training_episodes(self) -> int | None:
@@ -207,8 +235,8 @@ def load_run(run_dir: str | os.PathLike, meta_batch_size: int | None = None) -> 
         meta_batch_size: used when the run has no ``config.yaml`` that gives it.
 
     Raises:
-        MetaConfigError: the folder holds no event files, or the run logged neither validation nor
-            test results.
+        MetaConfigError: the folder holds no event files, or unreadable files.
+        NoResultsError: the run logged neither validation nor test results (yet).
 
     """
     path = Path(run_dir)
@@ -230,10 +258,13 @@ def load_run(run_dir: str | os.PathLike, meta_batch_size: int | None = None) -> 
     elif "val/mse" in scalars or "test/mse" in metrics or "test/mse" in scalars:
         score = "mse"
     else:
-        raise MetaConfigError(
+        raise NoResultsError(
             f"run {str(path)!r} has no validation or test results: expected val/acc or val/mse scalars in its "
             "event files (logged every trainer.val_check_interval steps by `lightning-meta fit`) or a results.json "
-            "from lightning_meta.callbacks.TestResultWriter; was the run stopped before its first validation?"
+            "from lightning_meta.callbacks.TestResultWriter; was the run stopped before its first validation, or by "
+            "an error at setup?",
+            path,
+            "no validation or test results (stopped by an error at setup, or still before its first validation?)",
         )
 
     algorithm = results.get("algorithm")
@@ -247,12 +278,27 @@ def load_run(run_dir: str | os.PathLike, meta_batch_size: int | None = None) -> 
     n_val = scalars.get("val/episodes", [])
     steps_sorted = sorted(val)
 
-    if "global_step" in results:
-        steps = _int_or_none(results["global_step"])
+    # train/* and val/* are logged during fit at (optimizer steps done - 1); `epoch` is also logged by test
+    fit_steps = [s for tag, rows in scalars.items() if tag.startswith(("train/", "val/")) for s, _, _ in rows]
+    evaluation_only = results.get("evaluation_only")
+    if isinstance(evaluation_only, bool):
+        # TestResultWriter: the trainer's steps after fit, or the evaluated checkpoint's (null: unknown)
+        steps = _int_or_none(results.get("global_step"))
+    elif "global_step" in results:
+        # older results.json: trainer.global_step, which is 0 in a `test --ckpt_path` run whatever the checkpoint
+        steps = _int_or_none(results["global_step"]) or None
+        evaluation_only = steps is None
+    elif config.get("ckpt_path") and not any(t.startswith("train/") for t in scalars) and not any(fit_steps):
+        # no results.json, a checkpoint given, no training logged and validations (if any) all at step 0:
+        # a `validate --ckpt_path` run, which logs at step 0 whatever the checkpoint's step
+        steps, evaluation_only = None, True
     else:
-        # train/* and val/* are logged during fit at (optimizer steps done - 1); `epoch` is also logged by test
-        fit_steps = [s for tag, rows in scalars.items() if tag.startswith(("train/", "val/")) for s, _, _ in rows]
         steps = max(fit_steps) + 1 if fit_steps else None
+        evaluation_only = False
+    if evaluation_only:  # every validation of the run evaluated the same weights
+        val_steps = [] if steps is None else [steps] * len(steps_sorted)
+    else:
+        val_steps = [s + 1 for s in steps_sorted]
 
     test: tuple[float, float, int] | None = None
     if f"test/{score}" in metrics:
@@ -260,7 +306,8 @@ def load_run(run_dir: str | os.PathLike, meta_batch_size: int | None = None) -> 
                 int(metrics.get("test/episodes", results.get("test_episodes", 0)) or 0))
     elif f"test/{score}" in scalars:
         last = lambda tag: scalars[tag][-1][1] if tag in scalars else math.nan  # noqa: E731
-        test = (last(f"test/{score}"), last(f"test/{score}_ci95"), int(last("test/episodes") or 0))
+        n_test = last("test/episodes")
+        test = (last(f"test/{score}"), last(f"test/{score}_ci95"), 0 if math.isnan(n_test) else int(n_test))
 
     wall = results.get("wall_time_s")
     if wall is None:
@@ -285,18 +332,28 @@ def load_run(run_dir: str | os.PathLike, meta_batch_size: int | None = None) -> 
         meta_batch_size=mbs,
         steps=steps,
         wall_time_s=None if wall is None else float(wall),
-        val_steps=[s + 1 for s in steps_sorted],
+        val_steps=val_steps,
         val_mean=[val[s] for s in steps_sorted],
         val_ci95=[ci.get(s, math.nan) for s in steps_sorted],
         val_episodes=int(n_val[-1][1]) if n_val else None,
         test=test,
+        evaluation_only=evaluation_only,
     )
 
 
-def collect_runs(paths: Sequence[str | os.PathLike], meta_batch_size: int | None = None) -> list[RunSummary]:
+def collect_runs(
+    paths: Sequence[str | os.PathLike],
+    meta_batch_size: int | None = None,
+    on_skip: Callable[[Path, str], object] | None = None,
+) -> list[RunSummary]:
     """:func:`load_run` for every run directory under ``paths`` (see :func:`find_run_dirs`).
 
     Labels are ``NAME/version_N``; where two runs would share a label, their full paths are used.
+
+    When ``paths`` hold several runs, a run without validation or test results (a run stopped by
+    an error at setup, or one still before its first validation) is skipped: ``on_skip(run_dir,
+    reason)`` is called for it (by default a :class:`UserWarning`). A single run without results,
+    or several runs none of which has results, raise :class:`NoResultsError`.
 
     Example:
         >>> runs = collect_runs(["lightning_logs/maml_sinusoid"])  # doctest: +SKIP
@@ -304,7 +361,26 @@ def collect_runs(paths: Sequence[str | os.PathLike], meta_batch_size: int | None
         ('MAML', (0.6, 0.05, 600))
 
     """
-    runs = [load_run(d, meta_batch_size) for d in find_run_dirs(paths)]
+    dirs = find_run_dirs(paths)
+    runs: list[RunSummary] = []
+    for d in dirs:
+        try:
+            runs.append(load_run(d, meta_batch_size))
+        except NoResultsError as e:
+            if len(dirs) == 1:
+                raise
+            if on_skip is None:
+                warnings.warn(f"skipped {d}: {e.reason}", UserWarning, stacklevel=2)
+            else:
+                on_skip(d, e.reason)
+    if not runs:
+        named = ", ".join(repr(os.fspath(p)) for p in paths)
+        raise NoResultsError(
+            f"none of the {len(dirs)} runs under {named} has validation or test results yet: expected val/acc or "
+            "val/mse scalars in their event files or a results.json from lightning_meta.callbacks.TestResultWriter",
+            Path(os.fspath(paths[0])),
+            "no run with results",
+        )
     names = [r.name for r in runs]
     for r in runs:
         if names.count(r.name) > 1:
@@ -379,8 +455,9 @@ def plot_validation(runs: Sequence[RunSummary], out_png: str | os.PathLike, dpi:
     """Save a PNG of validation accuracy (MSE for regression) against training episodes for all runs.
 
     One panel per score kind (accuracy, MSE); each run is a line with its 95% CI as a band. Runs
-    without validation are left out. Rendered with matplotlib's Agg canvas (no display needed) and
-    written atomically.
+    without validation, or whose validations cannot be placed in training episodes (an
+    evaluation-only run of a checkpoint whose step is unknown), are left out. Rendered with
+    matplotlib's Agg canvas (no display needed) and written atomically.
 
     Raises:
         MetaConfigError: no run has logged validation, or a run's meta-batch size is unknown.
@@ -390,12 +467,13 @@ def plot_validation(runs: Sequence[RunSummary], out_png: str | os.PathLike, dpi:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    plotted = [r for r in runs if r.val_mean]
+    plotted = [r for r in runs if r.val_mean and r.val_steps]
     if not plotted:
         names = ", ".join(repr(str(r.path)) for r in runs)
         raise MetaConfigError(
-            f"no validation to plot: none of the runs {names} logged val/acc or val/mse (set "
-            "trainer.val_check_interval below trainer.max_steps, or skip the plot with --no-plot)"
+            f"no validation to plot: none of the runs {names} logged val/acc or val/mse at a known number of "
+            "training episodes (set trainer.val_check_interval below trainer.max_steps, or skip the plot with "
+            "--no-plot)"
         )
     kinds = [k for k in ("acc", "mse") if any(r.score == k for r in plotted)]
     fig = Figure(figsize=(6.4 * len(kinds), 4.4), layout="constrained")
@@ -437,24 +515,43 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--meta-batch-size", type=int, default=None,
                    help="meta-batch size of runs without a config.yaml that gives it")
     a = p.parse_args(argv)
+
+    def note(message: str) -> None:
+        print(f"lightning-meta report: note: {message}", file=sys.stderr)
+
     try:
         if a.meta_batch_size is not None and a.meta_batch_size < 1:
             raise MetaConfigError(f"--meta-batch-size {a.meta_batch_size} must be >= 1")
-        runs = collect_runs(a.runs, a.meta_batch_size)
+        runs = collect_runs(a.runs, a.meta_batch_size, on_skip=lambda d, why: note(f"skipped {d}: {why}"))
         table = markdown_table(runs)
+        out = None
         if not a.no_plot:
+            plottable = []
             for r in runs:
                 if not r.val_mean:
-                    print(f"lightning-meta report: note: {r.path} logged no validation (val/{r.score}); "
-                          "it is in the table but not in the plot", file=sys.stderr)
-            out = plot_validation(runs, a.out_png)
+                    note(f"{r.path} logged no validation (val/{r.score}); it is in the table but not in the plot")
+                elif not r.val_steps:
+                    note(f"{r.path} validated a checkpoint whose training step is unknown; it is in the table but "
+                         "not in the plot")
+                elif r.meta_batch_size is None:
+                    note(f"{r.path} has no config.yaml with data.init_args.meta_batch_size; it is in the table but "
+                         "not in the plot (pass --meta-batch-size N to plot it)")
+                else:
+                    plottable.append(r)
+            if plottable:
+                out = plot_validation(plottable, a.out_png)
+            else:
+                print("lightning-meta report: warning: no validation to plot, so no plot was written: none of the "
+                      "runs logged val/acc or val/mse at a known number of training episodes (set "
+                      "trainer.val_check_interval below trainer.max_steps to validate during fit, or pass --no-plot)",
+                      file=sys.stderr)
         if a.out_md:
             _write(a.out_md, table.encode())
     except MetaConfigError as e:
         print(f"lightning-meta report: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(table, end="")
-    if not a.no_plot:
+    if out is not None:
         print(f"saved the validation plot to {out}", file=sys.stderr)
     if a.out_md:
         print(f"saved the table to {a.out_md}", file=sys.stderr)

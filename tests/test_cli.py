@@ -235,3 +235,21 @@ def test_index_refuses_to_drop_shards_of_the_folder_index(tmp_path, capsys):
     console_main(["index", str(tmp_path)])  # the whole folder: names and splits kept
     again = load_index(str(tmp_path))
     assert [(c.name, c.split) for c in again.classes] == [(c.name, c.split) for c in full.classes]
+
+
+@pytest.mark.slow
+def test_results_are_written_after_a_two_process_test(tmp_path):
+    """TestResultWriter under DDP: every rank joins Trainer.log_dir's broadcast (rank 0 alone crashed the run)."""
+    from ports import free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-m", "lightning_meta", "fit", "--config", QUICK, *TINY,
+                          "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                          "--trainer.max_steps", "2", "--test_after_fit", "true",
+                          "--trainer.callbacks+=TestResultWriter"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = glob.glob(str(tmp_path / "lightning_logs" / "quickstart" / "version_*" / "results.json"))
+    assert len(results) == 1 and '"test/acc"' in Path(results[0]).read_text()

@@ -143,15 +143,24 @@ def test_parent_folder_expands_to_its_versions(two_runs, capsys):
     assert "| maml_sinusoid/version_0 |" in table and "| protonet_glyphs/version_0 |" in table
 
 
-def _fake_run(folder: Path, metrics: list[tuple[int, dict[str, float]]]) -> Path:
-    """A run directory with only the given scalars (what a plain ``L.Trainer`` without LightningCLI leaves)."""
+def _fake_run(folder: Path, metrics: list[tuple[int, dict[str, float]]], version: int = 0) -> Path:
+    """A run directory with only the given scalars (what a plain ``L.Trainer`` without LightningCLI leaves).
+
+    With no metrics it is what a run stopped by a config error at setup (or still before its first
+    validation) leaves: a version folder holding an event file and nothing else.
+    """
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    logger = TensorBoardLogger(str(folder), name="plain", version=0, default_hp_metric=False)
+    logger = TensorBoardLogger(str(folder), name="plain", version=version, default_hp_metric=False)
+    logger.experiment.flush()  # the event file exists even when nothing is logged
     for step, values in metrics:
         logger.log_metrics(values, step=step)
     logger.finalize("success")
     return Path(logger.log_dir)
+
+
+_VAL = [(1, {"val/acc": 0.5, "val/acc_ci95": 0.1, "val/episodes": 10.0}),
+        (3, {"val/acc": 0.6, "val/acc_ci95": 0.1, "val/episodes": 10.0})]
 
 
 def test_missing_path_is_named(tmp_path, capsys):
@@ -180,14 +189,16 @@ def test_run_without_validation_or_test_is_refused(tmp_path):
 
 
 def test_tested_run_without_validation_is_tabled_but_not_plotted(tmp_path, capsys):
+    # e.g. configs/protonet_omniglot_minimal.yaml (limit_val_batches: 0): the table, a warning, no plot, exit 0
     run = _fake_run(tmp_path, [(0, {"train/loss": 1.0}), (7, {"test/acc": 0.75, "test/acc_ci95": 0.05,
                                                               "test/episodes": 40.0})])
-    with pytest.raises(SystemExit) as e:
-        console_main(["report", str(run), "--out-png", str(tmp_path / "p.png")])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "logged no validation" in err and str(run) in err and "no validation to plot" in err
+    md = tmp_path / "t.md"
+    console_main(["report", str(run), "--out-png", str(tmp_path / "p.png"), "--out-md", str(md)])
+    out = capsys.readouterr()
+    assert "logged no validation" in out.err and str(run) in out.err and "no validation to plot" in out.err
+    assert "no plot was written" in out.err and "saved the validation plot" not in out.err
     assert not (tmp_path / "p.png").exists()
+    assert _row(out.out, "plain/version_0")[6] == "75.00% ± 5.00% (40)" and md.read_text() == out.out
     console_main(["report", str(run), "--no-plot"])
     row = _row(capsys.readouterr().out, "plain/version_0")
     assert row[5] == "—" and row[6] == "75.00% ± 5.00% (40)"
@@ -221,3 +232,129 @@ def test_run_without_results_json_falls_back_to_event_files(two_runs, tmp_path):
     assert r.steps == res["global_step"] == 10 and r.training_episodes == 40
     assert r.test[0] == pytest.approx(res["metrics"]["test/mse"]) and r.test[2] == 30
     assert r.wall_time_s is not None and r.wall_time_s >= 0
+
+
+# ----------------------------------------------------------------------------- runs without results
+def test_folder_with_an_empty_run_reports_the_others(tmp_path, capsys):
+    good = _fake_run(tmp_path, [*_VAL, (3, {"test/acc": 0.7, "test/acc_ci95": 0.05, "test/episodes": 20.0})])
+    empty = _fake_run(tmp_path, [], version=1)  # a config error at setup, or a run before its first validation
+    png = tmp_path / "p.png"
+    console_main(["report", str(tmp_path), "--meta-batch-size", "2", "--out-png", str(png)])  # exit 0
+    out = capsys.readouterr()
+    assert "| plain/version_0 |" in out.out and "version_1" not in out.out
+    assert _row(out.out, "plain/version_0")[4] == "8"  # (3 + 1) steps x 2
+    notes = [line for line in out.err.splitlines() if "version_1" in line]
+    assert len(notes) == 1 and "note: skipped" in notes[0] and str(empty) in notes[0]
+    assert "no validation or test results" in notes[0]
+    assert png.read_bytes()[:4] == b"\x89PNG" and str(png) in out.err
+    # in Python: a warning by default, or the on_skip callback
+    with pytest.warns(UserWarning, match="skipped .*version_1"):
+        assert [r.path for r in collect_runs([tmp_path])] == [good]
+    skipped = []
+    assert len(collect_runs([tmp_path], on_skip=lambda d, why: skipped.append(d))) == 1 and skipped == [empty]
+
+
+def test_only_empty_runs_is_an_error(tmp_path, capsys):
+    for version in (0, 1):
+        _fake_run(tmp_path, [(0, {"train/loss": 1.0})] if version else [], version=version)
+    with pytest.raises(SystemExit) as e:
+        console_main(["report", str(tmp_path), "--no-plot"])
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "none of the 2 runs" in out.err and str(tmp_path) in out.err
+    assert out.err.count("note: skipped") == 2 and "Traceback" not in out.err
+
+    # an explicitly named single run without results stays an error that names it
+    run = tmp_path / "plain" / "version_1"
+    with pytest.raises(SystemExit) as e:
+        console_main(["report", str(run), "--no-plot"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"run {str(run)!r} has no validation or test results" in err and "note:" not in err
+
+
+# ----------------------------------------------------------------------------- evaluation-only runs
+def test_evaluation_only_runs_report_the_checkpoints_training_episodes(two_runs, tmp_path, capsys):
+    """`lightning-meta test|validate --ckpt_path` of a checkpoint trained 10 steps x meta-batch 4 = 40 episodes."""
+    import torch
+
+    from lightning_meta.callbacks.episode_logger import checkpoint_global_step
+
+    (ckpt,) = (two_runs["maml"] / "checkpoints").glob("*.ckpt")
+    assert checkpoint_global_step(ckpt) == 10
+    # a checkpoint without callback states (save_weights_only) never reaches the callbacks' on_load_checkpoint:
+    # the step is read from the file instead
+    bare = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del bare["callbacks"]
+    torch.save(bare, tmp_path / "bare.ckpt")
+    logs = tmp_path / "logs"
+    common = ["--config", str(ROOT / "configs" / "maml_sinusoid.yaml"), *QUIET,
+              "--trainer.logger.init_args.save_dir", str(logs), "--data.init_args.meta_batch_size", "4",
+              "--data.init_args.val_episodes", "10", "--data.init_args.test_episodes", "10",
+              "--data.init_args.eval_meta_batch_size", "10"]
+    main(["test", *common, "--ckpt_path", str(ckpt)])
+    main(["validate", *common, "--ckpt_path", str(ckpt)])
+    main(["test", *common, "--ckpt_path", str(tmp_path / "bare.ckpt")])
+    runs = [logs / "maml_sinusoid" / f"version_{v}" for v in range(3)]
+    for run in runs:
+        res = json.loads((run / "results.json").read_text())
+        assert res["global_step"] == 10 and res["evaluation_only"] is True, res
+    assert json.loads((runs[1] / "results.json").read_text())["stage"] == "validate"
+
+    capsys.readouterr()
+    png = tmp_path / "p.png"
+    console_main(["report", str(logs), "--out-png", str(png)])
+    out = capsys.readouterr()
+    for v in range(3):
+        assert _row(out.out, f"maml_sinusoid/version_{v}")[4] == "40"
+    assert "MSE" in _row(out.out, "maml_sinusoid/version_1")[5] and _row(out.out, "maml_sinusoid/version_1")[6] == "—"
+    assert "MSE" in _row(out.out, "maml_sinusoid/version_0")[6]
+    assert png.read_bytes()[:4] == b"\x89PNG" and "version_1" not in out.err  # the validation is plotted
+    # the validation of the checkpoint sits where the checkpoint's training ended
+    assert collect_runs([runs[1]])[0].val_training_episodes == [40]
+
+    # the fit run itself is unchanged: its own steps, validations after 5 and 10 steps
+    fit = load_run(two_runs["maml"])
+    assert fit.steps == 10 and not fit.evaluation_only and fit.val_training_episodes == [20, 40]
+
+
+def test_checkpoint_global_step_is_unknown_when_unreadable(tmp_path):
+    import torch
+
+    from lightning_meta.callbacks.episode_logger import checkpoint_global_step
+
+    torch.save({"global_step": 7, "state_dict": {"w": torch.zeros(2)}}, tmp_path / "a.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    torch.save({"state_dict": {}}, tmp_path / "nostep.ckpt")
+    assert checkpoint_global_step(tmp_path / "a.ckpt") == 7
+    assert checkpoint_global_step(str(tmp_path / "a.ckpt")) == 7
+    for path in (tmp_path / "junk.ckpt", tmp_path / "nostep.ckpt", tmp_path, tmp_path / "missing.ckpt", None):
+        assert checkpoint_global_step(path) is None
+
+
+def test_unknown_checkpoint_step_is_a_question_mark_not_a_number(tmp_path, capsys):
+    """Runs written before the fix: results.json with global_step 0, and a validate run without results.json."""
+    import yaml
+
+    tested = _fake_run(tmp_path, [(0, {"test/acc": 0.75, "test/acc_ci95": 0.05, "test/episodes": 40.0})])
+    (tested / "results.json").write_text(json.dumps({"algorithm": "MAML", "global_step": 0, "metrics": {
+        "test/acc": 0.75, "test/acc_ci95": 0.05, "test/episodes": 40.0}}))
+    validated = _fake_run(tmp_path, _VAL[:1], version=1)
+    validated_at_0 = _fake_run(tmp_path, [(0, _VAL[0][1])], version=2)
+    for run in (tested, validated, validated_at_0):
+        (run / "config.yaml").write_text(yaml.safe_dump({"ckpt_path": "/x/epoch=0-step=4.ckpt",
+                                                         "data": {"init_args": {"meta_batch_size": 8}}}))
+    new = _fake_run(tmp_path, [(0, {"test/acc": 0.75})], version=3)  # the fixed TestResultWriter: step unknown
+    (new / "results.json").write_text(json.dumps({"global_step": None, "evaluation_only": True, "metrics": {}}))
+
+    r = {run.name: load_run(run) for run in (tested, validated, validated_at_0, new)}
+    assert r["version_0"].steps is None and r["version_0"].evaluation_only
+    assert r["version_1"].steps == 2 and not r["version_1"].evaluation_only  # validated after 2 steps of a fit
+    assert r["version_2"].steps is None and r["version_2"].val_steps == [] and r["version_2"].val_mean == [0.5]
+    assert r["version_3"].steps is None
+    console_main(["report", str(tmp_path), "--out-png", str(tmp_path / "p.png")])
+    out = capsys.readouterr()
+    for v, episodes in ((0, "?"), (1, "16"), (2, "?"), (3, "?")):
+        assert _row(out.out, f"plain/version_{v}")[4] == episodes
+    assert "version_2 validated a checkpoint whose training step is unknown" in out.err
+    assert (tmp_path / "p.png").is_file()  # version_1 is plotted
