@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import lightning as L
@@ -201,6 +202,7 @@ class EpisodicDataModule(L.LightningDataModule):
         self.sources: dict[str, EpisodeSource] = {}
         self._resume: tuple[int, int] | None = None
         self._train_sampler: MetaBatchSampler | None = None
+        self._inputs_checked: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------ topology
     def _rank_world(self) -> tuple[int, int]:
@@ -209,9 +211,62 @@ class EpisodicDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    # ------------------------------------------------------------ model inputs
+    def image_shape(self, split: str) -> tuple[int, ...] | None:
+        """Shape ``[C, H, W]`` of the images of a split as the model receives them; None when unknown.
+
+        Unknown also when the first image cannot be read (a corrupt sample, which the data
+        pipeline's own checks and ``max_corrupt_fraction`` deal with).
+
+        The default asks the split's source for ``first_image_shape()`` (shard sources have it;
+        wrappers such as :class:`~lightning_meta.data.augment.AffineAugmentedSource` pass it on).
+        Datamodules that resize or otherwise reshape images after the source override this.
+        """
+        first = getattr(self.sources.get(split), "first_image_shape", None)
+        if not callable(first):
+            return None
+        try:
+            return tuple(first())
+        except Exception:  # e.g. a corrupt first sample: unknown here; the loader's own checks report it
+            return None
+
+    def check_model_inputs(self, splits: Iterable[str] | None = None) -> None:
+        """Refuse a model whose backbone does not take this data's images, before any forward.
+
+        Compares :meth:`image_shape` of each split (all built splits by default) with what the
+        trainer's model declares (:meth:`~lightning_meta.algorithms.MetaLearner.check_input_shape`);
+        does nothing without a trainer, a model that can check, or a known image shape. Each
+        split's source is checked once per model.
+
+        Raises:
+            MetaConfigError: the images do not fit the backbone (the message names both and the fix).
+
+        """
+        trainer = getattr(self, "trainer", None)
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        check = getattr(model, "check_input_shape", None)
+        if not callable(check):
+            return
+        checked = self.__dict__.setdefault("_inputs_checked", {})
+        for split in (list(self.sources) if splits is None else splits):
+            source = self.sources.get(split)
+            key = (id(model), id(source))
+            if source is None or checked.get(split) == key:
+                continue
+            shape = self.image_shape(split)
+            if shape is not None:
+                name = {"train": "training", "val": "validation"}.get(split, split)
+                check(shape, f"the {name} images{self._describe_split(split)}")
+            checked[split] = key
+
+    def _describe_split(self, split: str) -> str:
+        """Where a split's data comes from, for messages (`` (of <location>)``); empty by default."""
+        return ""
+
     def _loader(self, split: str) -> DataLoader:
         if split not in self.sources:
             raise RuntimeError(f"{type(self).__name__}.setup() did not create a source for split {split!r}")
+        self.check_model_inputs([split])
         rank, world = self._rank_world()
         if split == "train":
             sampler = MetaBatchSampler(self.train_episodes, self.meta_batch_size, rank, world, True, self._resume)

@@ -370,6 +370,10 @@ class MultiSourceEpisodes:
         """Episode ``index`` of the source chosen for it."""
         return self.sources[self.source_of(split, epoch, index)].episode(split, epoch, index)
 
+    def first_image_shape(self) -> tuple[int, ...]:
+        """Shape ``[C, H, W]`` of the images (all sources hold one shape; checked when they are built)."""
+        return self.sources[0].first_image_shape()
+
 
 class SkippedSamplesLogger(Callback):
     """Logs the corrupt samples the datamodule skipped (``data/skipped_samples``, ``data/skipped_fraction``).
@@ -582,6 +586,7 @@ class ShardDataModule(EpisodicDataModule):
         self._stream_readers: dict[str, StreamingReader] = {}
         self._counters: dict[str, SampleCounter] = {}
         self._restored_counts: tuple[int, int] | None = None
+        self._split_specs: dict[str, str] = {}
 
     # ------------------------------------------------------------ shard sets
     def _train_spec(self) -> str | list[str]:
@@ -730,10 +735,14 @@ class ShardDataModule(EpisodicDataModule):
                 plan[split] = [(s, p[split]) for s, p in zip(train_sets, positions, strict=True)]
         self._check_disjoint(plan)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage or "", ("train", "val", "test")):
+        built = wanted.get(stage or "", ("train", "val", "test"))
+        for split in built:
             self.sources[split] = self._build_split(split, plan[split])
+            self._inputs_checked.pop(split, None)
+            self._split_specs[split] = ", ".join(dict.fromkeys(str(s.spec) for s, _ in plan[split]))
         self.split_sizes = {s: sum(len(p) for _, p in parts) for s, parts in plan.items()}
         self._check_model()
+        self.check_model_inputs(built)  # images vs the backbone's in_channels / image_size, before any forward
         trainer = getattr(self, "trainer", None)
         callbacks = getattr(trainer, "callbacks", None)
         if isinstance(callbacks, list) and not any(isinstance(c, SkippedSamplesLogger) for c in callbacks):
@@ -804,6 +813,14 @@ class ShardDataModule(EpisodicDataModule):
                 "(ProtoNet, MatchingNet, MetaOptNet); a model that handles any way can declare "
                 "supports_variable_episodes = True"
             )
+
+    def _describe_split(self, split: str) -> str:
+        where = self._split_specs.get(split)
+        if not where:
+            return ""
+        if self.shards is None and self.source_specs is None and where == self._train_spec():
+            return " (of the embedded default data set)"
+        return f" (of {where})"
 
     def _check_batching(self, split: str, per_device: int, world: int) -> None:
         if isinstance(self._shape(split), VariableShape) and per_device != 1:

@@ -143,7 +143,10 @@ def _zero3_refusals():
         ("checkpointing", lambda: MAML(MLP(1, [32, 32]), activation_checkpointing=True, **head),
          r"activation_checkpointing=True"),
         *[(cls.__name__, lambda cls=cls: cls(MLP(1, [32, 32]), **head), rf"{cls.__name__} is not one of the learners")
-          for cls in (IMAML, MAMLPlusPlus, MetaSGD, Reptile)],
+          for cls in (IMAML, MAMLPlusPlus, MetaSGD)],
+        # Reptile needs every trainable weight adapted: a frozen body with an adapted head
+        ("Reptile", lambda: Reptile(MLP(1, [32, 32]).requires_grad_(False), **head),
+         r"Reptile is not one of the learners"),
     ]
 
 

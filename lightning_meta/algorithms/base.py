@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
@@ -147,6 +149,92 @@ class MetaLearner(L.LightningModule):
                 f"model task={self.task!r} but the datamodule produces "
                 f"{'regression' if is_regression else 'classification'} episodes; set model task accordingly"
             )
+
+    # ------------------------------------------------------------ input shape
+    def input_backbone(self) -> tuple[nn.Module, str] | None:
+        """Return the network that receives the episode images and its ``--model.init_args`` path (for messages).
+
+        The default finds ``self.backbone`` (metric- and model-based learners) or
+        ``self.model.backbone`` (the MAML family), looking through ``torch.compile`` wrappers and
+        the LoRA/FiLM adapters; None when there is none. Override it when the images go elsewhere.
+        """
+        from lightning_meta.backbones.adapters import FiLMBackbone, LoRABackbone
+
+        net = getattr(self, "backbone", None)
+        if net is None:
+            net = getattr(getattr(self, "model", None), "backbone", None)
+        if not isinstance(net, nn.Module):
+            return None
+        path = "backbone"
+        while True:
+            inner = getattr(net, "_orig_mod", None)  # torch.compile's OptimizedModule
+            if isinstance(inner, nn.Module):
+                net = inner
+            elif isinstance(net, (LoRABackbone, FiLMBackbone)):
+                net, path = net.body, f"{path}.init_args.backbone"
+            else:
+                return net, path
+
+    def check_input_shape(self, shape: Sequence[int], what: str = "the images") -> None:
+        """Refuse images of shape ``[C, H, W]`` that the backbone does not declare it takes.
+
+        Only what the backbone declares is compared: ``in_channels`` (an int) with ``C``,
+        ``image_size`` (an int for square images, or ``(height, width)``) with ``H, W``, and for
+        :class:`~lightning_meta.backbones.MLP` the size of its first layer with ``C * H * W``. A
+        backbone without these attributes (a wrapped torchvision model, most user networks) is
+        not checked. Datamodules call this before training, validation, test or prediction starts.
+
+        Raises:
+            MetaConfigError: the images do not fit; the message names both shapes and the fix.
+
+        """
+        shape = tuple(int(s) for s in shape)
+        found = self.input_backbone()
+        if len(shape) != 3 or found is None:  # not images, or no backbone to ask
+            return
+        net, path = found
+        c, h, w = shape
+        wrong: list[str] = []  # what the backbone declares, that the images contradict
+        args: list[tuple[str, Any]] = []  # the constructor arguments that would fit the images
+        notes: list[str] = []
+        channels = getattr(net, "in_channels", None)
+        if isinstance(channels, int) and not isinstance(channels, bool) and channels != c:
+            wrong.append(f"in_channels={channels}")
+            args.append(("in_channels", c))
+        size = getattr(net, "image_size", None)
+        side: tuple[int, int] | None = None
+        if isinstance(size, int) and not isinstance(size, bool):
+            side = (size, size)
+        elif (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
+              and all(isinstance(v, int) for v in size)):
+            side = (int(size[0]), int(size[1]))
+        if side is not None and side != (h, w):
+            wrong.append(f"image_size={size if isinstance(size, int) else list(size)}")
+            if not isinstance(size, int):
+                args.append(("image_size", [h, w]))
+            elif h == w:
+                args.append(("image_size", h))
+            else:
+                notes.append(f"{type(net).__name__} takes square images: resize them to one side")
+        from lightning_meta.backbones.mlp import MLP
+
+        first = net.net[0] if isinstance(net, MLP) and isinstance(net.net[0], nn.Linear) else None
+        if first is not None and first.in_features != c * h * w:
+            wrong.append(f"in_features={first.in_features} (the flattened image size)")
+            args.append(("in_features", math.prod(shape)))
+        if not wrong:
+            return
+        name = type(net).__name__
+        fix = ""
+        if args:
+            python = ", ".join(f"{k}={v}" for k, v in args)
+            cli = " ".join(f"--model.init_args.{path}.init_args.{k} {str(v).replace(' ', '')}" for k, v in args)
+            fix = f"build the backbone for these images ({name}({python}); on the command line {cli}), or "
+        raise MetaConfigError(
+            f"{what} are {c}x{h}x{w} (channels x height x width) but the backbone {name} of {type(self).__name__} "
+            f"expects {' and '.join(wrong)}; {'; '.join(notes) + '; ' if notes else ''}{fix}convert the data to "
+            "what the backbone takes (`lightning-meta convert ... --image-size N`; imagefolder also has --channels)"
+        )
 
     # -------------------------------------------------------------- Lightning
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:  # noqa: D102
