@@ -577,3 +577,39 @@ def test_learns_well_above_chance_on_glyphs(name, glyph_shards, tmp_path, monkey
     acc = trainer.test(model, dm, verbose=False)[0]["test/acc"]
     print(f"{name}: 5-way 1-shot test accuracy {acc:.3f} after 40 steps")  # shown with pytest -s
     assert acc > 0.5, f"{name}: test accuracy {acc:.3f} after 40 steps (chance 0.2)"
+
+
+# ------------------------------------------------------- bf16 (review fix, fourth session)
+def test_squared_distance_stays_exact_under_bf16_autocast():
+    """The expanded |q|^2 + |p|^2 - 2 q.p with a bf16 cross term was off by up to ~8 on large embeddings."""
+    from lightning_meta.functional.metric import pairwise_distance
+
+    g = torch.Generator().manual_seed(0)
+    q = 5.0 + torch.rand(40, 640, generator=g)  # post-ReLU-like, |q|^2 ~ 2e4
+    p = 5.0 + torch.rand(5, 640, generator=g)
+    exact = torch.cdist(q.double(), p.double()) ** 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pairwise_distance(q, p)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=0.5)
+    # bf16 inputs (DeepSpeed bf16 / bf16-true): computed from the bf16 values, in float32
+    qb, pb = q.bfloat16(), p.bfloat16()
+    got = pairwise_distance(qb, pb)
+    want = torch.cdist(qb.double(), pb.double()) ** 2
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0.5)
+
+
+def test_ridge_head_accepts_bf16_embeddings():
+    """torch.linalg.solve has no bf16 kernel: MetaOptNet under bf16-true used to crash."""
+    from lightning_meta.functional.ridge import ridge_logits, ridge_regression
+
+    g = torch.Generator().manual_seed(1)
+    x, qx = torch.randn(10, 32, generator=g).bfloat16(), torch.randn(6, 32, generator=g).bfloat16()
+    y = torch.nn.functional.one_hot(torch.arange(10) % 5, 5).bfloat16()
+    ref = ridge_logits(qx.double(), x.double(), y.double(), lam=1.0)
+    got = ridge_logits(qx, x, y, lam=1.0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+    w = ridge_regression(x, y, lam=1.0)
+    torch.testing.assert_close(w.double(), ridge_regression(x.double(), y.double(), lam=1.0), rtol=1e-4, atol=1e-5)

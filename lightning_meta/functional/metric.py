@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_meta.functional.precision import in_float32
+
 __all__ = ["prototypes", "pairwise_distance", "accuracy"]
 
 Distance = Literal["euclidean", "cosine"]
@@ -36,16 +38,24 @@ def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
     return (onehot.transpose(-1, -2) @ embeddings) / counts.unsqueeze(-1)
 
 
+@in_float32
+def _squared_euclidean(queries: Tensor, protos: Tensor) -> Tensor:
+    # the expanded form is faster than cdist for small d and exact enough in float32, but not in
+    # bf16: under autocast the cross term would be a bf16 product (hence in_float32)
+    q2 = (queries**2).sum(-1, keepdim=True)
+    p2 = (protos**2).sum(-1).unsqueeze(-2)
+    return (q2 + p2 - 2.0 * queries @ protos.transpose(-1, -2)).clamp(min=0.0)
+
+
 def pairwise_distance(queries: Tensor, protos: Tensor, kind: Distance = "euclidean") -> Tensor:
     """Distances between ``[..., m, d]`` queries and ``[..., N, d]`` prototypes, shape ``[..., m, N]``.
 
-    ``euclidean`` is the squared Euclidean distance (Snell et al. 2017); ``cosine`` is ``1 - cos``.
+    ``euclidean`` is the squared Euclidean distance (Snell et al. 2017), computed in float32 for
+    bf16/fp16 inputs and under autocast (the expanded form loses too much in bf16); ``cosine`` is
+    ``1 - cos``.
     """
     if kind == "euclidean":
-        # expanded form is faster than cdist for small d and exact enough in float32
-        q2 = (queries**2).sum(-1, keepdim=True)
-        p2 = (protos**2).sum(-1).unsqueeze(-2)
-        return (q2 + p2 - 2.0 * queries @ protos.transpose(-1, -2)).clamp(min=0.0)
+        return _squared_euclidean(queries, protos)
     if kind == "cosine":
         return 1.0 - F.normalize(queries, dim=-1) @ F.normalize(protos, dim=-1).transpose(-1, -2)
     raise ValueError(f"distance={kind!r} is not supported; use 'euclidean' or 'cosine'")

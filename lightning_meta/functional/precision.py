@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["LOW_PRECISION_DTYPES", "low_precision_autocast", "upcast_low_precision"]
+__all__ = ["LOW_PRECISION_DTYPES", "in_float32", "low_precision_autocast", "upcast_low_precision"]
 
 #: floating dtypes below float32 that the inner loop does not keep its fast weights in
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
@@ -59,3 +59,36 @@ def low_precision_autocast(x: Tensor) -> contextlib.AbstractContextManager:
     if x.dtype in LOW_PRECISION_DTYPES and not torch.is_autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, dtype=x.dtype)
     return contextlib.nullcontext()
+
+
+def in_float32(fn):
+    """Decorate ``fn(*tensors, ...)`` so it runs in float32 (or wider) with autocast off.
+
+    For the closed-form pieces that bf16 ruins: ``torch.linalg.solve`` has no bf16 kernel, and
+    the expanded squared distance ``|q|^2 + |p|^2 - 2 q.p`` loses the small differences between
+    large terms when the product runs in bf16 under autocast (prediction flips of 1-14% measured
+    on ResNet-sized embeddings). bf16/fp16 tensor arguments are cast to float32 (differentiable
+    casts); float32/float64 ones are left alone; the result keeps the wide dtype, so logits built
+    from it are not rounded again.
+
+    Example:
+        >>> @in_float32
+        ... def gram(x):
+        ...     return x @ x.T
+        >>> gram(torch.ones(2, 3, dtype=torch.bfloat16)).dtype
+        torch.float32
+
+    """
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        device = tensors[0].device.type if tensors else "cpu"
+        args = tuple(a.float() if isinstance(a, Tensor) and a.dtype in LOW_PRECISION_DTYPES else a for a in args)
+        kwargs = {k: v.float() if isinstance(v, Tensor) and v.dtype in LOW_PRECISION_DTYPES else v
+                  for k, v in kwargs.items()}
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapped
