@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_meta.episode import Episode, collate_episodes
@@ -143,7 +144,8 @@ class EpisodicDataModule(L.LightningDataModule):
         eval_ways, eval_shots, eval_queries: validation/test shape (default: ways, shots, 15).
         meta_batch_size: episodes per optimizer step, global over all devices.
         eval_meta_batch_size: episodes per validation/test step on each device.
-        train_episodes: training episodes per epoch (global).
+        train_episodes: training episodes per epoch (global); an epoch runs
+            ``train_episodes // meta_batch_size`` whole meta-batches (a remainder is unused, with a warning).
         val_episodes, test_episodes: size of the fixed validation/test lists.
         seed: the data seed; episodes are a pure function of (seed, split, epoch, index).
         num_workers: dataloader worker processes (episodes do not depend on it).
@@ -186,6 +188,13 @@ class EpisodicDataModule(L.LightningDataModule):
             )
         if num_workers < 0:
             raise MetaConfigError(f"num_workers={num_workers} must be >= 0")
+        if train_episodes % meta_batch_size:
+            whole = train_episodes // meta_batch_size
+            rank_zero_warn(
+                f"train_episodes={train_episodes} is not a multiple of meta_batch_size={meta_batch_size}: each epoch "
+                f"runs {whole} meta-batches ({whole * meta_batch_size} episodes) and never uses the last "
+                f"{train_episodes % meta_batch_size}; set train_episodes to a multiple to silence this"
+            )
         self.ways = ways
         self.shots = shots
         self.queries = queries
@@ -311,10 +320,10 @@ class EpisodicDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             loop = trainer.fit_loop
-            # `completed` is the epoch the counted batches belong to: `processed` is already one
-            # ahead in a checkpoint written at the end of an epoch (on_train_epoch_end or the
-            # epoch's last validation), which would skip the whole next epoch on resume
-            state["epoch"] = loop.epoch_progress.current.completed
+            # the epoch the counted batches belong to is the last one *started*: `completed` is
+            # already one ahead once `fit` has returned (a checkpoint saved after fit would skip a
+            # whole epoch on resume), and `processed` one ahead at on_train_epoch_end
+            state["epoch"] = max(int(loop.epoch_progress.current.started) - 1, 0)
             state["batches"] = loop.epoch_loop.batch_progress.current.processed
         return state
 

@@ -752,16 +752,20 @@ class ShardDataModule(EpisodicDataModule):
     def _check_disjoint(plan: dict[str, list[tuple[_ShardSet, list[int]]]]) -> None:
         """Refuse a class that two splits would both use.
 
-        A class is identified by its name within one shard set (the folder of its ``index.json``),
-        so the same shards given as ``shards`` and ``val_shards``/``test_shards`` are caught, while
-        two different data sets that happen to share class names are not confused.
+        A class is identified by its name together with the shard files that hold its members
+        (resolved paths), so the same shards given as ``shards`` and ``val_shards``/``test_shards``
+        are caught, while two different data sets that happen to share class names (e.g. the
+        integer ids of third-party shards, whose scanned indices all live in one cache folder)
+        are not confused.
         """
-        keys: dict[str, set[tuple[str, str]]] = {}
+        keys: dict[str, set[tuple[frozenset[str], str]]] = {}
         for split, parts in plan.items():
             keys[split] = set()
             for sset, pos in parts:
-                where = os.path.dirname(os.path.abspath(sset.index.path)) if sset.index.path else str(sset.spec)
-                keys[split].update((where, sset.index.classes[i].name) for i in pos)
+                shards = [os.path.realpath(f) for f in sset.index.shards]
+                for i in pos:
+                    entry = sset.index.classes[i]
+                    keys[split].add((frozenset(shards[m[0]] for m in entry.members), entry.name))
         for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
             shared = sorted(name for _, name in keys.get(a, set()) & keys.get(b, set()))
             if shared:

@@ -517,7 +517,7 @@ def test_resume_continues_the_episode_stream_exactly():
     keys, batches = _epoch(_sinusoid(), 2)
     assert len(keys) == 5
 
-    progress = SimpleNamespace(current=SimpleNamespace(processed=2, completed=2))  # mid-epoch: both equal
+    progress = SimpleNamespace(current=SimpleNamespace(processed=2, completed=2, started=3))  # mid-epoch 2
     batch_progress = SimpleNamespace(current=SimpleNamespace(processed=3))
     interrupted = _sinusoid()
     interrupted.trainer = SimpleNamespace(
@@ -571,6 +571,21 @@ def test_same_classes_in_two_splits_are_refused():
     assert "unseen" in str(err.value) and "test_shards" in str(err.value)
 
 
+def test_two_third_party_sets_with_the_same_class_ids_are_not_confused(tmp_path):
+    """Scanned indices all live in one cache folder; classes are told apart by their shard files."""
+    from lightning_meta.data.shards import ShardWriter
+
+    for name, shift in (("a", 0), ("b", 100)):
+        with ShardWriter(tmp_path / name, max_samples=1000) as w:
+            for c in range(8):  # ids 0..7 in both sets, different images
+                w.add_class(c, [np.full((6, 6), (c * 13 + m + shift) % 251, np.uint8) for m in range(4)], ext="npy")
+        (tmp_path / name / "index.json").unlink()  # third-party shards: no index of their own
+    dm = _dm(tmp_path / "a", val_shards=str(tmp_path / "b"), split_ratios=(0.75, 0.0, 0.25), verify="size",
+             ways=2, queries=1, eval_queries=1)
+    _ready(dm)  # accepted: B's classes 0..7 are other classes than A's 0..7
+    assert len(dm.train_dataloader()) > 0 and len(dm.val_dataloader()) > 0
+
+
 def test_split_names_outside_train_val_test_are_refused(glyph_copy):
     import json
 
@@ -582,3 +597,8 @@ def test_split_names_outside_train_val_test_are_refused(glyph_copy):
     with pytest.raises(MetaConfigError, match="split='validation'") as err:
         _ready(_dm(glyph_copy))
     assert first["name"] in str(err.value) and "train, val or test" in str(err.value)
+
+
+def test_an_epoch_that_is_not_a_whole_number_of_meta_batches_warns():
+    with pytest.warns(UserWarning, match="runs 5 meta-batches \\(20 episodes\\) and never uses the last 2"):
+        SinusoidDataModule(meta_batch_size=4, train_episodes=22)

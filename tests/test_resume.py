@@ -73,3 +73,35 @@ def test_resume_from_epoch_end_checkpoint(tmp_path, validate):
     second, steps = run(tmp_path / "b", 4, ckpt_path=str(tmp_path / "a" / "epoch=1.ckpt"))
     assert full_steps == steps == 8  # 4 epochs of 2 meta-batches
     assert [s for _, s in second] == [s for _, s in full[4:]]
+
+
+class _Seen(Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.current_epoch, round(float(batch.support_x.sum()), 4)))
+
+
+def _epochs(root, max_epochs, ckpt=None, save=None):
+    torch.manual_seed(0)
+    dm = SinusoidDataModule(meta_batch_size=2, train_episodes=6, val_episodes=2, eval_meta_batch_size=2)
+    model = MAML(MLP(1, [4]), task="regression", inner_lr=0.01)
+    seen = _Seen()
+    trainer = L.Trainer(max_epochs=max_epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[seen], enable_checkpointing=False,
+                        default_root_dir=root)
+    trainer.fit(model, dm, ckpt_path=ckpt)
+    if save:
+        trainer.save_checkpoint(save)
+    return seen.seen, trainer
+
+
+def test_resume_from_a_checkpoint_saved_after_fit(tmp_path):
+    """After fit returns, Lightning's `completed` epoch is already the next one; the stream must not skip it."""
+    full, _ = _epochs(tmp_path / "full", 4)
+    first, _ = _epochs(tmp_path / "a", 2, save=tmp_path / "after_fit.ckpt")
+    state = torch.load(tmp_path / "after_fit.ckpt", weights_only=False)["SinusoidDataModule"]
+    assert (state["epoch"], state["batches"]) == (1, 3)  # epoch 1 was consumed whole
+    second, trainer = _epochs(tmp_path / "b", 4, ckpt=tmp_path / "after_fit.ckpt")
+    assert first == full[:6] and second == full[6:] and trainer.global_step == 12
