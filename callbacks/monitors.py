@@ -97,8 +97,21 @@ def _refuse_too_many(who: str, wanted: int, trainer: L.Trainer) -> None:
         )
 
 
+def _refuse_zero3(who: str, trainer: L.Trainer) -> None:
+    if getattr(trainer.strategy, "zero_stage_3", False):
+        raise MetaConfigError(
+            f"{who} runs extra forward passes on rank 0 alone, which DeepSpeed ZeRO-3 cannot do (each forward "
+            f"gathers the partitioned weights from every rank, so rank 0 would wait forever); remove {who} from "
+            "the callbacks, or use ZeRO stage 2 (deepspeed_meta_stage_2 / deepspeed_cpu_stage_2)"
+        )
+
+
 class _EpisodeCapture(Callback):
-    """Keeps the first ``num_episodes`` validation episodes of every ``every_n_val``-th run on rank zero."""
+    """Keeps the first ``num_episodes`` validation episodes of every ``every_n_val``-th run on rank zero.
+
+    The episodes are captured on rank 0 and :meth:`_report` runs on every rank (so that a subclass
+    can share rank 0's result, e.g. for ``ModelCheckpoint(monitor=...)`` on every rank).
+    """
 
     name = "?"
 
@@ -109,7 +122,7 @@ class _EpisodeCapture(Callback):
         self.every_n_val = every_n_val
         self.val_runs = 0  # completed (non-sanity) validation runs, saved in checkpoints
         self._episodes: list[Episode] = []
-        self._capturing = False
+        self._capturing = self._reporting = False
         self._active = True
         self._seen = 0  # episodes of the current run on rank zero (for the size check without a datamodule)
         self._size_checked = False
@@ -129,7 +142,8 @@ class _EpisodeCapture(Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._episodes = []
         self._seen = 0
-        self._capturing = self._active and trainer.is_global_zero and self._due(trainer)
+        self._reporting = self._active and self._due(trainer)  # the same on every rank
+        self._capturing = self._reporting and trainer.is_global_zero
 
     @override
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -148,18 +162,19 @@ class _EpisodeCapture(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        if not self._size_checked and trainer.is_global_zero:
+        if not self._size_checked:
             self._size_checked = True
-            if self._seen < self.num_episodes:
+            seen = trainer.strategy.broadcast(self._seen)  # rank 0's count, so that every rank refuses together
+            if seen < self.num_episodes:
                 raise MetaConfigError(
                     f"{self.name}(num_episodes={self.num_episodes}) asks for more validation episodes than the "
-                    f"validation run had on rank 0 ({self._seen}); set num_episodes <= {self._seen} or use more "
+                    f"validation run had on rank 0 ({seen}); set num_episodes <= {seen} or use more "
                     "validation episodes"
                 )
-        if self._capturing:
+        if getattr(self, "_reporting", False):
             self._report(trainer, pl_module, self._episodes)
         self._episodes = []
-        self._capturing = False
+        self._capturing = self._reporting = False
         self.val_runs += 1
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, episodes: list[Episode]) -> None:
@@ -295,6 +310,7 @@ class EpisodeGallery(_EpisodeCapture):
             return
         require_meta_learner(pl_module, self.name, ("adapt", "predict"))
         _refuse_too_many(self.name, self.num_episodes, trainer)
+        _refuse_zero3(self.name, trainer)
         self._active = True
         if getattr(pl_module, "task", "classification") != "classification":
             self._skip("the model solves a regression task (there are no classes or images to draw)")
@@ -315,7 +331,7 @@ class EpisodeGallery(_EpisodeCapture):
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, episodes: list[Episode]) -> None:
         writer = tensorboard_writer(trainer)
-        if writer is None:
+        if writer is None or not trainer.is_global_zero:
             return
         with eval_grad_context():
             for i, ep in enumerate(episodes):
@@ -386,6 +402,7 @@ class InnerLoopMonitor(_EpisodeCapture):
             return
         _require_gradient_based(pl_module, self.name)
         _refuse_too_many(self.name, self.num_episodes, trainer)
+        _refuse_zero3(self.name, trainer)
         writer = tensorboard_writer(trainer)
         if writer is not None and trainer.is_global_zero and not self._layout_written:
             p = self.prefix
@@ -427,7 +444,10 @@ class InnerLoopMonitor(_EpisodeCapture):
         return result
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, episodes: list[Episode]) -> None:
-        self.last = self.curves(pl_module, episodes)
+        # computed on rank 0 (its captured episodes), then shared: every rank's callback_metrics get
+        # the values, so ModelCheckpoint / EarlyStopping monitoring them agree on every rank
+        result = self.curves(pl_module, episodes) if trainer.is_global_zero else None
+        self.last = trainer.strategy.broadcast(result)
         log_scalars(trainer, self.last)
 
 
@@ -584,6 +604,10 @@ class MetaOverfittingMonitor(Callback):
         """Mean and 95% CI half-width of the model's score over the held-out training-class episodes."""
         rank, world = trainer.global_rank, max(1, trainer.world_size)
         indices = list(range(rank, self.episodes, world))
+        real = len(indices)
+        # every rank runs the same number of equal-sized evaluate calls (DeepSpeed ZeRO-3 gathers weights in
+        # each forward, collectively): a rank with one episode fewer repeats its first one, excluded below
+        indices += indices[:1] * (-(-self.episodes // world) - real)
         bs = int(getattr(trainer.datamodule, "eval_meta_batch_size", 8) or 8)
         stats = torch.zeros(3, dtype=torch.float64)
         with eval_grad_context():
@@ -594,6 +618,7 @@ class MetaOverfittingMonitor(Callback):
                 before = getattr(pl_module, "_on_before_batch_transfer", None)
                 batch = trainer.strategy.batch_to_device(before(batch, dataloader_idx=0) if before else batch)
                 scores = pl_module.evaluate(batch)[pl_module.score_name].detach().double().cpu()
+                scores = scores[: max(0, min(len(eps), real - s))]  # drop the repeated padding episode
                 stats += torch.stack([scores.sum(), (scores**2).sum(), torch.tensor(float(scores.numel()))])
         stats = trainer.strategy.reduce(stats.to(pl_module.device), reduce_op="sum").cpu()
         mean, half = mean_ci95_from_stats(stats[0], stats[1], stats[2])

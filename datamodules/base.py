@@ -285,6 +285,7 @@ class EpisodicDataModule(L.LightningDataModule):
             n = self.val_episodes if split == "val" else self.test_episodes
             sampler = MetaBatchSampler(n, self.eval_meta_batch_size, rank, world, train=False)
             self._check_batching(split, self.eval_meta_batch_size, world)
+            self._check_eval_split(split, n, world)
         return EpisodeLoader(
             _MetaBatchDataset(self.sources[split], split),
             batch_size=None,
@@ -293,6 +294,31 @@ class EpisodicDataModule(L.LightningDataModule):
             collate_fn=_identity,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _check_eval_split(self, split: str, n: int, world: int) -> None:
+        """Refuse evaluation lists that leave a process without episodes, or (ZeRO-3) uneven across processes.
+
+        Every process computes the same counts, so every process refuses together.
+        """
+        if world < 2:
+            return
+        bs = self.eval_meta_batch_size
+        counts = [MetaBatchSampler(n, bs, r, world, train=False).num_batches for r in range(world)]
+        name = "val_episodes" if split == "val" else "test_episodes"
+        if min(counts) == 0:
+            raise MetaConfigError(
+                f"{name}={n} leaves {counts.count(0)} of the {world} processes without a {split} episode (episodes "
+                f"are dealt round-robin); use {name} >= {world}"
+            )
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        if getattr(strategy, "zero_stage_3", False) and len(set(counts)) > 1:
+            even = -(-n // (world * bs)) * world * bs
+            raise MetaConfigError(
+                f"under DeepSpeed ZeRO-3 every process must run the same number of {split} steps (each forward "
+                f"gathers the partitioned weights collectively), but {name}={n} with eval_meta_batch_size={bs} on "
+                f"{world} processes gives {counts} steps; use a multiple of {world * bs} (e.g. {name}={even}), "
+                "or ZeRO stage 2"
+            )
 
     def _check_batching(self, split: str, per_device: int, world: int) -> None:
         """Refuse meta-batches the split's episodes cannot form (``per_device`` episodes per device and step).

@@ -194,7 +194,10 @@ def main(args: list[str] | None = None, run: bool = True) -> MetaCLI:
         cause = e if isinstance(e, MetaConfigError) else MetaConfigError.last
         if os.environ.get("LIGHTNING_META_DEBUG") or cause is None or str(cause) not in str(e):
             raise
-        print(f"lightning-meta: error: {cause}", file=sys.stderr)
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) == 0:  # the same error on every process: print it once
+            print(f"lightning-meta: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

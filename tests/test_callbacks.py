@@ -892,5 +892,18 @@ def test_meta_overfitting_is_identical_on_every_rank_and_equal_to_one_process(tm
         for key in ("meta_overfit/train_mse", "meta_overfit/train_mse_ci95", "meta_overfit/gap"):
             assert b[key] == pytest.approx(c[key], abs=1e-9), key  # the same on both ranks (5 episodes, split 3/2)
             assert b[key] == pytest.approx(a[key], rel=1e-6), key  # and equal to one process
-        # the inner-loop curves are computed on rank 0 from its own first episodes
-        assert "inner/query_loss_step1" in b and "inner/query_loss_step1" not in c
+        # the inner-loop curves are computed on rank 0 from its own first episodes and shared with every rank
+        # (so ModelCheckpoint/EarlyStopping monitoring them work on every rank)
+        assert b["inner/query_loss_step1"] == c["inner/query_loss_step1"]
+        assert b["inner/query_gain"] == c["inner/query_gain"]
+
+
+def test_rank_zero_only_forwards_are_refused_under_zero3():
+    from types import SimpleNamespace
+
+    from lightning_meta.callbacks.monitors import _refuse_zero3
+
+    with pytest.raises(MetaConfigError, match="InnerLoopMonitor runs extra forward passes on rank 0 alone.*stage 2"):
+        _refuse_zero3("InnerLoopMonitor", SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True)))
+    _refuse_zero3("InnerLoopMonitor", SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=False)))
+    _refuse_zero3("InnerLoopMonitor", SimpleNamespace(strategy=object()))  # DDP, single device: nothing to refuse

@@ -253,3 +253,13 @@ def test_results_are_written_after_a_two_process_test(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     results = glob.glob(str(tmp_path / "lightning_logs" / "quickstart" / "version_*" / "results.json"))
     assert len(results) == 1 and '"test/acc"' in Path(results[0]).read_text()
+
+
+def test_configuration_errors_are_printed_by_rank_zero_only(tmp_path, monkeypatch, capsys):
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(ROOT / "configs" / "maml_glyphs.yaml"), "--model.init_args.inner_lr", "-0.5"])
+    assert e.value.code == 2 and "inner_lr" not in capsys.readouterr().err  # rank 0 prints it

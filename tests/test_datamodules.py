@@ -602,3 +602,16 @@ def test_split_names_outside_train_val_test_are_refused(glyph_copy):
 def test_an_epoch_that_is_not_a_whole_number_of_meta_batches_warns():
     with pytest.warns(UserWarning, match="runs 5 meta-batches \\(20 episodes\\) and never uses the last 2"):
         SinusoidDataModule(meta_batch_size=4, train_episodes=22)
+
+
+def test_evaluation_lists_that_starve_a_process_or_are_uneven_under_zero3_are_refused():
+    dm = SinusoidDataModule(meta_batch_size=4, train_episodes=8, val_episodes=1, test_episodes=5, eval_meta_batch_size=2)
+    dm.setup("fit")
+    dm.setup("test")
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2, strategy=object())
+    with pytest.raises(MetaConfigError, match="val_episodes=1 leaves 1 of the 2 processes without a val episode"):
+        dm.val_dataloader()
+    dm.test_dataloader()  # DDP: 5 episodes on 2 processes (3 + 2) is fine
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, strategy=SimpleNamespace(zero_stage_3=True))
+    with pytest.raises(MetaConfigError, match=r"gives \[2, 1\] steps; use a multiple of 4 \(e.g. test_episodes=8\)"):
+        dm.test_dataloader()

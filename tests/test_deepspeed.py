@@ -179,6 +179,27 @@ def test_zero3_refused_at_fit_setup(tmp_path, adapt_filter, message):
     assert {k: os.environ.get(k) for k in before} == before
 
 
+def test_a_shard_checkpoint_is_evaluated_under_deepspeed(tmp_path):
+    """test(ckpt_path=...) with a ShardDataModule: DeepSpeed's batch-size probe used to ask for the
+    training loader, which a datamodule set up for test does not have."""
+    from lightning_meta.datamodules import ShardDataModule
+
+    shards = _shards(tmp_path)
+
+    def data():
+        return ShardDataModule(shards=shards, ways=3, shots=1, queries=2, eval_queries=2, meta_batch_size=2,
+                               eval_meta_batch_size=2, train_episodes=4, val_episodes=2, test_episodes=2)
+
+    kw = dict(accelerator="cpu", devices=1, strategy="deepspeed_cpu_stage_2", logger=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+    trainer = L.Trainer(max_steps=1, enable_checkpointing=False, **kw)
+    trainer.fit(MAML(Conv4(1, 8, 16), ways=3, inner_lr=0.4, lr=0.01), data())
+    trainer.save_checkpoint(tmp_path / "ds.ckpt")
+    results = L.Trainer(**kw).test(MAML(Conv4(1, 8, 16), ways=3, inner_lr=0.4, lr=0.01), data(),
+                                   ckpt_path=str(tmp_path / "ds.ckpt"))
+    assert 0.0 <= results[0]["test/acc"] <= 1.0
+
+
 # ------------------------------------------------------------------ slow tests
 def _shards(tmp_path: Path) -> str:
     from lightning_meta.data.glyphs import generate_glyphs

@@ -397,12 +397,11 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
 
     @override
     def _auto_select_batch_size(self) -> int:
-        # Only DeepSpeed's throughput logging uses it. lightning_meta's loaders batch episodes in
-        # their sampler or dataset (no `batch_sampler.batch_size`), where Lightning's version fails.
-        try:
-            return super()._auto_select_batch_size()
-        except AttributeError:
-            return 1
+        # Only DeepSpeed's throughput logging uses it: one meta-batch is the unit here. Lightning's
+        # version builds the training dataloader to look for a `batch_sampler.batch_size`, which
+        # lightning_meta's loaders do not have, and which does not exist outside fit (a ShardDataModule
+        # being tested has no training source, so validate/test/predict with --ckpt_path failed).
+        return 1
 
     # ---------------------------------------------------- per-task backward
     def set_task_boundary(self, is_last_task: bool) -> None:
