@@ -34,7 +34,8 @@ class MetaLearner(L.LightningModule):
 
     The base runs evaluation with gradients enabled even though Lightning validates and tests
     under ``torch.inference_mode`` (gradient-based learners must adapt at test time), and logs
-    ``{split}/acc`` (or ``{split}/mse``) with its 95% CI half-width ``{split}/acc_ci95`` over
+    ``{split}/acc`` (or ``{split}/mse``) with its 95% CI half-width ``{split}/acc_ci95``
+    (``{split}/mse_ci95``) over
     episodes, computed from sufficient statistics so the value is exact under DDP.
 
     Under DDP (or DeepSpeed) with more than one process, BatchNorm running statistics (and the
