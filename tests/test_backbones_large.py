@@ -8,6 +8,7 @@ References are written independently of the code under test: attention through
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import textwrap
 import warnings
@@ -745,5 +746,10 @@ def test_gpu_check_script_runs_on_cpu_quick(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_script_all_sections_on_cpu_quick(tmp_path):
     pytest.importorskip("deepspeed")
-    text = _gpu_check_module().main(["--device", "cpu", "--quick", "--out", str(tmp_path / "t.md")])
+    saved = dict(os.environ)
+    try:  # its in-process DDP/DeepSpeed runs set LOCAL_RANK, MASTER_PORT, ... (Lightning's launcher)
+        text = _gpu_check_module().main(["--device", "cpu", "--quick", "--out", str(tmp_path / "t.md")])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     assert "error:" not in text and "## 1. Strategies" in text and "## 2b." in text

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from ports import free_port
+from ports import launch_env
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
@@ -873,7 +873,6 @@ with open(f"{out}.{trainer.global_rank}.json", "w") as f:
 @pytest.mark.slow
 def test_meta_overfitting_is_identical_on_every_rank_and_equal_to_one_process(tmp_path):
     import json
-    import os
     import subprocess
     import sys
 
@@ -881,7 +880,7 @@ def test_meta_overfitting_is_identical_on_every_rank_and_equal_to_one_process(tm
     script.write_text(DDP_SCRIPT)
     results = {}
     for world in (1, 2):
-        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+        env = launch_env()
         proc = subprocess.run([sys.executable, str(script), str(world), str(tmp_path / f"w{world}")], env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]

@@ -240,11 +240,9 @@ def test_index_refuses_to_drop_shards_of_the_folder_index(tmp_path, capsys):
 @pytest.mark.slow
 def test_results_are_written_after_a_two_process_test(tmp_path):
     """TestResultWriter under DDP: every rank joins Trainer.log_dir's broadcast (rank 0 alone crashed the run)."""
-    from ports import free_port
+    from ports import launch_env
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
-        env.pop(k, None)
+    env = launch_env()
     out = subprocess.run([sys.executable, "-m", "lightning_meta", "fit", "--config", QUICK, *TINY,
                           "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
                           "--trainer.max_steps", "2", "--test_after_fit", "true",

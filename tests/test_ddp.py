@@ -10,14 +10,13 @@ validation that normalises with them matches as well.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from ports import free_port
+from ports import launch_env
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
@@ -30,9 +29,7 @@ RUNNING_STATS = ["protonet", "mamlpp_conv", "matchingnet", "matchingnet_pertask"
 
 
 def _run(world: int, out: Path, shards: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
-        env.pop(k, None)
+    env = launch_env()
     proc = subprocess.run([sys.executable, str(SCRIPT), ",".join(NAMES), str(world), str(out), shards], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

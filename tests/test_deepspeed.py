@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 import lightning as L  # noqa: E402
-from ports import free_port  # noqa: E402
+from ports import launch_env  # noqa: E402
 
 from lightning_meta.algorithms import ANIL, MAML, ProtoNet  # noqa: E402
 from lightning_meta.backbones import MLP, Conv4  # noqa: E402
@@ -210,9 +210,7 @@ def _shards(tmp_path: Path) -> str:
 
 
 def _run(algo: str, mode: str, world: int, out: Path, shards: str = "") -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
-        env.pop(k, None)
+    env = launch_env()
     out.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, str(SCRIPT), algo, mode, str(world), str(out), shards], env=env,
                           capture_output=True, text=True, timeout=600, cwd=out.parent)
@@ -281,7 +279,7 @@ def test_vit_lora_config_runs_under_zero3(tmp_path):
             "--trainer.accelerator", "cpu", "--trainer.strategy", "deepspeed_cpu_stage_3", vit + "dim", "32",
             vit + "depth", "2", vit + "heads", "2", "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar",
             "false"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    env = launch_env()
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout + proc.stderr
@@ -291,7 +289,7 @@ def test_vit_lora_config_runs_under_zero3(tmp_path):
 @pytest.mark.slow
 def test_zero3_refuses_to_evaluate_a_checkpoint_of_another_stage(tmp_path):
     out = tmp_path / "w.npz"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    env = launch_env()
     proc = subprocess.run([sys.executable, str(SCRIPT), "mamlhead", "zero2_evalckpt3", "1", str(out)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode != 0 and not out.exists()
