@@ -753,3 +753,49 @@ def test_gpu_check_script_all_sections_on_cpu_quick(tmp_path):
         os.environ.clear()
         os.environ.update(saved)
     assert "error:" not in text and "## 1. Strategies" in text and "## 2b." in text
+
+
+# ------------------------------------------------------- review fixes (fourth session)
+def test_lora_never_wraps_the_output_projection_of_multihead_attention():
+    from lightning_meta.backbones import add_lora
+    from lightning_meta.errors import MetaConfigError
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 8)
+
+    body = Body()
+    assert add_lora(body, rank=2) == ["fc"]  # attn.out_proj would be dead: nn.MultiheadAttention reads its weight
+    only = nn.Module()
+    only.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+    with pytest.raises(MetaConfigError, match="output projection of an nn.MultiheadAttention"):
+        add_lora(only, rank=2)
+
+
+def test_film_follows_the_network_dtype_and_a_refused_call_changes_nothing():
+    from lightning_meta.backbones import Conv4, add_film
+    from lightning_meta.errors import MetaConfigError
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4), nn.Conv2d(4, 4, 3)).bfloat16()
+    add_film(net)  # the InstanceNorm has no parameters of its own
+    assert net[1].modulation.film_scale.dtype == torch.bfloat16
+    assert net(torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    conv = Conv4(1, 4, 16)
+    with pytest.raises(MetaConfigError, match="whose output channels are unknown"):
+        add_film(conv, target=r"^encoder\.[012]$")  # encoder.2 is a ReLU
+    assert not any("modulation" in n for n, _ in conv.named_modules())
+    assert add_film(conv, target=r"^encoder\.[01]$") == ["encoder.0", "encoder.1"]  # the retry works
+
+
+def test_torchvision_backbone_refuses_files_that_are_not_state_dicts(tmp_path):
+    from lightning_meta.backbones.wrap import TorchvisionBackbone
+    from lightning_meta.errors import MetaConfigError
+
+    net = nn.Linear(2, 2)
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    for name, message in (("text.pth", "cannot be read as a PyTorch state dict"), ("tensor.pth", "not a state dict")):
+        with pytest.raises(MetaConfigError, match=message):
+            TorchvisionBackbone._load(net, str(tmp_path / name))

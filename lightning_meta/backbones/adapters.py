@@ -182,7 +182,8 @@ def add_lora(
         alpha: scale numerator of the updates (see :class:`LoRALinear`).
         target: regular expression searched (``re.search``) in each Linear's qualified name, e.g.
             ``r"attn\.(qkv|proj)$"`` for the attention projections of :class:`~lightning_meta.backbones.ViT`;
-            ``None`` wraps every ``nn.Linear``.
+            ``None`` wraps every ``nn.Linear``. The output projection of an ``nn.MultiheadAttention``
+            is never wrapped: that module uses its weight directly, so an adapter there would not act.
         freeze_base: freeze the wrapped layers' weight and bias.
 
     Returns:
@@ -201,8 +202,20 @@ def add_lora(
     """
     _check_rank_alpha(rank, alpha)
     pattern = _compile(target, "add_lora")
-    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
+    # nn.MultiheadAttention reads its out_proj's weight and bias directly, never calling the layer:
+    # a LoRA wrapper there would be silently dead, so such layers are never wrapped
+    inside_mha = {f"{n}.{c}" if n else c for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)
+                  for c, _ in m.named_children()}
+    linears = [n for n, m in module.named_modules()
+               if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and n not in inside_mha]
     chosen = [n for n in linears if n and (pattern is None or pattern.search(n))]
+    skipped = sorted(n for n in inside_mha if pattern is None or pattern.search(n))
+    if skipped and not chosen:
+        raise MetaConfigError(
+            f"add_lora target={target!r} matches only {_preview(skipped)}, the output projection of an "
+            "nn.MultiheadAttention, which calls its weight directly so a LoRA wrapper would never act; adapt "
+            "that attention another way (e.g. lightning_meta.backbones.ViT, whose qkv/proj are plain Linears)"
+        )
     if not chosen:
         raise MetaConfigError(
             f"add_lora target={target!r} matches no nn.Linear of {type(module).__name__} (its Linear layers: "
@@ -338,19 +351,24 @@ def add_film(module: nn.Module, target: str | None = None, context_dim: int = 0)
             f"{' (it has no normalisation layer)' if pattern is None else ''}; layers FiLM can follow: "
             f"{_preview(layers)}; give a regular expression matching some of them"
         )
-    for name, m in chosen:
-        info = _channels(m)
-        if info is None:
+    for name, m in chosen:  # every check before any change: a refused call leaves the module untouched
+        if _channels(m) is None:
             raise MetaConfigError(
                 f"add_film target={target!r} matches {name!r} ({type(m).__name__}), whose output channels are "
                 "unknown; match normalisation, convolution or Linear layers only (anchor the expression, e.g. '$')"
             )
         if hasattr(m, "modulation"):
             raise MetaConfigError(f"layer {name!r} already has a FiLM modulation; call add_film once per layer")
-        m.modulation = FiLM(info[0], channel_dim=info[1], context_dim=context_dim)
+    for _, m in chosen:
+        info = _channels(m)
+        # the layer's own tensors, else the network's: a parameter-free layer (InstanceNorm, affine=False)
+        # must not leave the FiLM in float32 on the CPU inside a bf16 or GPU network
         ref = next(m.parameters(), None)
+        ref = next(m.buffers(), None) if ref is None else ref
+        ref = next(module.parameters(), None) if ref is None else ref
+        m.modulation = FiLM(info[0], channel_dim=info[1], context_dim=context_dim)
         if ref is not None:
-            m.modulation.to(device=ref.device, dtype=ref.dtype)
+            m.modulation.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         m.register_forward_hook(_apply_modulation)
     return [n for n, _ in chosen]
 

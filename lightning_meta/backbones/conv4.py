@@ -53,8 +53,10 @@ class Conv4(nn.Module):
             raise ValueError(f"Conv4 needs positive in_channels and hidden, got {in_channels} and {hidden}")
         if not 0 <= pool_blocks <= 4:
             raise ValueError(f"pool_blocks={pool_blocks} must be between 0 and 4 (Conv4 has four blocks)")
+        if image_size < 1:
+            raise ValueError(f"image_size={image_size} must be >= 1 (the input height and width)")
         if image_size < 2**pool_blocks:
-            times = {4: "four times", 3: "three times", 2: "twice", 1: "once"}[pool_blocks]
+            times = {4: "four times", 3: "three times", 2: "twice", 1: "once"}.get(pool_blocks)
             raise ValueError(
                 f"Conv4 halves the image {times}; image_size={image_size} is below the minimum {2**pool_blocks}"
             )

@@ -149,12 +149,17 @@ class TorchvisionBackbone(nn.Module):
 
     @staticmethod
     def _load(net: nn.Module, path: str) -> None:
+        import pickle
+
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
             raise MetaConfigError(f"weights_path={path!r} cannot be read as a PyTorch state dict ({e})") from e
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise MetaConfigError(f"weights_path={path!r} holds a {type(state).__name__}, not a state dict "
+                                  "(a mapping of parameter names to tensors)")
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
