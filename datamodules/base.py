@@ -342,7 +342,8 @@ class EpisodicDataModule(L.LightningDataModule):
     # -------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
         """Epoch and meta-batches consumed in it, read from the trainer's progress counters."""
-        state: dict[str, Any] = {"seed": self.seed, "meta_batch_size": self.meta_batch_size}
+        state: dict[str, Any] = {"seed": self.seed, "meta_batch_size": self.meta_batch_size,
+                                 "train_shape": self._train_shape()}
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             loop = trainer.fit_loop
@@ -352,6 +353,10 @@ class EpisodicDataModule(L.LightningDataModule):
             state["epoch"] = max(int(loop.epoch_progress.current.started) - 1, 0)
             state["batches"] = loop.epoch_loop.batch_progress.current.processed
         return state
+
+    def _train_shape(self) -> dict[str, int]:
+        """Return what fixes the training episode stream besides the seed and the meta-batch size."""
+        return {"ways": self.ways, "shots": self.shots, "queries": self.queries, "train_episodes": self.train_episodes}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continues the episode stream where the checkpoint left it."""
@@ -365,6 +370,17 @@ class EpisodicDataModule(L.LightningDataModule):
             raise MetaConfigError(
                 f"the checkpoint was trained with meta_batch_size={saved_batch} but meta_batch_size="
                 f"{self.meta_batch_size}; resume with the same global meta-batch size to keep the episode stream exact"
+            )
+        saved_shape = state_dict.get("train_shape")
+        if saved_shape is not None and dict(saved_shape) != self._train_shape():
+            changed = {k: (v, self._train_shape().get(k)) for k, v in dict(saved_shape).items()
+                       if self._train_shape().get(k) != v}
+            raise MetaConfigError(
+                "the checkpoint's training episodes had "
+                + ", ".join(f"{k}={a}" for k, (a, _) in changed.items()) + " but this run has "
+                + ", ".join(f"{k}={b}" for k, (_, b) in changed.items())
+                + "; resuming would continue a different episode stream. Resume with the same values, or start "
+                "a new run from the weights (e.g. MAML.load_from_checkpoint) instead of --ckpt_path"
             )
         if "epoch" in state_dict:
             self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))

@@ -524,7 +524,8 @@ def test_resume_continues_the_episode_stream_exactly():
         fit_loop=SimpleNamespace(epoch_progress=progress, epoch_loop=SimpleNamespace(batch_progress=batch_progress))
     )
     state = interrupted.state_dict()
-    assert state == {"seed": 0, "meta_batch_size": 4, "epoch": 2, "batches": 3}
+    assert state == {"seed": 0, "meta_batch_size": 4, "epoch": 2, "batches": 3,
+                     "train_shape": {"ways": 0, "shots": 10, "queries": 10, "train_episodes": 20}}
 
     resumed = _sinusoid()
     resumed.load_state_dict(state)
@@ -615,3 +616,14 @@ def test_evaluation_lists_that_starve_a_process_or_are_uneven_under_zero3_are_re
     dm.trainer = SimpleNamespace(global_rank=1, world_size=2, strategy=SimpleNamespace(zero_stage_3=True))
     with pytest.raises(MetaConfigError, match=r"gives \[2, 1\] steps; use a multiple of 4 \(e.g. test_episodes=8\)"):
         dm.test_dataloader()
+
+
+def test_resume_with_another_training_episode_shape_is_refused():
+    state = {"seed": 0, "meta_batch_size": 4, "epoch": 0, "batches": 2,
+             "train_shape": {"ways": 0, "shots": 10, "queries": 10, "train_episodes": 20}}
+    _sinusoid().load_state_dict(state)  # the same shape: accepted
+    other = SinusoidDataModule(seed=0, meta_batch_size=4, train_episodes=20, shots=5)
+    with pytest.raises(MetaConfigError, match="had shots=10 but this run has shots=5; resuming would continue"):
+        other.load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k != "train_shape"}
+    other.load_state_dict(legacy)  # checkpoints written before the shape was saved still load
