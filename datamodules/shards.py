@@ -735,14 +735,12 @@ class ShardDataModule(EpisodicDataModule):
                 plan[split] = [(s, p[split]) for s, p in zip(train_sets, positions, strict=True)]
         self._check_disjoint(plan)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        built = wanted.get(stage or "", ("train", "val", "test"))
-        for split in built:
+        for split in wanted.get(stage or "", ("train", "val", "test")):
             self.sources[split] = self._build_split(split, plan[split])
             self._inputs_checked.pop(split, None)
             self._split_specs[split] = ", ".join(dict.fromkeys(str(s.spec) for s, _ in plan[split]))
         self.split_sizes = {s: sum(len(p) for _, p in parts) for s, parts in plan.items()}
-        self._check_model()
-        self.check_model_inputs(built)  # images vs the backbone's in_channels / image_size, before any forward
+        self._check_model()  # (images vs the backbone's in_channels / image_size: checked by each dataloader)
         trainer = getattr(self, "trainer", None)
         callbacks = getattr(trainer, "callbacks", None)
         if isinstance(callbacks, list) and not any(isinstance(c, SkippedSamplesLogger) for c in callbacks):

@@ -134,13 +134,9 @@ class RunSummary:
 
 
 def _write(path: str | os.PathLike, data: bytes) -> Path:
-    """Atomic write with the permissions of an ordinary new file (``mkstemp`` would leave it 0600)."""
-    path = Path(path)
+    """Atomic write (with the permissions of an ordinary new file, see :func:`atomic_write_bytes`)."""
     atomic_write_bytes(path, data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    return path
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- finding runs
