@@ -5,6 +5,7 @@ Conv-4-64 (BatchNorm with batch statistics, as MAML's reference code), 28x28x1 i
 
     OMP_NUM_THREADS=1 python benchmarks/inner_loop.py --threads 1
     OMP_NUM_THREADS=1 python benchmarks/inner_loop.py --quick     # a few seconds' smoke run
+    python benchmarks/inner_loop.py --device cuda --rounds 10 --warmup 3 --out benchmarks/inner_loop_gpu.md
 
 **Speed.** For meta-batch 8 and 32 and 1 and 5 inner steps: episodes/s of one meta-gradient
 (``meta_loss`` + ``backward``, no optimizer step) for MAML (second and first order, and second
@@ -21,7 +22,9 @@ allocator while one meta-gradient is computed, above what was allocated before i
 (activations, saved tensors, gradients; the model and the data are excluded). It is read from
 the allocation records of ``torch.profiler`` with ``profile_memory=True`` (accumulated in time
 order; the peak of the running sum), so it is exact for PyTorch tensors and independent of the
-machine's load. ``--mem-batch`` tasks per meta-batch (default 4).
+machine's load. ``--mem-batch`` tasks per meta-batch (default 4). With ``--device cuda`` the timings synchronise
+the device around each call, and the peak is ``torch.cuda.max_memory_allocated`` above the level
+at the start (the caching allocator's view: also exact for PyTorch tensors).
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ from lightning_meta.backbones import Conv4
 
 WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 28
 INNER_LR = 0.4
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def make_batch(tasks: int, seed: int = 0) -> Episode:
@@ -56,18 +65,18 @@ def make_batch(tasks: int, seed: int = 0) -> Episode:
                            torch.arange(WAYS).repeat_interleave(SHOTS),
                            torch.randn(WAYS * QUERIES, 1, SIZE, SIZE, generator=g),
                            torch.arange(WAYS).repeat_interleave(QUERIES), torch.arange(WAYS)))
-    return collate_episodes(eps)
+    return collate_episodes(eps).to(DEVICE)
 
 
 def body() -> Conv4:
     torch.manual_seed(0)
-    return Conv4(1, 64, SIZE, norm="batch_no_stats")
+    return Conv4(1, 64, SIZE, norm="batch_no_stats").to(DEVICE)
 
 
 def learners(steps: int) -> dict[str, torch.nn.Module]:
     """The meta-learners, all on a freshly initialised (identical) Conv-4-64."""
     common = {"ways": WAYS, "inner_steps": steps}
-    return {
+    models = {
         "MAML 2nd order": MAML(body(), inner_lr=INNER_LR, **common),
         "MAML 2nd order + checkpointing": MAML(body(), inner_lr=INNER_LR, activation_checkpointing=True, **common),
         "MAML 1st order": MAML(body(), inner_lr=INNER_LR, first_order=True, **common),
@@ -76,6 +85,7 @@ def learners(steps: int) -> dict[str, torch.nn.Module]:
         "Meta-SGD (2nd order)": MetaSGD(body(), inner_lr=INNER_LR, **common),
         "iMAML (5 CG steps)": IMAML(body(), inner_lr=0.1, lam=1.0, cg_steps=5, **common),
     }
+    return {name: m.to(DEVICE) for name, m in models.items()}
 
 
 # ---------------------------------------------------------------------------------------- peers
@@ -165,15 +175,24 @@ def time_speed(tasks: int, steps: int, rounds: int, warmup: int) -> dict[str, fl
     for _ in range(rounds):
         for name, run in runs.items():
             modules[name].zero_grad(set_to_none=True)
+            sync()
             t = time.perf_counter()
             run(batch)
+            sync()
             times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 # --------------------------------------------------------------------------------------- memory
 def peak_allocated(fn: Callable[[], None]) -> int | None:
-    """Peak bytes allocated by PyTorch's CPU allocator during ``fn()``, above the level at its start."""
+    """Peak bytes allocated by PyTorch's allocator (CPU, or CUDA) during ``fn()``, above the level at its start."""
+    if DEVICE.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated(DEVICE) - base
     try:
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
@@ -232,6 +251,15 @@ of one meta-gradient (``torch.profiler`` allocation records, ``profile_memory=Tr
 saved tensors and gradients, not the model or the data. It does not depend on the load.
 """
 
+GPU_HEADER = """# Inner loop on a GPU: speed and memory of the optimization-based learners
+
+Conv-4-64 (BatchNorm with batch statistics), 28x28x1, 5-way 1-shot 15-query episodes, on one
+CUDA device. Written by `benchmarks/inner_loop.py --device cuda` (its docstring describes the
+method). Every learner is timed in the same run, interleaved with the supervised step it is
+divided by; each timed call is bracketed by `torch.cuda.synchronize`. Memory is
+`torch.cuda.max_memory_allocated` above the level at the start of one meta-gradient.
+"""
+
 NOTES = """Notes on the method:
 
 - Our learners build the whole meta-batch's graph and run one backward (the default; the
@@ -252,6 +280,7 @@ NOTES = """Notes on the method:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--meta-batch", type=int, nargs="+", default=[8, 32])
     p.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     p.add_argument("--rounds", type=int, nargs="+", default=[3, 1],
@@ -264,17 +293,25 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         a.meta_batch, a.steps, a.rounds, a.warmup, a.mem_steps, a.mem_batch = [2], [1, 2], [1], 1, [1, 2], 1
+    global DEVICE
+    DEVICE = torch.device(a.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: no CUDA device is available; use --device cpu")
     rounds = {b: a.rounds[min(i, len(a.rounds) - 1)] for i, b in enumerate(a.meta_batch)}
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
     start = time.time()
 
-    lines = [HEADER]
-    command = "OMP_NUM_THREADS=1 python benchmarks/inner_loop.py " + " ".join(sys.argv[1:])
+    lines = [HEADER if DEVICE.type == "cpu" else GPU_HEADER]
+    command = ("OMP_NUM_THREADS=1 " if DEVICE.type == "cpu" else "") + "python benchmarks/inner_loop.py " + " ".join(
+        sys.argv[1:])
     lines.append(f"Command: `{command.strip()}`  ")
+    where = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible "
+             f"(shared with other jobs; load average at start {os.getloadavg()[0]:.1f})")
+    if DEVICE.type == "cuda":
+        where = f"{torch.cuda.get_device_name(DEVICE)} (CUDA {torch.version.cuda})"
     lines.append(f"Date: {datetime.date.today().isoformat()}; torch {torch.__version__}; {a.threads} thread(s); "
-                 f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible "
-                 f"(shared with other jobs; load average at start {os.getloadavg()[0]:.1f})")
+                 f"{where}")
     lines.append("")
     lines.append("### Speed: episodes/s and, in brackets, time as a multiple of the supervised step")
     lines.append("")
