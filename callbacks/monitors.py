@@ -748,10 +748,6 @@ class DerivativeOrderAnnealing(Callback):
                 f"{type(pl_module).__name__} never back-propagates through the inner loop (it is first-order by "
                 "construction), so DerivativeOrderAnnealing has nothing to anneal; remove the callback"
             )
-        if getattr(pl_module, "task_batching", "loop") == "vmap":
-            from lightning_meta.algorithms.maml import _refuse_vmap_through_fused_norms
-
-            _refuse_vmap_through_fused_norms(pl_module.model, pl_module.bn, set(pl_module.adapted_names))
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         first = self.first_order_now(trainer)

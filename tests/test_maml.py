@@ -276,7 +276,8 @@ def conv4_batch(tasks: int = 2) -> Episode:
 
 def conv4_maml(norm: str = "batch", **kwargs) -> MAML:
     torch.manual_seed(0)
-    return MAML(Conv4(1, hidden=4, image_size=16, norm=norm), ways=2, inner_lr=0.3, inner_steps=1, **kwargs).double()
+    kwargs = {"inner_steps": 1, **kwargs}
+    return MAML(Conv4(1, hidden=4, image_size=16, norm=norm), ways=2, inner_lr=0.3, **kwargs).double()
 
 
 @pytest.mark.parametrize(
@@ -285,6 +286,8 @@ def conv4_maml(norm: str = "batch", **kwargs) -> MAML:
         ("batch", {"first_order": True}),  # transductive batch statistics, first order
         ("batch", {"bn": "frozen"}),  # running statistics, second order
         ("none", {}),  # no norm layers, second order
+        ("batch", {}),  # transductive batch statistics, second order (decomposed norms under vmap)
+        ("batch_no_stats", {"inner_steps": 2, "vmap_chunk_size": 1}),
     ],
 )
 def test_vmap_equals_loop_conv4(norm, kwargs):
@@ -303,7 +306,8 @@ def test_vmap_equals_loop_conv4(norm, kwargs):
     for model in (loop, vm):
         for k, v in model.named_buffers():
             assert torch.equal(v, stats_before[k]), k
-        assert all(m.training and m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        assert all(m.training and m.track_running_stats == (norm == "batch")
+                   for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
 def test_loop_second_order_through_batchnorm_matches_explicit_autograd():
@@ -338,26 +342,65 @@ class LayerNormBody(nn.Module):
         return torch.tanh(self.norm(self.lin(x)))
 
 
+class InstanceNormBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 3, 3)
+        self.norm = nn.InstanceNorm1d(3, affine=True)
+        self.out_features = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.norm(self.conv(x.unsqueeze(1)))).mean(-1)
+
+
+def _norm_batch(backbone: str) -> Episode:
+    if backbone.startswith("conv4"):
+        return conv4_batch(tasks=3)
+    g = torch.Generator().manual_seed(3)
+    return collate_episodes([Episode(torch.randn(4, 4, generator=g, dtype=torch.float64), torch.tensor([0, 0, 1, 1]),
+                                     torch.randn(6, 4, generator=g, dtype=torch.float64),
+                                     torch.tensor([0, 1, 0, 1, 0, 1]), torch.tensor([0, 1])) for _ in range(3)])
+
+
 @pytest.mark.parametrize(
-    ("backbone", "named"),
-    [
-        (lambda: Conv4(1, hidden=4, image_size=16, norm="batch"), "backbone.encoder.1"),
-        (lambda: Conv4(1, hidden=4, image_size=16, norm="batch_no_stats"), "backbone.encoder.1"),
-        (LayerNormBody, "backbone.norm"),
-    ],
+    "backbone",
+    ["conv4_batch", "conv4_batch_no_stats", "layer_norm", "instance_norm"],
 )
-def test_second_order_vmap_through_affine_norms_is_refused(backbone, named):
-    with pytest.raises(MetaConfigError, match=re.escape(named)) as info:
-        MAML(backbone(), ways=2, task_batching="vmap")
-    assert "task_batching='loop'" in str(info.value)
-    # the exact alternatives are accepted
-    MAML(backbone(), ways=2, task_batching="loop")
-    MAML(backbone(), ways=2, task_batching="vmap", first_order=True)
+@pytest.mark.parametrize("learner", ["MAML", "MetaSGD", "MAMLPlusPlus"])
+def test_second_order_vmap_through_affine_norms_equals_loop(backbone, learner):
+    """Adapted BatchNorm / LayerNorm / InstanceNorm weights, second order: vmap gives the loop's meta-gradient.
+
+    PyTorch's fused norm kernels differentiate wrongly twice under vmap (the xfail test below);
+    MAML then runs them as elementary operations (lightning_meta.functional.norms).
+    """
+    from lightning_meta.algorithms import MAMLPlusPlus, MetaSGD
+
+    make = {"conv4_batch": lambda: Conv4(1, hidden=4, image_size=16, norm="batch"),
+            "conv4_batch_no_stats": lambda: Conv4(1, hidden=4, image_size=16, norm="batch_no_stats"),
+            "layer_norm": LayerNormBody, "instance_norm": InstanceNormBody}[backbone]
+    cls = {"MAML": MAML, "MetaSGD": MetaSGD, "MAMLPlusPlus": MAMLPlusPlus}[learner]
+    extra = {"msl_anneal_epochs": 0} if learner == "MAMLPlusPlus" else {}
+
+    def build(batching: str) -> MAML:
+        torch.manual_seed(0)
+        return cls(make(), ways=2, inner_lr=0.3, inner_steps=2, task_batching=batching, **extra).double()
+
+    loop, vm = build("loop"), build("vmap")
+    assert any(k.endswith(("encoder.1.weight", "norm.weight")) for k in loop.adapted_names)  # norm weights adapt
+    batch = _norm_batch(backbone)
+    loss_loop, loss_vmap = loop.meta_loss(batch), vm.meta_loss(batch)
+    loss_loop.backward()
+    loss_vmap.backward()
+    torch.testing.assert_close(loss_vmap, loss_loop, rtol=1e-9, atol=1e-9)
+    g_loop, g_vmap = _grads(loop), _grads(vm)
+    assert g_loop.keys() == g_vmap.keys()
+    for k in g_loop:
+        torch.testing.assert_close(g_vmap[k], g_loop[k], rtol=0, atol=1e-6, msg=k)
 
 
 @pytest.mark.xfail(
-    reason="PyTorch bug: vmap + second order through fused layer_norm with a batched weight; "
-    "when this passes, MAML's refusal of vmap with affine norm layers can be lifted"
+    reason="PyTorch bug: vmap + second order through fused layer_norm with a batched weight; MAML works "
+    "around it with lightning_meta.functional.norms.decomposed_norms (which can go once this passes)"
 )
 def test_pytorch_vmap_second_order_through_layer_norm():
     from torch.func import grad, vmap

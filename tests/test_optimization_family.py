@@ -182,11 +182,19 @@ def test_bias_only_adaptation_leaves_weights():
         assert changed == name.endswith("bias"), name
 
 
-def test_vmap_refusal_only_for_adapted_norm_weights():
+@pytest.mark.parametrize("cls", [MAML, ANIL])
+def test_second_order_vmap_with_batchnorm_equals_loop(cls):
+    """Adapted BatchNorm weights (MAML) or a BatchNorm body under a vmapped head (ANIL): vmap == loop."""
+    torch.manual_seed(0)
     body = Conv4(1, 4, 16, norm="batch_no_stats")
-    with pytest.raises(MetaConfigError, match="task_batching='loop'"):
-        MAML(copy.deepcopy(body), ways=3, task_batching="vmap")
-    ANIL(copy.deepcopy(body), ways=3, task_batching="vmap")  # norm weights are not adapted: allowed
+    loop = cls(copy.deepcopy(body), ways=3, inner_lr=0.3, inner_steps=2).double()
+    vm = cls(copy.deepcopy(body), ways=3, inner_lr=0.3, inner_steps=2, task_batching="vmap").double()
+    vm.load_state_dict(loop.state_dict())
+    batch = _cls_batch()
+    gl, gv = _grads(loop, batch), _grads(vm, batch)
+    assert gl.keys() == gv.keys() and any(k.endswith("encoder.1.weight") for k in gl)  # the first BatchNorm
+    for k in gl:
+        torch.testing.assert_close(gv[k], gl[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_conjugate_gradient_solves_spd_system():

@@ -15,6 +15,7 @@ from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
 from lightning_meta.functional.inner_loop import PER_STEP_POLICIES, PerStepBatchNorm, convert_per_step_norm, norm_step
+from lightning_meta.functional.norms import decomposed_norms
 from lightning_meta.functional.precision import low_precision_autocast, upcast_low_precision  # bf16: fp32 fast weights
 
 __all__ = ["ADAPT_PRESETS", "MAML", "BackboneWithHead", "adapt_filter_fn"]
@@ -79,31 +80,6 @@ def parameter_keys(names: Sequence[str]) -> dict[str, str]:
     return keys
 
 
-def _refuse_vmap_through_fused_norms(model: nn.Module, bn: BNPolicy, adapted: set[str] | None = None) -> None:
-    """Refuses second-order ``vmap`` over tasks when the adapted weights include affine normalisation.
-
-    PyTorch (checked with 2.13) returns silently wrong second-order gradients when the fused
-    ``layer_norm`` / ``batch_norm`` / ``instance_norm`` kernels run under ``vmap`` with a batched
-    (per-task adapted) weight or bias and the result is differentiated again: errors of 1e-3 to
-    1e-1, not rounding. The per-task loop, first-order MAML, frozen BatchNorm statistics and
-    ``GroupNorm`` are exact, so only this combination is refused.
-    """
-    bad = [
-        name or type(m).__name__
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._NormBase))
-        and not (bn == "frozen" and isinstance(m, nn.modules.batchnorm._BatchNorm))
-        and any(adapted is None or f"{name}.{pn}" in adapted for pn, _ in m.named_parameters(recurse=False))
-    ]
-    if bad:
-        raise MetaConfigError(
-            f"task_batching='vmap' with second-order MAML would give wrong meta-gradients through the affine "
-            f"normalisation layers {bad} (a PyTorch vmap limitation of fused norm kernels); use "
-            "task_batching='loop', first_order=true, bn='frozen' (BatchNorm only) or a backbone without them "
-            "(e.g. Conv4 norm='none')"
-        )
-
-
 # --- bf16: float32 fast weights in a low-precision module (lightning_meta.functional.precision) ---
 class _TaskHead(nn.Linear):
     """The linear task head; a bf16/fp16 input with float32 (fast) weights runs under autocast (ANIL calls it alone)."""
@@ -166,7 +142,10 @@ class MAML(MetaLearner):
         adapt_filter: which parameters adapt in the inner loop: a preset of
             :func:`adapt_filter_fn` (``all``, ``head``, ``bias``, ``film``, ``lora``) or a regular
             expression on parameter names; the others are meta-learned in the outer loop only.
-        task_batching: ``loop`` adapts tasks one by one; ``vmap`` batches them with ``torch.func.vmap``.
+        task_batching: ``loop`` adapts tasks one by one; ``vmap`` batches them with ``torch.func.vmap``
+            (second order: BatchNorm/LayerNorm/InstanceNorm then run as elementary operations,
+            :func:`~lightning_meta.functional.norms.decomposed_norms`, since PyTorch's fused kernels
+            give wrong second derivatives under ``vmap``; on a GPU ``vmap`` is the fast choice).
         vmap_chunk_size: tasks per vmap chunk (bounds memory); ``None`` = all at once.
         bn: BatchNorm behaviour in the inner loop, see :func:`lightning_meta.functional.bn_policy`:
             ``transductive`` (batch statistics of each task), ``frozen`` (running statistics, not
@@ -290,8 +269,6 @@ class MAML(MetaLearner):
                 f"adapt_filter={adapt_filter!r} selects no parameter; parameter names are {names[:6]}"
                 f"{' ...' if len(names) > 6 else ''}; use a preset {ADAPT_PRESETS} or a matching regular expression"
             )
-        if task_batching == "vmap" and not first_order:
-            _refuse_vmap_through_fused_norms(self.model, bn, set(self.adapted_names))
         self.adapt_filter = adapt_filter
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
@@ -428,9 +405,11 @@ class MAML(MetaLearner):
         with bn_policy(self.model, self.bn):
             if self.task_batching == "vmap":
                 fn = lambda a, f, b, sx, sy, qx: self.task_query_outputs(a, f, b, sx, sy, qx, *args)[0]  # noqa: E731
-                out = vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
-                           chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
-                                                            batch.support_y, batch.query_x)
+                # second order: normalisation as elementary ops (fused kernels differentiate wrongly twice under vmap)
+                with decomposed_norms(not self.first_order):
+                    out = vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
+                               chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
+                                                                batch.support_y, batch.query_x)
                 losses = self.per_task_loss(out, batch.query_y)
                 self._train_scores = self.per_task_score(out.detach(), batch.query_y)
                 return losses.mean()

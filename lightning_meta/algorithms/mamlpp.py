@@ -15,6 +15,7 @@ from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, bn_policy
 from lightning_meta.functional.inner_loop import checkpointed, norm_step
+from lightning_meta.functional.norms import decomposed_norms
 
 __all__ = ["MAMLPlusPlus", "msl_weights"]
 
@@ -191,9 +192,10 @@ class MAMLPlusPlus(MAML):
                 from torch.func import vmap
 
                 fn = lambda a, f, b, sx, sy, qx: self._task_step_outputs(a, f, b, sx, sy, qx, first_order)  # noqa: E731
-                per_step = vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
-                                chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
-                                                                 batch.support_y, batch.query_x)
+                with decomposed_norms(not first_order):  # see MAML.meta_loss
+                    per_step = vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
+                                    chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
+                                                                     batch.support_y, batch.query_x)
                 per_task = [[s[i] for s in per_step] for i in range(batch.num_tasks)]
             else:
                 per_task = [self._task_step_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y,

@@ -13,6 +13,7 @@ from lightning_meta.functional.inner_loop import (
     sgd_step,
 )
 from lightning_meta.functional.metric import accuracy, pairwise_distance, prototypes
+from lightning_meta.functional.norms import decomposed_norms
 from lightning_meta.functional.precision import low_precision_autocast, upcast_low_precision
 from lightning_meta.functional.ridge import ridge_logits, ridge_regression
 from lightning_meta.functional.stats import mean_ci95, mean_ci95_from_stats
@@ -26,6 +27,7 @@ __all__ = [
     "bn_policy",
     "checkpointed",
     "convert_per_step_norm",
+    "decomposed_norms",
     "inner_adapt",
     "low_precision_autocast",
     "mean_ci95",
