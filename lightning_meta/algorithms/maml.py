@@ -15,7 +15,7 @@ from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
 from lightning_meta.functional.inner_loop import PER_STEP_POLICIES, PerStepBatchNorm, convert_per_step_norm, norm_step
-from lightning_meta.functional.norms import decomposed_norms
+from lightning_meta.functional.norms import decomposed_norms, has_fused_norms
 from lightning_meta.functional.precision import low_precision_autocast, upcast_low_precision  # bf16: fp32 fast weights
 
 __all__ = ["ADAPT_PRESETS", "MAML", "BackboneWithHead", "adapt_filter_fn"]
@@ -406,7 +406,7 @@ class MAML(MetaLearner):
             if self.task_batching == "vmap":
                 fn = lambda a, f, b, sx, sy, qx: self.task_query_outputs(a, f, b, sx, sy, qx, *args)[0]  # noqa: E731
                 # second order: normalisation as elementary ops (fused kernels differentiate wrongly twice under vmap)
-                with decomposed_norms(not self.first_order):
+                with decomposed_norms(not self.first_order and has_fused_norms(self.model)):
                     out = vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
                                chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
                                                                 batch.support_y, batch.query_x)

@@ -109,6 +109,12 @@ class _DecomposedNorms(TorchFunctionMode):
         return replacement(*args, **kwargs)
 
 
+def has_fused_norms(module: torch.nn.Module) -> bool:
+    """Whether ``module`` contains a layer that calls ``batch_norm``, ``instance_norm`` or ``layer_norm``."""
+    kinds = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm)
+    return any(isinstance(m, kinds) for m in module.modules())
+
+
 @contextlib.contextmanager
 def decomposed_norms(enabled: bool = True) -> Iterator[None]:
     """Run ``F.batch_norm``, ``F.instance_norm`` and ``F.layer_norm`` as elementary operations inside the block.
