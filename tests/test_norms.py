@@ -104,3 +104,8 @@ def test_sixteen_bit_inputs_keep_their_dtype_with_float32_statistics():
     ref = F.batch_norm(x.float(), None, None, w, b, training=True)
     assert (y.float() - ref).abs().max() < 0.02
     assert norms.layer_norm(x, (8,)).dtype == torch.bfloat16
+
+
+def test_layer_norm_accepts_an_int_shape():
+    x = torch.randn(3, 5, dtype=D)
+    torch.testing.assert_close(norms.layer_norm(x, 5), F.layer_norm(x, (5,)))

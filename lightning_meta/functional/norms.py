@@ -81,12 +81,12 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     return _affine(y, weight, bias, channel).to(input.dtype)
 
 
-def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """``F.layer_norm`` from elementary operations (statistics over the last ``len(normalized_shape)`` dims)."""
-    k = len(normalized_shape)
-    y = _normalise(input, list(range(input.dim() - k, input.dim())), eps)
-    return _affine(y, weight, bias, list(normalized_shape)).to(input.dtype)
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    y = _normalise(input, list(range(input.dim() - len(shape), input.dim())), eps)
+    return _affine(y, weight, bias, shape).to(input.dtype)
 
 
 def _updates_running_stats(func, args: tuple, kwargs: dict) -> bool:
