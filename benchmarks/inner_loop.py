@@ -166,9 +166,11 @@ def contenders(steps: int) -> tuple[dict[str, Callable[[Episode], None]], dict[s
 
 # ---------------------------------------------------------------------------------------- speed
 def time_speed(tasks: int, steps: int, rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per meta-batch of every contender (interleaved rounds, warm-up on 2-task batches)."""
+    """Median seconds per meta-batch of every contender (interleaved rounds after full-size warm-up calls)."""
     runs, modules, _ = contenders(steps)
-    batch, small = make_batch(tasks), make_batch(min(tasks, 2), seed=2)
+    # warm-up on a full-size meta-batch (other episodes): a first call at the timed size pays for its
+    # allocations, which a smaller warm-up batch does not absorb and one timed round would then include
+    batch, small = make_batch(tasks), make_batch(tasks, seed=2)
     for _ in range(warmup):
         for name, run in runs.items():
             modules[name].zero_grad(set_to_none=True)
@@ -288,7 +290,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     p.add_argument("--rounds", type=int, nargs="+", default=[3, 1],
                    help="timed rounds (median) for each --meta-batch value (the last repeats)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per learner (2-task batch)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per learner (full-size meta-batch)")
     p.add_argument("--mem-steps", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--mem-batch", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (meta-batch 2, 1-2 steps, one round)")

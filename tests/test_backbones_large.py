@@ -152,17 +152,28 @@ def test_vit_checkpoint_really_drops_activations():
         torch.testing.assert_close(ckpt(x), plain(x), rtol=0, atol=0)
 
 
-def test_vit_checkpoint_inside_torch_func_falls_back_with_warning():
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+def test_vit_checkpoint_in_the_inner_loop(batching, recwarn, monkeypatch):
+    """The per-task loop (autograd.grad) checkpoints the blocks; under vmap they run plainly, with a warning."""
+    import lightning_meta.backbones.vit as vit_module
+
+    calls = []
+    real = vit_module.checkpoint
+    monkeypatch.setattr(vit_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     plain = tiny_vit().double()
     ckpt = tiny_vit(checkpoint=True).double()
     ckpt.load_state_dict(plain.state_dict())
     batch = _cls_batch(tasks=2)
-    a = MAML(plain, ways=3, inner_lr=0.3, inner_steps=2, adapt_filter="head").double()
-    b = MAML(ckpt, ways=3, inner_lr=0.3, inner_steps=2, adapt_filter="head").double()
+    a = MAML(plain, ways=3, inner_lr=0.3, inner_steps=2, adapt_filter="head", task_batching=batching).double()
+    b = MAML(ckpt, ways=3, inner_lr=0.3, inner_steps=2, adapt_filter="head", task_batching=batching).double()
     b.load_state_dict(a.state_dict())
-    with pytest.warns(UserWarning, match="inside torch.func transforms"):
-        gb = _grads(b, batch)
+    gb = _grads(b, batch)
+    warned = [w for w in recwarn.list if "inside torch.func transforms" in str(w.message)]
+    assert len(warned) == (1 if batching == "vmap" else 0)
+    # 2 tasks x (2 inner-step forwards + 1 query forward) x 2 blocks in the loop; under vmap every
+    # forward runs inside the transform, so none is checkpointed
+    assert len(calls) == (2 * 2 * 3 if batching == "loop" else 0)
     _assert_grads_close(_grads(a, batch), gb)
 
 

@@ -118,8 +118,9 @@ class ViT(nn.Module):
     (second-order) gradients equal those without it. It is active only when gradients are
     enabled and outside ``torch.func`` transforms: ``torch.func.grad`` refuses the saved-tensor
     hooks it needs and a ``vmap`` would be gone when the backward recomputes, so inside them
-    blocks run normally (with a one-time warning). ``MAML(activation_checkpointing=True)`` runs its
-    inner loop with ``torch.autograd.grad``, so there the blocks are checkpointed too.
+    blocks run normally (with a one-time warning). MAML's per-task loop
+    (``task_batching='loop'``) runs its inner steps with ``torch.autograd.grad``, so there the
+    blocks are checkpointed too; under ``task_batching='vmap'`` they are not.
 
     Args:
         in_channels: input channels (3 for RGB, 1 for glyphs/Omniglot).
@@ -222,9 +223,8 @@ class ViT(nn.Module):
                 self._warned_transform = True
                 warnings.warn(
                     "ViT(checkpoint=True): blocks run without checkpointing inside torch.func transforms (vmap, or "
-                    "an inner loop using torch.func.grad), which cannot hold checkpointed activations; forwards "
-                    "outside them (query predictions, ANIL features) are still checkpointed. For a checkpointed "
-                    "inner loop use MAML(activation_checkpointing=True, task_batching='loop'), which runs it with "
+                    "torch.func.grad), which cannot hold checkpointed activations; forwards outside them are still "
+                    "checkpointed. For a checkpointed inner loop use MAML(task_batching='loop'), which runs it with "
                     "torch.autograd.grad",
                     stacklevel=2,
                 )
