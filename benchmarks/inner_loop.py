@@ -34,6 +34,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -165,9 +166,17 @@ def contenders(steps: int) -> tuple[dict[str, Callable[[Episode], None]], dict[s
 
 
 # ---------------------------------------------------------------------------------------- speed
-def time_speed(tasks: int, steps: int, rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per meta-batch of every contender (interleaved rounds after full-size warm-up calls)."""
+def time_speed(tasks: int, steps: int, rounds: int, warmup: int, only: list[str] | None = None) -> dict[str, float]:
+    """Median seconds per meta-batch of every contender (interleaved rounds after full-size warm-up calls).
+
+    ``only``: time just these contenders (and always the supervised step, the ratios' reference).
+    """
     runs, modules, _ = contenders(steps)
+    if only:
+        unknown = sorted(set(only) - set(runs))
+        if unknown:
+            raise SystemExit(f"--only {unknown}: not contenders; choose from {sorted(runs)}")
+        runs = {k: v for k, v in runs.items() if k == "supervised fwd+bwd" or k in only}
     # warm-up on a full-size meta-batch (other episodes): a first call at the timed size pays for its
     # allocations, which a smaller warm-up batch does not absorb and one timed round would then include
     batch, small = make_batch(tasks), make_batch(tasks, seed=2)
@@ -291,7 +300,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, nargs="+", default=[3, 1],
                    help="timed rounds (median) for each --meta-batch value (the last repeats)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per learner (full-size meta-batch)")
-    p.add_argument("--mem-steps", type=int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--mem-steps", type=int, nargs="*", default=[1, 5, 10], help="inner steps of the memory "
+                   "table; none (a bare --mem-steps) skips it")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="time only these learners (table names, e.g. 'MAML 2nd order'); the supervised step always")
     p.add_argument("--mem-batch", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (meta-batch 2, 1-2 steps, one round)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown here (default: print only)")
@@ -308,7 +320,7 @@ def main() -> None:
     start = time.time()
 
     lines = [HEADER if DEVICE.type == "cpu" else GPU_HEADER]
-    command = ("OMP_NUM_THREADS=1 " if DEVICE.type == "cpu" else "") + "python benchmarks/inner_loop.py " + " ".join(
+    command = ("OMP_NUM_THREADS=1 " if DEVICE.type == "cpu" else "") + "python benchmarks/inner_loop.py " + shlex.join(
         sys.argv[1:])
     lines.append(f"Command: `{command.strip()}`  ")
     where = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible "
@@ -329,7 +341,7 @@ def main() -> None:
     results: dict[tuple[int, int], dict[str, float]] = {}
     for b in a.meta_batch:
         for k in a.steps:
-            results[(b, k)] = time_speed(b, k, rounds[b], a.warmup)
+            results[(b, k)] = time_speed(b, k, rounds[b], a.warmup, a.only)
             print(f"speed B={b} k={k} done ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
     names = list(next(iter(results.values())))
     for name in names:
@@ -340,8 +352,21 @@ def main() -> None:
                 cells.append(f"{b / r[name]:.2f} ep/s ({r[name] / r['supervised fwd+bwd']:.2f}x)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"### Memory: peak bytes allocated during one meta-gradient, meta-batch {a.mem_batch} (MiB)")
+    if a.mem_steps:
+        lines.extend(memory_table(a))
+    lines.append(f"Total wall time: {time.time() - start:.0f} s.")
     lines.append("")
+    lines.append(NOTES)
+    text = "\n".join(lines)
+    print(text)
+    if a.out is not None:
+        a.out.write_text(text + "\n")
+
+
+def memory_table(a: argparse.Namespace) -> list[str]:
+    """The markdown lines of the memory table (``--mem-steps``, ``--mem-batch``)."""
+    start = time.time()
+    lines = [f"### Memory: peak bytes allocated during one meta-gradient, meta-batch {a.mem_batch} (MiB)", ""]
     mem = {k: measure_memory(a.mem_batch, k) for k in a.mem_steps}
     print(f"memory done ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
     mem_names = list(next(iter(mem.values())))
@@ -360,13 +385,7 @@ def main() -> None:
             cells.append("n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Total wall time: {time.time() - start:.0f} s.")
-    lines.append("")
-    lines.append(NOTES)
-    text = "\n".join(lines)
-    print(text)
-    if a.out is not None:
-        a.out.write_text(text + "\n")
+    return lines
 
 
 if __name__ == "__main__":
