@@ -289,6 +289,12 @@ def _move_attachments(old: nn.Module, new: nn.Module) -> None:
             dst.update(src)
 
 
+def _compiling() -> bool:
+    """Whether ``torch.compile`` is tracing: its AOT autograd cannot run ``autograd.grad``'s double backward."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
 def _inside_functorch_transform() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is active around this call."""
     level = getattr(torch._C._functorch, "maybe_current_level", None)
@@ -351,9 +357,10 @@ def inner_adapt(
 
     Two gradient engines give the same numbers (tested): :func:`torch.func.grad`, used inside a
     ``torch.func`` transform such as ``vmap`` (the one that composes with them), and
-    ``torch.autograd.grad(create_graph=not first_order)``, used everywhere else: outside any
-    transform it skips ``torch.func``'s per-operation wrapping (about 10% faster per task on a CPU
-    for a 5-step Conv-4 inner loop). The autograd engine is also what ``checkpoint``, a training
+    ``torch.autograd.grad(create_graph=not first_order)``, used everywhere else except under
+    ``torch.compile`` (whose AOT autograd has no double backward): outside any transform it skips
+    ``torch.func``'s per-operation wrapping (about 10% faster per task on a CPU for a 5-step
+    Conv-4 inner loop). The autograd engine is also what ``checkpoint``, a training
     :class:`PerStepBatchNorm` layer (its in-place running-statistics update is not allowed under
     ``torch.func`` transforms) and DeepSpeed ZeRO-3 parameters in ``frozen``/``buffers``
     (gathered by module hooks that ``torch.func`` transforms cannot run) need; none of these
@@ -401,7 +408,8 @@ def inner_adapt(
     # DeepSpeed ZeRO-3 parameters (tagged ``ds_id``) are gathered by module hooks that must not run
     # under torch.func transforms (segfaults, functorch asserts); autograd.grad runs them as usual
     zero3 = any(hasattr(t, "ds_id") for t in fixed.values())
-    use_autograd = checkpoint or zero3 or any(m.training for m in layers) or not _inside_functorch_transform()
+    use_autograd = checkpoint or zero3 or any(m.training for m in layers) or not (
+        _inside_functorch_transform() or _compiling())
     fast = dict(params)
     for step in range(steps):
         step_lr = lr(step) if callable(lr) else lr
