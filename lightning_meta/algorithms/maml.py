@@ -389,6 +389,18 @@ class MAML(MetaLearner):
                 "link model ways to data ways (the CLI does) and set the datamodule's eval_ways to the same value"
             )
 
+    def _vmap_tasks(self, fn: Callable, adapted: Params, frozen: Params, buffers: Params, batch: Episode,
+                    first_order: bool):
+        """``fn(adapted, frozen, buffers, support_x, support_y, query_x)`` of every task, batched with ``vmap``.
+
+        In second order, normalisation layers run as elementary operations: PyTorch's fused kernels
+        differentiate wrongly twice under ``vmap`` (:func:`~lightning_meta.functional.norms.decomposed_norms`).
+        """
+        with decomposed_norms(not first_order and has_fused_norms(self.model)):
+            return vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
+                        chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
+                                                         batch.support_y, batch.query_x)
+
     def meta_loss(self, batch: Episode) -> Tensor:
         """Mean query loss after adaptation, over the tasks of the meta-batch.
 
@@ -405,11 +417,7 @@ class MAML(MetaLearner):
         with bn_policy(self.model, self.bn):
             if self.task_batching == "vmap":
                 fn = lambda a, f, b, sx, sy, qx: self.task_query_outputs(a, f, b, sx, sy, qx, *args)[0]  # noqa: E731
-                # second order: normalisation as elementary ops (fused kernels differentiate wrongly twice under vmap)
-                with decomposed_norms(not self.first_order and has_fused_norms(self.model)):
-                    out = vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
-                               chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
-                                                                batch.support_y, batch.query_x)
+                out = self._vmap_tasks(fn, adapted, frozen, buffers, batch, self.first_order)
                 losses = self.per_task_loss(out, batch.query_y)
                 self._train_scores = self.per_task_score(out.detach(), batch.query_y)
                 return losses.mean()

@@ -15,7 +15,6 @@ from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, bn_policy
 from lightning_meta.functional.inner_loop import checkpointed, norm_step
-from lightning_meta.functional.norms import decomposed_norms, has_fused_norms
 
 __all__ = ["MAMLPlusPlus", "msl_weights"]
 
@@ -189,13 +188,8 @@ class MAMLPlusPlus(MAML):
         buffers = self.model_buffers()
         with bn_policy(self.model, self.bn):
             if self.task_batching == "vmap":
-                from torch.func import vmap
-
                 fn = lambda a, f, b, sx, sy, qx: self._task_step_outputs(a, f, b, sx, sy, qx, first_order)  # noqa: E731
-                with decomposed_norms(not first_order and has_fused_norms(self.model)):  # see MAML.meta_loss
-                    per_step = vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
-                                    chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
-                                                                     batch.support_y, batch.query_x)
+                per_step = self._vmap_tasks(fn, adapted, frozen, buffers, batch, first_order)
                 per_task = [[s[i] for s in per_step] for i in range(batch.num_tasks)]
             else:
                 per_task = [self._task_step_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y,

@@ -12,6 +12,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from lightning_meta.errors import MetaConfigError
+from lightning_meta.functional.inner_loop import inside_func_transform
 
 __all__ = ["Attention", "ViT", "ViTBlock"]
 
@@ -84,16 +85,6 @@ class ViTBlock(nn.Module):
         """``[b, n, dim] -> [b, n, dim]``."""
         x = x + self.attn(self.norm1(x))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-def _inside_func_transform() -> bool:
-    """Tell whether code runs inside ``torch.func.grad``/``vmap``, where non-reentrant checkpointing cannot run.
-
-    ``torch.func`` gradient transforms refuse the saved-tensor hooks checkpointing relies on, and
-    under ``vmap`` the recomputation would run after the transform has exited (PyTorch 2.13).
-    """
-    stack = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return stack is not None and stack() is not None
 
 
 def _call_block(block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -217,7 +208,9 @@ class ViT(nn.Module):
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         h = tokens + self.pos_embed  # [b, tokens, dim]
         recompute = self.checkpoint and torch.is_grad_enabled()
-        if recompute and _inside_func_transform():
+        # torch.func gradient transforms refuse the saved-tensor hooks checkpointing relies on, and under
+        # vmap the recomputation would run after the transform has exited
+        if recompute and inside_func_transform():
             recompute = False
             if not self._warned_transform:
                 self._warned_transform = True

@@ -295,10 +295,13 @@ def _compiling() -> bool:
     return bool(is_compiling and is_compiling())
 
 
-def _inside_functorch_transform() -> bool:
-    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is active around this call."""
+def inside_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is active around this call.
+
+    ``True`` on a PyTorch that cannot tell, so that callers keep the transform-safe path.
+    """
     level = getattr(torch._C._functorch, "maybe_current_level", None)
-    return True if level is None else level() is not None  # unknown PyTorch: keep torch.func.grad
+    return True if level is None else level() is not None
 
 
 def _autograd_step(
@@ -359,8 +362,8 @@ def inner_adapt(
     ``torch.func`` transform such as ``vmap`` (the one that composes with them), and
     ``torch.autograd.grad(create_graph=not first_order)``, used everywhere else except under
     ``torch.compile`` (whose AOT autograd has no double backward): outside any transform it skips
-    ``torch.func``'s per-operation wrapping (about 10% faster per task on a CPU for a 5-step
-    Conv-4 inner loop). The autograd engine is also what ``checkpoint``, a training
+    ``torch.func``'s per-operation wrapping (a few percent on a CPU, ``benchmarks/inner_engine.py``)
+    and lets non-reentrant checkpointing (e.g. ``ViT(checkpoint=True)``) run in the inner loop. The autograd engine is also what ``checkpoint``, a training
     :class:`PerStepBatchNorm` layer (its in-place running-statistics update is not allowed under
     ``torch.func`` transforms) and DeepSpeed ZeRO-3 parameters in ``frozen``/``buffers``
     (gathered by module hooks that ``torch.func`` transforms cannot run) need; none of these
@@ -409,7 +412,7 @@ def inner_adapt(
     # under torch.func transforms (segfaults, functorch asserts); autograd.grad runs them as usual
     zero3 = any(hasattr(t, "ds_id") for t in fixed.values())
     use_autograd = checkpoint or zero3 or any(m.training for m in layers) or not (
-        _inside_functorch_transform() or _compiling())
+        inside_func_transform() or _compiling())
     fast = dict(params)
     for step in range(steps):
         step_lr = lr(step) if callable(lr) else lr

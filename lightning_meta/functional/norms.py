@@ -53,6 +53,13 @@ def _normalise(x: Tensor, dims: list[int], eps: float) -> Tensor:
     return (xf - mean) * torch.rsqrt(var + eps)
 
 
+def _with_statistics(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """Normalise with given per-channel statistics (running mean and variance)."""
+    xf = x.to(_stats_dtype(x))
+    channel = [1, -1] + [1] * (x.dim() - 2)
+    return (xf - mean.to(xf.dtype).reshape(channel)) * torch.rsqrt(var.to(xf.dtype).reshape(channel) + eps)
+
+
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
                eps: float = 1e-5) -> Tensor:
@@ -61,9 +68,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if training or running_mean is None:
         y = _normalise(input, [0, *range(2, input.dim())], eps)
     else:
-        xf = input.to(_stats_dtype(input))
-        y = (xf - running_mean.to(xf.dtype).reshape(channel)) * torch.rsqrt(
-            running_var.to(xf.dtype).reshape(channel) + eps)
+        y = _with_statistics(input, running_mean, running_var, eps)
     return _affine(y, weight, bias, channel).to(input.dtype)
 
 
@@ -75,9 +80,7 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     if use_input_stats or running_mean is None:
         y = _normalise(input, list(range(2, input.dim())), eps)
     else:
-        xf = input.to(_stats_dtype(input))
-        y = (xf - running_mean.to(xf.dtype).reshape(channel)) * torch.rsqrt(
-            running_var.to(xf.dtype).reshape(channel) + eps)
+        y = _with_statistics(input, running_mean, running_var, eps)
     return _affine(y, weight, bias, channel).to(input.dtype)
 
 
