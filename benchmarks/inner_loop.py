@@ -26,12 +26,22 @@ order; the peak of the running sum), so it is exact for PyTorch tensors and inde
 machine's load. ``--mem-batch`` tasks per meta-batch (default 4). With ``--device cuda`` the timings synchronise
 the device around each call, and the peak is ``torch.cuda.max_memory_allocated`` above the level
 at the start (the caching allocator's view: also exact for PyTorch tensors).
+
+**Arithmetic** (``--flops``): the convolution and matrix-multiply FLOPs of one meta-gradient of
+each learner, counted by ``torch.utils.flop_counter.FlopCounterMode`` (forward, backward and
+double-backward kernels alike), as a multiple of the supervised step's. This is the work the
+algorithm asks for, independent of the machine: a time ratio below it means the learner runs its
+kernels more efficiently than the one large supervised batch does, and no implementation of the
+same algorithm can go below it on a compute-bound device without doing the arithmetic faster.
+``--skip-speed`` leaves out the timed table (e.g. ``--flops --skip-speed --mem-steps`` prints
+only the arithmetic, in about a minute).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import shlex
@@ -81,6 +91,7 @@ def learners(steps: int) -> dict[str, torch.nn.Module]:
     models = {
         "MAML 2nd order": MAML(body(), inner_lr=INNER_LR, **common),
         "MAML 2nd order, vmap over tasks": MAML(body(), inner_lr=INNER_LR, task_batching="vmap", **common),
+        "MAML 2nd order, per-task backward": MAML(body(), inner_lr=INNER_LR, per_task_backward=True, **common),
         "MAML 2nd order + checkpointing": MAML(body(), inner_lr=INNER_LR, activation_checkpointing=True, **common),
         "MAML 1st order": MAML(body(), inner_lr=INNER_LR, first_order=True, **common),
         "ANIL (2nd order)": ANIL(body(), inner_lr=INNER_LR, **common),
@@ -129,6 +140,21 @@ def autograd_step(net: torch.nn.Module, steps: int) -> Callable[[Episode], None]
     return run
 
 
+def whole_batch_step(learner: torch.nn.Module) -> Callable[[Episode], None]:
+    """One meta-gradient as our ``training_step`` computes it by default: one graph, one backward."""
+    return lambda batch: learner.meta_loss(batch).backward()
+
+
+def per_task_step(learner: torch.nn.Module) -> Callable[[Episode], None]:
+    """One meta-gradient as ``per_task_backward=True`` computes it: each task's loss / B, then its backward."""
+
+    def run(batch: Episode) -> None:
+        for i in range(batch.num_tasks):
+            (learner.meta_loss(batch.select(i)) / batch.num_tasks).backward()
+
+    return run
+
+
 def supervised_step(net: torch.nn.Module) -> Callable[[Episode], None]:
     """One forward+backward of ``net`` over every support and query image of the meta-batch."""
 
@@ -147,7 +173,7 @@ def contenders(steps: int) -> tuple[dict[str, Callable[[Episode], None]], dict[s
     sup = MAML(body(), ways=WAYS).model.to(DEVICE)  # the head is created on the CPU
     runs["supervised fwd+bwd"] = supervised_step(sup)
     for name, m in models.items():
-        runs[name] = (lambda mm: lambda b: mm.meta_loss(b).backward())(m)
+        runs[name] = (per_task_step if m.per_task_backward else whole_batch_step)(m)
     peer_net = MAML(body(), ways=WAYS).model.to(DEVICE)
     peer = higher_step(peer_net, steps)
     peer_name = "higher, MAML 2nd order"
@@ -196,6 +222,59 @@ def time_speed(tasks: int, steps: int, rounds: int, warmup: int, only: list[str]
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# ----------------------------------------------------------------------------------- arithmetic
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **_kw) -> int:
+    """FLOPs of ``aten.convolution_backward`` that count grouped convolutions right.
+
+    torch's own formula (torch 2.13) ignores ``groups`` in the weight gradient and so counts a
+    grouped convolution's backward ``groups`` times too high. ``vmap`` over tasks runs every conv
+    as a grouped one (one group per task), which made its count grow with the square of the
+    meta-batch while its time grows linearly (checked: 1/4/16 tasks; pytorch/pytorch PR 183405
+    adds the missing division). For ``groups=1`` this formula gives torch's numbers. Each of the input and the
+    weight gradient is one convolution with the forward's multiply-adds: ``2 * N * |w| * |spatial|``,
+    ``spatial`` being the output of the non-transposed convolution.
+    """
+    spatial = x_shape[2:] if transposed else grad_out_shape[2:]
+    per_gradient = 2 * x_shape[0] * math.prod(w_shape) * math.prod(spatial)
+    return per_gradient * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def count_flops(tasks: int, steps: int, only: list[str] | None = None) -> dict[str, int]:
+    """Convolution/matmul FLOPs of one call of each contender on a ``tasks``-task meta-batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    runs, modules, _ = contenders(steps)
+    batch = make_batch(tasks)
+    out = {}
+    for name, run in runs.items():
+        if only and name != "supervised fwd+bwd" and name not in only:
+            continue
+        modules[name].zero_grad(set_to_none=True)
+        counter = FlopCounterMode(display=False,
+                                  custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
+        with counter:
+            run(batch)
+        out[name] = counter.get_total_flops()
+        modules[name].zero_grad(set_to_none=True)
+    return out
+
+
+def flops_table(a: argparse.Namespace) -> list[str]:
+    """The markdown lines of the arithmetic table (``--flops``)."""
+    lines = ["### Arithmetic: convolution/matmul GFLOPs of one meta-gradient and, in brackets, "
+             "the multiple of the supervised step's", ""]
+    counts = {(b, k): count_flops(b, k, a.only) for b in a.meta_batch for k in a.steps}
+    header = ["learner"] + [f"B={b}, k={k}" for b in a.meta_batch for k in a.steps]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for name in next(iter(counts.values())):
+        cells = [f"{c[name] / 1e9:.1f} ({c[name] / c['supervised fwd+bwd']:.2f}x)" for c in counts.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 # --------------------------------------------------------------------------------------- memory
 def peak_allocated(fn: Callable[[], None]) -> int | None:
     """Peak bytes allocated by PyTorch's allocator (CPU, or CUDA) during ``fn()``, above the level at its start."""
@@ -231,6 +310,7 @@ def peak_allocated(fn: Callable[[], None]) -> int | None:
 
 
 MEMORY_ROWS = ["supervised fwd+bwd", "MAML 2nd order", "MAML 2nd order, vmap over tasks",
+               "MAML 2nd order, per-task backward",
                "MAML 2nd order + checkpointing", "MAML 1st order",
                "ANIL (2nd order)", "Reptile", "iMAML (5 CG steps)"]
 
@@ -263,6 +343,10 @@ a ratio can be off by the load change between two calls; differences of 10-20% a
 **Memory** is the peak of the bytes PyTorch's CPU allocator holds above the level at the start
 of one meta-gradient (``torch.profiler`` allocation records, ``profile_memory=True``): activations,
 saved tensors and gradients, not the model or the data. It does not depend on the load.
+
+**Arithmetic** (``--flops``) is the convolution and matrix-multiply FLOPs of one meta-gradient
+(``torch.utils.flop_counter``, with a groups-aware count for the convolution backward), the same
+on every machine: how much work each algorithm asks for, next to how long it takes.
 """
 
 GPU_HEADER = """# Inner loop on a GPU: speed and memory of the optimization-based learners
@@ -276,10 +360,12 @@ divided by; each timed call is bracketed by `torch.cuda.synchronize`. Memory is
 
 NOTES = """Notes on the method:
 
-- Our learners build the whole meta-batch's graph and run one backward (the default; the
-  ``per_task_backward=True`` option backpropagates task by task under a Trainer). The ``higher``
-  column uses its documented MAML loop, one backward per task, so its peak holds one task's graph:
-  compare its per-step slope with ours divided by the meta-batch size.
+- Our learners build the whole meta-batch's graph and run one backward (the default). The
+  ``per-task backward`` row is the same MAML with ``per_task_backward=True``, timed as its
+  ``training_step`` computes the meta-gradient: each task's loss divided by the meta-batch size,
+  then its backward, so only one task's graph is held at a time. The ``higher`` column uses its
+  documented MAML loop, which also runs one backward per task: compare its per-step memory slope
+  with the per-task row, or with the default row divided by the meta-batch size.
 - Checkpointing re-runs each inner step (forward, inner backward) in the outer backward.
 - Reptile adapts on support + query (80 images per step), so its cost grows with k like k
   supervised steps; iMAML's inner steps keep no graph and its 5 conjugate-gradient steps are
@@ -305,6 +391,9 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="time only these learners (table names, e.g. 'MAML 2nd order'); the supervised step always")
     p.add_argument("--mem-batch", type=int, default=4)
+    p.add_argument("--flops", action="store_true", help="add the arithmetic table (FLOPs as a multiple of the "
+                   "supervised step's)")
+    p.add_argument("--skip-speed", action="store_true", help="leave out the timed table")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (meta-batch 2, 1-2 steps, one round)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown here (default: print only)")
     a = p.parse_args()
@@ -330,8 +419,24 @@ def main() -> None:
     lines.append(f"Date: {datetime.date.today().isoformat()}; torch {torch.__version__}; {a.threads} thread(s); "
                  f"{where}")
     lines.append("")
-    lines.append("### Speed: episodes/s and, in brackets, time as a multiple of the supervised step")
+    if not a.skip_speed:
+        lines.extend(speed_table(a, rounds, start))
+    if a.flops:
+        lines.extend(flops_table(a))
+    if a.mem_steps:
+        lines.extend(memory_table(a))
+    lines.append(f"Total wall time: {time.time() - start:.0f} s.")
     lines.append("")
+    lines.append(NOTES)
+    text = "\n".join(lines)
+    print(text)
+    if a.out is not None:
+        a.out.write_text(text + "\n")
+
+
+def speed_table(a: argparse.Namespace, rounds: dict[int, int], start: float) -> list[str]:
+    """The markdown lines of the timed table (episodes/s and ratios to the supervised step)."""
+    lines = ["### Speed: episodes/s and, in brackets, time as a multiple of the supervised step", ""]
     lines.append("Timed rounds (median): " + ", ".join(f"B={b}: {r}" for b, r in rounds.items())
                  + f"; {a.warmup} warm-up call(s) per learner first.")
     lines.append("")
@@ -352,15 +457,7 @@ def main() -> None:
                 cells.append(f"{b / r[name]:.2f} ep/s ({r[name] / r['supervised fwd+bwd']:.2f}x)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    if a.mem_steps:
-        lines.extend(memory_table(a))
-    lines.append(f"Total wall time: {time.time() - start:.0f} s.")
-    lines.append("")
-    lines.append(NOTES)
-    text = "\n".join(lines)
-    print(text)
-    if a.out is not None:
-        a.out.write_text(text + "\n")
+    return lines
 
 
 def memory_table(a: argparse.Namespace) -> list[str]:
