@@ -85,8 +85,9 @@ def main() -> None:
         for b in range(n):
             last = errors[max(REPORT)][-n + b]
             if last > args.diverged:
-                print(f"task {len(errors[max(REPORT)]) - n + b}: 10-step MSE {last:.3g}; support x "
-                      f"{[round(v, 2) for v in sorted(sx[b].flatten().tolist())]}, max |y| {sy[b].abs().max().item():.2f}")
+                xs = [round(v, 2) for v in sorted(sx[b].flatten().tolist())]
+                print(f"task {len(errors[max(REPORT)]) - n + b}: 10-step MSE {last:.3g}; support x {xs}, "
+                      f"max |y| {sy[b].abs().max().item():.2f}")
     print(f"| steps | tasks | mean MSE ± 95% CI | median | tasks above {args.diverged:g} |")
     print("|---|---|---|---|---|")
     for step, values in errors.items():
