@@ -45,7 +45,7 @@ def test_resume_continues_identical_episodes(tmp_path, stop):
     second, resumed_model = _run(tmp_path / "b", max_steps=12, ckpt_path=str(ckpt))
     assert first == full[:stop]
     assert [s for _, s in second] == [s for _, s in full[stop:]]
-    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
+    for a, b in zip(full_model.parameters(), resumed_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
@@ -105,3 +105,72 @@ def test_resume_from_a_checkpoint_saved_after_fit(tmp_path):
     assert (state["epoch"], state["batches"]) == (1, 3)  # epoch 1 was consumed whole
     second, trainer = _epochs(tmp_path / "b", 4, ckpt=tmp_path / "after_fit.ckpt")
     assert first == full[:6] and second == full[6:] and trainer.global_step == 12
+
+
+class _ValidationSteps(Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def _steps(root, ckpt=None, save=None, validate_every=None, **limits):
+    torch.manual_seed(0)
+    dm = SinusoidDataModule(meta_batch_size=4, train_episodes=20, val_episodes=4, eval_meta_batch_size=4)
+    model = MAML(MLP(1, [8]), task="regression", inner_lr=0.01)
+    rec, val = Recorder(), _ValidationSteps()
+    extra = {"limit_val_batches": 0}
+    if validate_every:
+        extra = {"val_check_interval": validate_every, "limit_val_batches": 1}
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[rec, val], enable_checkpointing=False, default_root_dir=root, **extra, **limits)
+    trainer.fit(model, dm, ckpt_path=ckpt)
+    if save:
+        trainer.save_checkpoint(save)
+    return [s for _, s in rec.seen], val.steps, trainer.global_step, model
+
+
+@pytest.mark.parametrize("validate_every", [None, 3])
+@pytest.mark.parametrize("stop", [3, 5, 7])  # epochs hold 5 meta-batches: mid-epoch, at the end, mid second epoch
+def test_resume_after_fit_stopped_by_max_steps(tmp_path, stop, validate_every):
+    """fit(max_steps=N), save_checkpoint, fit(max_steps=12, ckpt_path): the stream and the weights of one run.
+
+    Without `reopen_finished_fit`, Lightning 2.6 skips the rest of the interrupted epoch here.
+    """
+    full, full_val, _, full_model = _steps(tmp_path / "full", validate_every=validate_every, max_steps=12)
+    first, first_val, _, _ = _steps(tmp_path / "a", save=tmp_path / "after.ckpt", validate_every=validate_every,
+                                    max_steps=stop)
+    second, second_val, steps, resumed = _steps(tmp_path / "b", ckpt=tmp_path / "after.ckpt",
+                                                validate_every=validate_every, max_steps=12)
+    assert first + second == full and steps == 12
+    assert first_val + second_val == full_val
+    for a, b in zip(full_model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_resume_after_fit_stopped_by_max_epochs_under_max_steps(tmp_path):
+    full, _, _, _ = _steps(tmp_path / "full", max_steps=12)
+    first, _, _, _ = _steps(tmp_path / "a", save=tmp_path / "after.ckpt", max_epochs=1)
+    second, _, steps, _ = _steps(tmp_path / "b", ckpt=tmp_path / "after.ckpt", max_steps=12)
+    assert first + second == full and steps == 12
+
+
+def test_reopen_finished_fit_leaves_in_training_checkpoints_alone(tmp_path):
+    from lightning_meta.algorithms.base import reopen_finished_fit
+
+    _steps(tmp_path / "a", save=tmp_path / "after.ckpt", max_steps=3)
+    after = torch.load(tmp_path / "after.ckpt", weights_only=False)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path,
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, filename="{step}")])
+    torch.manual_seed(0)
+    trainer.fit(MAML(MLP(1, [8]), task="regression", inner_lr=0.01),
+                SinusoidDataModule(meta_batch_size=4, train_episodes=20, val_episodes=4, eval_meta_batch_size=4))
+    during = torch.load(tmp_path / "step=3.ckpt", weights_only=False)
+    before = repr(during["loops"])
+    assert not reopen_finished_fit(during) and repr(during["loops"]) == before
+    assert not reopen_finished_fit({"state_dict": {}})  # weights-only: nothing to do
+    assert reopen_finished_fit(after)
+    # the reopened after-fit state is the in-training checkpoint's, counter for counter
+    assert after["loops"]["fit_loop"] == during["loops"]["fit_loop"] and after["epoch"] == during["epoch"]
