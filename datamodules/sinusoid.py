@@ -63,6 +63,7 @@ class SinusoidDataModule(EpisodicDataModule):
         >>> batch = next(iter(dm.train_dataloader()))
         >>> batch.support_x.shape, batch.query_y.shape
         (torch.Size([25, 10, 1]), torch.Size([25, 10, 1]))
+
     """
 
     task = "regression"

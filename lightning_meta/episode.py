@@ -33,6 +33,7 @@ class Episode:
         >>> batch = collate_episodes([ep, ep])
         >>> batch.num_tasks, batch.support_x.shape
         (2, torch.Size([2, 5, 1, 28, 28]))
+
     """
 
     support_x: Tensor
@@ -97,6 +98,7 @@ def collate_episodes(episodes: Sequence[Episode]) -> Episode:
 
     Raises:
         ValueError: for an empty list, an already batched episode, or mismatched shapes.
+
     """
     if len(episodes) == 0:
         raise ValueError("collate_episodes needs at least one Episode, got an empty list")

@@ -17,11 +17,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from lightning_meta.datamodules import EpisodicDataModule, MetaBatchSampler, ShardDataModule, SinusoidDataModule
 
 from lightning_meta.data import shards as shards_mod
 from lightning_meta.data.glyphs import generate_glyphs
 from lightning_meta.data.shards import load_index, scan_tar
+from lightning_meta.datamodules import EpisodicDataModule, MetaBatchSampler, ShardDataModule, SinusoidDataModule
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError, ShardError
 
@@ -606,7 +606,8 @@ def test_an_epoch_that_is_not_a_whole_number_of_meta_batches_warns():
 
 
 def test_evaluation_lists_that_starve_a_process_or_are_uneven_under_zero3_are_refused():
-    dm = SinusoidDataModule(meta_batch_size=4, train_episodes=8, val_episodes=1, test_episodes=5, eval_meta_batch_size=2)
+    dm = SinusoidDataModule(meta_batch_size=4, train_episodes=8, val_episodes=1, test_episodes=5,
+                            eval_meta_batch_size=2)
     dm.setup("fit")
     dm.setup("test")
     dm.trainer = SimpleNamespace(global_rank=0, world_size=2, strategy=object())

@@ -55,7 +55,7 @@ def test_signal_saves_requeues_stops_and_resumes_exactly(tmp_path):
     # the requeued job resumes (ckpt_path="hpc" is what Lightning picks by itself under Slurm)
     _, resumed = _fit(tmp_path / "run", 14, [PreemptionCheckpoint(requeue=False)], ckpt_path="hpc")
     _, full = _fit(tmp_path / "full", 14, [])
-    for a, b in zip(full.parameters(), resumed.parameters()):
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 

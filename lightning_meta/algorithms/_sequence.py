@@ -48,6 +48,7 @@ class SequenceLearner(MetaLearner):
         ways: classes per episode; sizes the label one-hot and the output (classification).
             Episodes with fewer classes use the first outputs; episodes with more are refused.
         task, lr, weight_decay, per_task_backward: see :class:`~lightning_meta.algorithms.MetaLearner`.
+
     """
 
     def __init__(

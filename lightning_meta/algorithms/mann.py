@@ -87,6 +87,7 @@ class MANN(SequenceLearner):
         ...              torch.arange(5).repeat(2), torch.arange(5))
         >>> model.predict(model.adapt(ep), ep.query_x).shape
         torch.Size([10, 5])
+
     """
 
     def __init__(

@@ -29,6 +29,7 @@ def matching_attention(query: Tensor, support: Tensor, temperature: float = 1.0)
     Example:
         >>> matching_attention(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
         tensor([[0.7311, 0.2689]])
+
     """
     sim = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(-1, -2)
     return torch.softmax(sim / temperature, dim=-1)
@@ -51,6 +52,7 @@ def matching_log_probs(
 
     Returns:
         ``[..., m, N]`` log probabilities (``exp`` of each row sums to one).
+
     """
     sim = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(-1, -2)
     log_a = torch.log_softmax(sim / temperature, dim=-1)  # [..., m, n]
@@ -71,6 +73,7 @@ class SupportLSTM(nn.Module):
     Example:
         >>> SupportLSTM(8)(torch.randn(2, 5, 8)).shape
         torch.Size([2, 5, 8])
+
     """
 
     def __init__(self, dim: int) -> None:
@@ -104,6 +107,7 @@ class AttentionLSTM(nn.Module):
     Example:
         >>> AttentionLSTM(8, steps=3)(torch.randn(2, 7, 8), torch.randn(2, 5, 8)).shape
         torch.Size([2, 7, 8])
+
     """
 
     def __init__(self, dim: int, steps: int = 3) -> None:
@@ -164,6 +168,7 @@ class MatchingNet(MetaLearner):
         ...              torch.arange(5).repeat(2), torch.arange(5))
         >>> model.predict(model.adapt(ep), ep.query_x).exp().sum(-1).shape
         torch.Size([10])
+
     """
 
     def __init__(

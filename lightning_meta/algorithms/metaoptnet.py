@@ -43,6 +43,7 @@ class MetaOptNet(MetaLearner):
         ...              torch.arange(5).repeat(2), torch.arange(5))
         >>> model.predict(model.adapt(ep), ep.query_x).shape
         torch.Size([10, 5])
+
     """
 
     def __init__(

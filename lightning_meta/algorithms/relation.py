@@ -33,6 +33,7 @@ def class_feature_maps(maps: Tensor, labels: Tensor, ways: int, aggregation: Agg
     Example:
         >>> class_feature_maps(torch.ones(3, 1, 1, 1), torch.tensor([0, 1, 0]), 2).flatten()
         tensor([2., 1.])
+
     """
     if aggregation not in ("sum", "mean"):
         raise ValueError(f"aggregation={aggregation!r} is not supported; use 'sum' or 'mean'")
@@ -49,6 +50,7 @@ def relation_pairs(class_maps: Tensor, query_maps: Tensor) -> Tensor:
     Args:
         class_maps: ``[N, C, H, W]``.
         query_maps: ``[m, C, H, W]``.
+
     """
     m, n = query_maps.shape[0], class_maps.shape[0]
     classes = class_maps.unsqueeze(0).expand(m, *class_maps.shape)
@@ -71,6 +73,7 @@ class RelationModule(nn.Module):
     Example:
         >>> RelationModule(128, feature_size=7)(torch.randn(3, 128, 7, 7)).shape
         torch.Size([3])
+
     """
 
     def __init__(self, in_channels: int, feature_size: int, channels: int = 64, hidden: int = 8) -> None:
@@ -123,6 +126,7 @@ class RelationNet(MetaLearner):
         ...              torch.arange(5).repeat(2), torch.arange(5))
         >>> model.predict(model.adapt(ep), ep.query_x).shape
         torch.Size([10, 5])
+
     """
 
     def __init__(

@@ -65,6 +65,7 @@ class SNAILNet(nn.Module):
         max_len: longest sequence (sets the TC block depth).
         tc_filters: filters of each dense block.
         attention: ``(key_size, value_size)`` of each attention block; at least one.
+
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class SNAIL(SequenceLearner):
         ...              torch.arange(5).repeat(2), torch.arange(5))
         >>> model.predict(model.adapt(ep), ep.query_x).shape
         torch.Size([10, 5])
+
     """
 
     def __init__(

@@ -50,6 +50,7 @@ class TransformerICL(SequenceLearner):
         ...              torch.zeros(0, dtype=torch.long))
         >>> model.predict(model.adapt(ep), ep.query_x).shape
         torch.Size([7, 1])
+
     """
 
     def __init__(

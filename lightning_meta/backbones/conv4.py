@@ -37,6 +37,7 @@ class Conv4(nn.Module):
         (torch.Size([2, 64]), 64)
         >>> Conv4(1, 64, 28, pool_blocks=2, flatten=False).out_shape
         (64, 7, 7)
+
     """
 
     def __init__(

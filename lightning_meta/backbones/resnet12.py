@@ -34,6 +34,7 @@ class ResNet12Block(nn.Module):
     Example:
         >>> ResNet12Block(3, 8)(torch.zeros(2, 3, 21, 21)).shape
         torch.Size([2, 8, 10, 10])
+
     """
 
     def __init__(self, in_channels: int, out_channels: int, norm: Norm = "batch", negative_slope: float = 0.1) -> None:
@@ -79,6 +80,7 @@ class ResNet12(nn.Module):
         >>> net = ResNet12(in_channels=1, channels=(8, 16, 16, 32), image_size=28)
         >>> net(torch.zeros(2, 1, 28, 28)).shape, net.out_features, net.out_shape
         (torch.Size([2, 32]), 32, (32, 1, 1))
+
     """
 
     def __init__(

@@ -112,6 +112,7 @@ def generate_glyphs(
 
     Returns:
         ``out_dir``.
+
     """
     if sum(splits) != alphabets:
         raise ValueError(f"splits={splits} must sum to alphabets={alphabets}")

@@ -35,8 +35,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def counter_uniform(seed: int, split: str, epoch: int, indices: np.ndarray | list[int], n: int) -> np.ndarray:
-    """``[len(indices), n]`` uniforms in ``[0, 1)``: draw ``j`` of episode ``i`` is a hash of
-    ``(seed, split, epoch, i, j)``.
+    """Draw ``[len(indices), n]`` uniforms in ``[0, 1)``, each a hash of its coordinates.
+
+    Draw ``j`` of episode ``i`` is a hash of ``(seed, split, epoch, i, j)``.
 
     A counter-based alternative to :func:`episode_rng` for cheap, fully vectorised episodes
     (sinusoid): each value is still a pure function of the episode's coordinates, so a meta-batch
@@ -46,6 +47,7 @@ def counter_uniform(seed: int, split: str, epoch: int, indices: np.ndarray | lis
         >>> a = counter_uniform(0, "train", 3, [5, 6], 4)
         >>> bool((a[1] == counter_uniform(0, "train", 3, [6], 4)[0]).all()), a.shape
         (True, (2, 4))
+
     """
     idx = np.asarray(indices, dtype=np.uint64).reshape(-1, 1)
     j = np.arange(n, dtype=np.uint64).reshape(1, -1)
@@ -81,6 +83,7 @@ def sample_fixed(rng: np.random.Generator, counts: Sequence[int], shape: FixedSh
     Returns:
         ``[(class_position, member_positions), ...]`` in label order; the first ``shots`` members
         of each class are the support set, the rest the queries.
+
     """
     classes = rng.choice(len(counts), size=shape.ways, replace=False)
     return [(int(c), rng.choice(counts[c], size=shape.per_class, replace=False)) for c in classes]

@@ -168,7 +168,8 @@ class ShardIndex:
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
             "shards": [
-                {"path": rel(p), "size": s, "sha256": h} for p, s, h in zip(self.shards, self.sizes, self.sha256)
+                {"path": rel(p), "size": s, "sha256": h}
+                for p, s, h in zip(self.shards, self.sizes, self.sha256, strict=True)
             ],
             "classes": [
                 {"id": c.id, "name": c.name, "split": c.split, "group": c.group, "ext": c.ext,
@@ -231,14 +232,17 @@ def verify_index(index: ShardIndex, verify: Verify = "sha256") -> None:
 
     Raises:
         ShardError: naming the shard, what differs and the command that rebuilds the index.
+
     """
     if verify == "none":
         return
     where = Path(index.path).parent if index.path else Path(".")
     rebuild = f"`lightning-meta index {where}`"
-    for p, size, digest in zip(index.shards, index.sizes, index.sha256):
+    for p, size, digest in zip(index.shards, index.sizes, index.sha256, strict=True):
         if not os.path.exists(p):
-            raise ShardError(f"shard {p} listed in {index.path} is missing; restore it or rebuild the index with {rebuild}")
+            raise ShardError(
+                f"shard {p} listed in {index.path} is missing; restore it or rebuild the index with {rebuild}"
+            )
         actual = os.path.getsize(p)
         if actual != size:
             raise ShardError(
@@ -259,6 +263,7 @@ def resolve_shards(shards: str | Sequence[str]) -> list[str]:
 
     Raises:
         ShardError: when nothing matches, naming the pattern.
+
     """
     from braceexpand import braceexpand
 
@@ -289,6 +294,7 @@ def scan_tar(path: str) -> list[tuple[str, int, int]]:
 
     Raises:
         ShardError: when the tar is truncated or not a tar.
+
     """
     try:
         with tarfile.open(path, "r:") as tar:
@@ -298,7 +304,9 @@ def scan_tar(path: str) -> list[tuple[str, int, int]]:
             f.seek(stop)
             marker = f.read(tarfile.BLOCKSIZE)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardError(f"shard {path} cannot be read as a tar file ({e}); it is truncated or corrupt: re-create it") from e
+        raise ShardError(
+            f"shard {path} cannot be read as a tar file ({e}); it is truncated or corrupt: re-create it"
+        ) from e
     # tarfile silently stops at a missing or unreadable header after the first one; a complete tar
     # ends with a zero block there, so anything else means members were lost
     if len(marker) < tarfile.BLOCKSIZE:
@@ -310,7 +318,9 @@ def scan_tar(path: str) -> list[tuple[str, int, int]]:
     end = os.path.getsize(path)
     for name, off, size in entries:
         if off + size > end:
-            raise ShardError(f"shard {path} is truncated: member {name} ends at byte {off + size} of {end}; re-create it")
+            raise ShardError(
+                f"shard {path} is truncated: member {name} ends at byte {off + size} of {end}; re-create it"
+            )
     return entries
 
 
@@ -330,6 +340,7 @@ def build_index(
 
     Raises:
         ShardError: for unreadable tars, samples without a ``.cls`` member or without an image.
+
     """
     class_meta = class_meta or {}
     members: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
@@ -367,7 +378,9 @@ def build_index(
     classes = []
     for cid in sorted(members):
         m = class_meta.get(cid, {})
-        classes.append(ClassEntry(cid, m.get("name", str(cid)), m.get("split"), m.get("group"), exts[cid], members[cid]))
+        classes.append(
+            ClassEntry(cid, m.get("name", str(cid)), m.get("split"), m.get("group"), exts[cid], members[cid])
+        )
     sizes = [os.path.getsize(p) for p in shard_paths]
     digests = [sha256_file(p) if checksums else None for p in shard_paths]
     return ShardIndex([str(Path(p).resolve()) for p in shard_paths], sizes, digests, classes, dict(meta or {}))
@@ -382,6 +395,7 @@ def load_index(shards: str | Sequence[str], verify: Verify = "sha256") -> ShardI
 
     Raises:
         ShardError: for missing, truncated or corrupt shards and inconsistent indices.
+
     """
     paths = resolve_shards(shards)
     folders = {os.path.dirname(p) for p in paths}
@@ -434,6 +448,7 @@ class ShardWriter:
         ...     _ = w.add_class(0, [np.zeros((28, 28), np.uint8)] * 3, name="a", split="train")
         >>> w.index.classes[0].count
         3
+
     """
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str = "shard", max_samples: int = 5000,
@@ -506,6 +521,7 @@ class ShardWriter:
 
         Returns:
             the number of samples written.
+
         """
         if class_id in self.class_meta:
             raise ValueError(f"class id {class_id} was already written; class ids must be unique")
@@ -588,6 +604,7 @@ class IndexedReader:
         index: a loaded :class:`ShardIndex`.
         invert: map pixel ``v`` to ``255 - v`` (Omniglot-style black ink on white -> ink as 1).
         cache_mb: decoded-image cache size per process.
+
     """
 
     def __init__(self, index: ShardIndex, invert: bool = False, cache_mb: float = 256.0) -> None:

@@ -13,7 +13,7 @@ Vec = list[Tensor]
 
 
 def _dot(a: Vec, b: Vec) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))
+    return sum((x * y).sum() for x, y in zip(a, b, strict=True))
 
 
 def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: float = 1e-10) -> Vec:
@@ -27,6 +27,7 @@ def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: fl
         >>> x = conjugate_gradient(lambda v: [A @ v[0]], [torch.tensor([1.0, 2.0])], steps=2)
         >>> torch.allclose(A @ x[0], torch.tensor([1.0, 2.0]), atol=1e-5)
         True
+
     """
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
@@ -37,10 +38,10 @@ def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: fl
             break
         ap = matvec(p)
         alpha = rs / _dot(p, ap)
-        x = [xi + alpha * pi for xi, pi in zip(x, p)]
-        r = [ri - alpha * api for ri, api in zip(r, ap)]
+        x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
+        r = [ri - alpha * api for ri, api in zip(r, ap, strict=True)]
         rs_new = _dot(r, r)
-        p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p)]
+        p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p, strict=True)]
         rs = rs_new
     return x
 
@@ -61,6 +62,6 @@ def implicit_meta_gradient(
 
     def matvec(v: Vec) -> Vec:
         hv = torch.autograd.grad(grads, phi, grad_outputs=v, retain_graph=True)
-        return [vi + hvi / lam for vi, hvi in zip(v, hv)]
+        return [vi + hvi / lam for vi, hvi in zip(v, hv, strict=True)]
 
     return [t.detach() for t in conjugate_gradient(matvec, [g.detach() for g in query_grad], cg_steps)]

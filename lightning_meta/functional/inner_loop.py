@@ -363,11 +363,12 @@ def inner_adapt(
     ``torch.autograd.grad(create_graph=not first_order)``, used everywhere else except under
     ``torch.compile`` (whose AOT autograd has no double backward): outside any transform it skips
     ``torch.func``'s per-operation wrapping (a few percent on a CPU, ``benchmarks/inner_engine.py``)
-    and lets non-reentrant checkpointing (e.g. ``ViT(checkpoint=True)``) run in the inner loop. The autograd engine is also what ``checkpoint``, a training
-    :class:`PerStepBatchNorm` layer (its in-place running-statistics update is not allowed under
-    ``torch.func`` transforms) and DeepSpeed ZeRO-3 parameters in ``frozen``/``buffers``
-    (gathered by module hooks that ``torch.func`` transforms cannot run) need; none of these
-    cases works under ``vmap``, and callers refuse that combination.
+    and lets non-reentrant checkpointing (e.g. ``ViT(checkpoint=True)``) run in the inner loop. The
+    autograd engine is also what ``checkpoint``, a training :class:`PerStepBatchNorm` layer (its
+    in-place running-statistics update is not allowed under ``torch.func`` transforms) and DeepSpeed
+    ZeRO-3 parameters in ``frozen``/``buffers`` (gathered by module hooks that ``torch.func``
+    transforms cannot run) need; none of these cases works under ``vmap``, and callers refuse that
+    combination.
 
     With ``checkpoint`` each second-order step (forward, inner backward, update) runs under
     :func:`checkpointed`: the outer graph keeps only each step's input weights and recomputes the

@@ -32,6 +32,7 @@ def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
         >>> prototypes(torch.tensor([[0.0], [2.0], [5.0]]), torch.tensor([0, 0, 1]), 2)
         tensor([[1.],
                 [5.]])
+
     """
     onehot = F.one_hot(labels, ways).to(embeddings.dtype)  # [..., n, N]
     counts = onehot.sum(-2).clamp(min=1.0)  # [..., N]

@@ -63,6 +63,7 @@ def ridge_regression(support: Tensor, targets: Tensor, lam: float, solver: Ridge
         >>> ridge_regression(x, torch.eye(2), lam=1.0)
         tensor([[0.5000, 0.0000],
                 [0.0000, 0.4000]])
+
     """
     _check(support, targets, lam)
     n, d = support.shape[-2:]
@@ -89,6 +90,7 @@ def ridge_logits(query: Tensor, support: Tensor, targets: Tensor, lam: float) ->
         >>> ridge_logits(x, x, torch.eye(2), lam=1.0)
         tensor([[0.5000, 0.0000],
                 [0.0000, 0.8000]])
+
     """
     _check(support, targets, lam)
     if query.shape[:-2] != support.shape[:-2] or query.shape[-1] != support.shape[-1]:

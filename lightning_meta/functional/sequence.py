@@ -46,6 +46,7 @@ def encode_labels(y: Tensor, ways: int, dtype: torch.dtype | None = None) -> Ten
                 [1., 0., 0.]])
         >>> encode_labels(torch.tensor([[0.5]]), 0)
         tensor([[0.5000, 1.0000]])
+
     """
     if ways > 0:
         if y.is_floating_point():
@@ -65,6 +66,7 @@ def causal_mask(length: int, device: torch.device | str | None = None) -> Tensor
         tensor([[1, 0, 0],
                 [1, 1, 0],
                 [1, 1, 1]], dtype=torch.int32)
+
     """
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()
 
@@ -82,6 +84,7 @@ def support_query_mask(num_support: int, num_query: int, device: torch.device | 
                 [1, 1, 0, 0],
                 [1, 1, 1, 0],
                 [1, 1, 0, 1]], dtype=torch.int32)
+
     """
     n = num_support + num_query
     allowed = torch.zeros(n, n, dtype=torch.bool, device=device)
@@ -105,6 +108,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilatio
 
     Returns:
         ``[b, c_out, T]``.
+
     """
     pad = dilation * (weight.shape[-1] - 1)
     return F.conv1d(F.pad(x, (pad, 0)), weight, bias, dilation=dilation)
@@ -121,6 +125,7 @@ def cosine_read_weights(keys: Tensor, memory: Tensor, sharpness: Tensor | float 
 
     Returns:
         ``[b, heads, slots]``, each row sums to 1.
+
     """
     sim = torch.einsum("bhw,bsw->bhs", keys, memory)
     norms = keys.norm(dim=-1, keepdim=True) * memory.norm(dim=-1)[:, None, :]

@@ -23,6 +23,7 @@ def mean_ci95_from_stats(total: Tensor, total_sq: Tensor, n: Tensor) -> tuple[Te
         >>> m, h = mean_ci95_from_stats(x.sum(), (x**2).sum(), torch.tensor(3.0))
         >>> round(m.item(), 4), round(h.item(), 4)
         (0.9, 0.1132)
+
     """
     n = n.to(torch.float64)
     total = total.to(torch.float64)

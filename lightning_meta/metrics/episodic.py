@@ -23,6 +23,7 @@ class EpisodicMean(Metric):
         >>> m.update(torch.tensor([0.8, 0.9])); m.update(torch.tensor([1.0]))
         >>> {k: round(v.item(), 4) for k, v in m.compute().items()}
         {'mean': 0.9, 'ci95': 0.1132, 'n': 3.0}
+
     """
 
     full_state_update = False
