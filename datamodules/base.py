@@ -347,10 +347,16 @@ class EpisodicDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             loop = trainer.fit_loop
-            # the epoch the counted batches belong to is the last one *started*: `completed` is
-            # already one ahead once `fit` has returned (a checkpoint saved after fit would skip a
-            # whole epoch on resume), and `processed` one ahead at on_train_epoch_end
-            state["epoch"] = max(int(loop.epoch_progress.current.started) - 1, 0)
+            sampler = self.__dict__.get("_train_sampler")
+            if sampler is not None:
+                # the epoch Lightning told the sampler to draw (set_epoch at the epoch's start): right
+                # in every hook, after fit has returned, and after a resume through an epoch's last
+                # batch, where Lightning's `started` counter stays one epoch behind
+                state["epoch"] = int(sampler.epoch)
+            else:
+                # no training loader yet: the last epoch *started* (`completed` is one ahead once fit
+                # has returned, `processed` one ahead at on_train_epoch_end)
+                state["epoch"] = max(int(loop.epoch_progress.current.started) - 1, 0)
             state["batches"] = loop.epoch_loop.batch_progress.current.processed
         return state
 

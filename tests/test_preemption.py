@@ -62,3 +62,33 @@ def test_signal_saves_requeues_stops_and_resumes_exactly(tmp_path):
 def test_bad_signal_name():
     with pytest.raises(ValueError, match="SIGNOPE"):
         PreemptionCheckpoint(signal_name="SIGNOPE")
+
+
+class _Batches(Callback):
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(round(float(batch.support_x.sum()), 4))
+
+
+def test_preempted_twice_first_at_an_epoch_end_resumes_exactly(tmp_path):
+    """A requeued job preempted again: the first save falls on an epoch's last batch (6-batch epochs).
+
+    Lightning 2.6 resumes that first checkpoint with its epoch counters one behind; before
+    `repair_fit_progress` and the sampler-epoch bookkeeping, the second requeue drew the wrong epoch.
+    """
+    runs = []
+    for at_step, ckpt in ((5, None), (8, "hpc"), (None, "hpc")):
+        seen = _Batches()
+        callbacks = [PreemptionCheckpoint(requeue=False), seen]
+        if at_step is not None:
+            callbacks.append(SendSignal(at_step=at_step))
+        trainer, model = _fit(tmp_path / "run", 14, callbacks, ckpt_path=ckpt)
+        runs.append((seen.seen, trainer.global_step))
+    assert [steps for _, steps in runs] == [6, 9, 14]  # stopped after step 6 (an epoch end) and step 9
+    full_seen = _Batches()
+    _, full = _fit(tmp_path / "full", 14, [full_seen])
+    assert [b for seen, _ in runs for b in seen] == full_seen.seen
+    for a, b in zip(full.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -115,16 +115,19 @@ class _ValidationSteps(Callback):
         self.steps.append(trainer.global_step)
 
 
-def _steps(root, ckpt=None, save=None, validate_every=None, **limits):
+def _steps(root, ckpt=None, save=None, validate_every=None, callbacks=(), **limits):
     torch.manual_seed(0)
     dm = SinusoidDataModule(meta_batch_size=4, train_episodes=20, val_episodes=4, eval_meta_batch_size=4)
     model = MAML(MLP(1, [8]), task="regression", inner_lr=0.01)
     rec, val = Recorder(), _ValidationSteps()
     extra = {"limit_val_batches": 0}
-    if validate_every:
+    if validate_every == "epoch":
+        extra = {"limit_val_batches": 1}
+    elif validate_every:
         extra = {"val_check_interval": validate_every, "limit_val_batches": 1}
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[rec, val], enable_checkpointing=False, default_root_dir=root, **extra, **limits)
+                        callbacks=[rec, val, *callbacks], enable_checkpointing=bool(callbacks), default_root_dir=root,
+                        **extra, **limits)
     trainer.fit(model, dm, ckpt_path=ckpt)
     if save:
         trainer.save_checkpoint(save)
@@ -136,7 +139,7 @@ def _steps(root, ckpt=None, save=None, validate_every=None, **limits):
 def test_resume_after_fit_stopped_by_max_steps(tmp_path, stop, validate_every):
     """fit(max_steps=N), save_checkpoint, fit(max_steps=12, ckpt_path): the stream and the weights of one run.
 
-    Without `reopen_finished_fit`, Lightning 2.6 skips the rest of the interrupted epoch here.
+    Without `repair_fit_progress`, Lightning 2.6 skips the rest of the interrupted epoch here.
     """
     full, full_val, _, full_model = _steps(tmp_path / "full", validate_every=validate_every, max_steps=12)
     first, first_val, _, _ = _steps(tmp_path / "a", save=tmp_path / "after.ckpt", validate_every=validate_every,
@@ -156,21 +159,65 @@ def test_resume_after_fit_stopped_by_max_epochs_under_max_steps(tmp_path):
     assert first + second == full and steps == 12
 
 
-def test_reopen_finished_fit_leaves_in_training_checkpoints_alone(tmp_path):
-    from lightning_meta.algorithms.base import reopen_finished_fit
+def test_repair_leaves_in_training_checkpoints_alone(tmp_path):
+    from lightning_meta.fit_progress import repair_fit_progress
 
     _steps(tmp_path / "a", save=tmp_path / "after.ckpt", max_steps=3)
     after = torch.load(tmp_path / "after.ckpt", weights_only=False)
-    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=tmp_path,
-                        callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, filename="{step}")])
-    torch.manual_seed(0)
-    trainer.fit(MAML(MLP(1, [8]), task="regression", inner_lr=0.01),
-                SinusoidDataModule(meta_batch_size=4, train_episodes=20, val_episodes=4, eval_meta_batch_size=4))
+    _steps(tmp_path / "b", max_steps=7,
+           callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")])
+    for step in range(1, 8):  # every batch end of a plain run, epoch ends (5) included
+        during = torch.load(tmp_path / f"step={step}.ckpt", weights_only=False)
+        before = repr(during["loops"])
+        assert repair_fit_progress(during) is None and repr(during["loops"]) == before
+    assert repair_fit_progress({"state_dict": {}}) is None  # weights-only: nothing to do
     during = torch.load(tmp_path / "step=3.ckpt", weights_only=False)
-    before = repr(during["loops"])
-    assert not reopen_finished_fit(during) and repr(during["loops"]) == before
-    assert not reopen_finished_fit({"state_dict": {}})  # weights-only: nothing to do
-    assert reopen_finished_fit(after)
-    # the reopened after-fit state is the in-training checkpoint's, counter for counter
+    assert "after fit returned" in repair_fit_progress(after)
+    # the repaired after-fit state is the in-training checkpoint's, counter for counter
     assert after["loops"]["fit_loop"] == during["loops"]["fit_loop"] and after["epoch"] == during["epoch"]
+
+
+@pytest.mark.parametrize("first, second", [(5, 7), (5, 10), (10, 11), (3, 5), (2, 8)])
+def test_resume_twice_after_fit(tmp_path, first, second):
+    """Two stop/save/resume cycles; a first stop at an epoch's last batch (5, 10) used to derail the second resume."""
+    full, _, _, full_model = _steps(tmp_path / "full", max_steps=12)
+    a, _, _, _ = _steps(tmp_path / "a", save=tmp_path / "a.ckpt", max_steps=first)
+    b, _, _, _ = _steps(tmp_path / "b", ckpt=tmp_path / "a.ckpt", save=tmp_path / "b.ckpt", max_steps=second)
+    c, _, steps, resumed = _steps(tmp_path / "c", ckpt=tmp_path / "b.ckpt", max_steps=12)
+    assert a + b + c == full and steps == 12
+    for x, y in zip(full_model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("validate_every", [None, 5])
+def test_resume_chain_of_model_checkpoints_through_an_epoch_end(tmp_path, validate_every):
+    """Lightning alone (ModelCheckpoint files, no save after fit): 5 -> 10 -> 12 with 5-batch epochs.
+
+    Resuming from the last batch of epoch 0 leaves Lightning's epoch counters one behind; the
+    step-10 checkpoint of that run used to resume into the wrong epoch.
+    """
+    def every(n, name):
+        return [ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=n, save_top_k=-1, filename="{step}")]
+
+    full, full_val, _, _ = _steps(tmp_path / "full", validate_every=validate_every, max_steps=12)
+    a, a_val, _, _ = _steps(tmp_path / "a", validate_every=validate_every, callbacks=every(5, "ca"), max_steps=5)
+    b, b_val, _, _ = _steps(tmp_path / "b", ckpt=tmp_path / "ca" / "step=5.ckpt", validate_every=validate_every,
+                            callbacks=every(5, "cb"), max_steps=10)
+    c, c_val, steps, _ = _steps(tmp_path / "c", ckpt=tmp_path / "cb" / "step=10.ckpt",
+                                validate_every=validate_every, max_steps=12)
+    assert a + b + c == full and steps == 12 and a_val + b_val + c_val == full_val
+
+
+@pytest.mark.parametrize("validate", [None, "epoch"])
+@pytest.mark.parametrize("stop", [3, 5, 7])
+def test_resume_under_max_steps_from_an_epoch_end_checkpoint(tmp_path, stop, validate):
+    """Lightning's default ModelCheckpoint saves at the epoch's end, also when max_steps stops it early (3, 7).
+
+    Lightning 2.6 resumed such a checkpoint under max_steps into a shortened next epoch, whole epoch (5) or not.
+    """
+    full, full_val, _, _ = _steps(tmp_path / "full", validate_every=validate, max_steps=12)
+    a, a_val, _, _ = _steps(tmp_path / "a", validate_every=validate, max_steps=stop,
+                            callbacks=[ModelCheckpoint(dirpath=tmp_path / "c", filename="end")])
+    b, b_val, steps, _ = _steps(tmp_path / "b", ckpt=tmp_path / "c" / "end.ckpt", validate_every=validate,
+                                max_steps=12)
+    assert a + b == full and steps == 12 and a_val + b_val == full_val

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
+from lightning_meta.fit_progress import repair_fit_progress
 from lightning_meta.functional.bn_sync import RunningStatsSync
 from lightning_meta.metrics import EpisodicMean
 
@@ -288,12 +289,15 @@ class MetaLearner(L.LightningModule):
         return total
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Make a checkpoint saved after ``fit`` returned resume like one saved during training.
+        """Repair the loop counters of checkpoints that Lightning 2.6 would resume at the wrong batch.
 
-        See :func:`reopen_finished_fit`: without it, resuming such a checkpoint under ``max_steps``
-        skips the rest of the interrupted epoch's meta-batches (Lightning 2.6).
+        See :func:`lightning_meta.fit_progress.repair_fit_progress` (checkpoints saved after ``fit``
+        returned, chains of resumes through an epoch's last batch, epoch-end checkpoints of a run
+        stopped mid-epoch); other checkpoints are left as they are.
         """
-        reopen_finished_fit(checkpoint)
+        repair = repair_fit_progress(checkpoint)
+        if repair is not None:
+            rank_zero_info(f"lightning-meta: {repair}")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Start recording BatchNorm running-statistics updates when training with several processes."""
@@ -412,61 +416,3 @@ class MetaLearner(L.LightningModule):
         """Adam over all trainable parameters (override with LightningCLI's ``--optimizer``)."""
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-
-
-def reopen_finished_fit(checkpoint: dict[str, Any]) -> bool:
-    """Rewrite the loop state of a checkpoint saved after ``Trainer.fit`` returned; True if it did.
-
-    ``trainer.save_checkpoint`` after ``fit`` stopped (``max_steps`` or ``max_epochs`` reached)
-    records the last epoch and the last meta-batch as closed. Resuming that state with a larger
-    ``max_steps`` makes Lightning 2.6 open a new epoch whose batch counter still holds the old
-    epoch's count: the rest of the interrupted epoch is skipped and the new epoch is cut short
-    (a 12-step run resumed at step 3 of 5-batch epochs saw 9 meta-batches, but 7 of them were the
-    wrong ones). A checkpoint written by ``ModelCheckpoint`` at the end of the same meta-batch
-    resumes exactly, and the two differ only in counters closed after the batch: the epoch's
-    ``processed``/``completed``, the batch's ``completed``, ``_batches_that_stepped`` and
-    ``epoch``. This reopens them, so the checkpoint resumes as the in-training one does, under
-    ``max_steps`` and ``max_epochs`` alike.
-
-    The after-fit state is recognised by every epoch and every batch counter being closed (all four
-    of ``ready``, ``started``, ``processed``, ``completed`` equal), which a checkpoint saved during
-    training never shows. Any other checkpoint is left as it is.
-
-    Example:
-        >>> closed = {"ready": 3, "started": 3, "processed": 3, "completed": 3}
-        >>> ckpt = {"epoch": 1, "loops": {"fit_loop": {
-        ...     "epoch_progress": {"total": {"ready": 1, "started": 1, "processed": 1, "completed": 1},
-        ...                        "current": {"ready": 1, "started": 1, "processed": 1, "completed": 1}},
-        ...     "epoch_loop.batch_progress": {"total": dict(closed), "current": dict(closed), "is_last_batch": False},
-        ...     "epoch_loop.state_dict": {"_batches_that_stepped": 3}}}}
-        >>> reopen_finished_fit(ckpt), ckpt["epoch"], ckpt["loops"]["fit_loop"]["epoch_progress"]["total"]
-        (True, 0, {'ready': 1, 'started': 1, 'processed': 0, 'completed': 0})
-        >>> reopen_finished_fit(ckpt)  # now an in-training state: left alone
-        False
-
-    """
-    fit = (checkpoint.get("loops") or {}).get("fit_loop")
-    if not isinstance(fit, dict):
-        return False
-    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
-    try:
-        counters = [epochs["total"], epochs["current"], batches["total"], batches["current"]]
-        closed = all(c["ready"] == c["started"] == c["processed"] == c["completed"] for c in counters[:3])
-        closed = closed and counters[3]["ready"] == counters[3]["completed"]
-        if not (closed and epochs["total"]["completed"] >= 1 and batches["total"]["completed"] >= 1
-                and epochs["current"]["completed"] >= 1 and batches["current"]["completed"] >= 1):
-            return False
-    except (KeyError, TypeError):
-        return False  # another Lightning layout: leave it to Lightning
-    for progress in (epochs["total"], epochs["current"]):
-        progress["processed"] -= 1
-        progress["completed"] -= 1
-    for progress in (batches["total"], batches["current"]):
-        progress["completed"] -= 1
-    stepped = fit.get("epoch_loop.state_dict")
-    if isinstance(stepped, dict) and stepped.get("_batches_that_stepped", 0) >= 1:
-        stepped["_batches_that_stepped"] -= 1
-    if isinstance(checkpoint.get("epoch"), int) and checkpoint["epoch"] >= 1:
-        checkpoint["epoch"] -= 1
-    return True
-
