@@ -730,23 +730,12 @@ def test_deepspeed_bf16_keeps_adapted_weights_fp32(monkeypatch, tmp_path):
     assert dtypes == {torch.float32}
 
 
-def _gpu_check_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_gpu_check_script_runs_on_cpu_quick(tmp_path):
+def test_gpu_check_script_runs_on_cpu_quick(tmp_path, load_benchmark):
     out = tmp_path / "table.md"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: extra threads only contend on a loaded machine
     try:
-        text = _gpu_check_module().main(["--device", "cpu", "--quick", "--sections", "34", "--out", str(out)])
+        text = load_benchmark("gpu_check").main(["--device", "cpu", "--quick", "--sections", "34", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert out.read_text() == text
@@ -755,11 +744,11 @@ def test_gpu_check_script_runs_on_cpu_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_script_all_sections_on_cpu_quick(tmp_path):
+def test_gpu_check_script_all_sections_on_cpu_quick(tmp_path, load_benchmark):
     pytest.importorskip("deepspeed")
     saved = dict(os.environ)
     try:  # its in-process DDP/DeepSpeed runs set LOCAL_RANK, MASTER_PORT, ... (Lightning's launcher)
-        text = _gpu_check_module().main(["--device", "cpu", "--quick", "--out", str(tmp_path / "t.md")])
+        text = load_benchmark("gpu_check").main(["--device", "cpu", "--quick", "--out", str(tmp_path / "t.md")])
     finally:
         os.environ.clear()
         os.environ.update(saved)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,12 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 @pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "inner_loop.py"
-    spec = importlib.util.spec_from_file_location("inner_loop_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("inner_loop")
 
 
 def _flops(fn, formula=None) -> int:
