@@ -48,10 +48,9 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, shape: Sequen
 
 def _normalise(x: Tensor, dims: list[int], eps: float) -> Tensor:
     xf = x.to(_stats_dtype(x))
-    # biased variance as the mean squared deviation: the deviation is needed anyway, and this avoids
-    # a separate `var` reduction (slow on a CPU over the non-contiguous batch/spatial dimensions)
-    deviation = xf - xf.mean(dims, keepdim=True)
-    return deviation * torch.rsqrt((deviation * deviation).mean(dims, keepdim=True) + eps)
+    mean = xf.mean(dims, keepdim=True)
+    var = xf.var(dims, unbiased=False, keepdim=True)
+    return (xf - mean) * torch.rsqrt(var + eps)
 
 
 def _with_statistics(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
