@@ -107,3 +107,46 @@ def test_episodic_mean_ddp_gloo_equals_single_process(tmp_path):
         assert r["out"]["n"].item() == len(x)
         assert r["out"]["mean"].item() == pytest.approx(mean, rel=1e-10)
         assert r["out"]["ci95"].item() == pytest.approx(half, rel=1e-7)
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "to_fp16", "bfloat16", "half", "type"])
+def test_episodic_mean_states_stay_float64_when_the_module_is_cast(cast):
+    # Trainer(precision="bf16-true") casts the LightningModule (and its metrics) with Module.to(dtype);
+    # a bf16 sum stops growing at 256, so cast states would report a wrong mean and episode count.
+    m = EpisodicMean()
+    parent = torch.nn.Module()
+    parent.metric = m
+    {"to_bf16": lambda: parent.to(torch.bfloat16), "to_fp16": lambda: parent.to(dtype=torch.float16),
+     "bfloat16": parent.bfloat16, "half": parent.half, "type": lambda: parent.type(torch.bfloat16)}[cast]()
+    scores = torch.full((1000,), 0.9)
+    for chunk in scores.split(10):
+        m.update(chunk.to(torch.bfloat16))
+    assert m.total.dtype == m.total_sq.dtype == m.n.dtype == torch.float64
+    r = m.compute()
+    assert r["n"].item() == 1000
+    assert r["mean"].item() == pytest.approx(torch.tensor(0.9, dtype=torch.bfloat16).item(), abs=1e-12)
+    m.reset()
+    assert m.total.dtype == torch.float64 and m.n.item() == 0
+
+
+def test_bf16_true_meta_test_reports_every_episode():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_meta import Episode
+    from lightning_meta.algorithms import ProtoNet
+    from lightning_meta.episode import collate_episodes
+
+    g = torch.Generator().manual_seed(0)
+    eps = []
+    for _ in range(300):
+        centers = torch.randn(5, 8, generator=g) * 3
+        eps.append(Episode(centers, torch.arange(5), centers.repeat(3, 1) + 2.5 * torch.randn(15, 8, generator=g),
+                           torch.arange(5).repeat(3), torch.arange(5)))
+    model = ProtoNet(torch.nn.Linear(8, 8))
+    trainer = L.Trainer(precision="bf16-true", accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    r = trainer.test(model, DataLoader(eps, batch_size=1, collate_fn=collate_episodes), verbose=False)[0]
+    assert r["test/episodes"] == 300  # a bf16 count saturates at 256
+    assert model.test_metric.total.dtype == torch.float64
+    assert 0.2 < r["test/acc"] < 1.0

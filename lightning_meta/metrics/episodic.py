@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -34,6 +36,24 @@ class EpisodicMean(Metric):
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total_sq", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = ()) -> EpisodicMean:
+        """Moves the states with the module but keeps them float64 whatever dtype the module is cast to.
+
+        ``Trainer(precision="bf16-true")`` (and DeepSpeed bf16/fp16) cast the LightningModule, and
+        with it this metric, with ``Module.to(dtype)``; torchmetrics only guards ``.half()``/
+        ``.float()``-style casts. A bf16 sum stops growing at 256, so cast states would report the
+        wrong mean and episode count.
+        """
+        keys = tuple(self._defaults)
+        this = super()._apply(fn, exclude_state=tuple(exclude_state) + keys)
+        device = fn(torch.zeros(1, device=self.device)).device
+        for key in keys:
+            if key in exclude_state:
+                continue
+            this._defaults[key] = this._defaults[key].to(device=device, dtype=torch.float64)
+            setattr(this, key, getattr(this, key).to(device=device, dtype=torch.float64))
+        return this
 
     def update(self, scores: Tensor) -> None:
         """Adds per-episode scores (any shape; each element is one episode)."""
