@@ -469,3 +469,39 @@ def test_learns_sinusoid_regression(name, tmp_path):
     zero = torch.cat([(b.query_y**2).mean((1, 2)) for b in dm.test_dataloader()]).mean().item()
     assert 3.0 < zero < 5.5
     assert mse < 0.4 * zero, f"{name}: sinusoid test MSE {mse:.3f}, predicting 0 gives {zero:.3f}"
+
+
+def test_mann_binds_the_last_support_label_in_memory():
+    # label_offset=True: the last support label comes with an extra writing step, so the memory the queries
+    # read depends on it (before, it reached the queries only through their own LSTM input)
+    model = make("mann", MLP(D, [12]), ways=3, max_len=7)
+    ep = cls_episode(ways=3, shots=1)
+    memories = []
+    original = model.step
+
+    def spy(x, label, state, write=True):
+        out = original(x, label, state, write)
+        if not write:  # the query step: record the memory it reads
+            memories.append(state.memory.detach().clone())
+        return out
+
+    model.step = spy
+    for last in (2, 0):
+        out_of(model, Episode(ep.support_x, torch.tensor([0, 1, last]), ep.query_x, ep.query_y, ep.classes))
+    assert not torch.allclose(memories[0], memories[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [True, False])
+def test_mann_queries_carry_no_label(offset):
+    model = make("mann", MLP(D, [12]), ways=3, max_len=7, label_offset=offset)
+    seen = []
+    original = model.step
+
+    def spy(x, label, state, write=True):
+        if not write:
+            seen.append(label.detach().clone())
+        return original(x, label, state, write)
+
+    model.step = spy
+    out_of(model, cls_episode(ways=3, shots=1))
+    assert len(seen) == 1 and torch.count_nonzero(seen[0]) == 0

@@ -55,12 +55,15 @@ class MANN(SequenceLearner):
     - With several heads, head ``h`` writes to the ``h``-th least-used slot.
 
     Sequence and labels: the support examples in their given order, then each query on its own
-    (the state after the support set is copied for every query, so a query's prediction never
-    depends on the other queries). With ``label_offset=True`` (the paper's scheme), the label of
-    step ``t`` is presented with input ``t + 1``: support step ``t`` gets the previous support
-    label (zeros at the first step), and a query gets the last support label. With
-    ``label_offset=False`` every support example carries its own label and a query gets zeros
-    (the SNAIL scheme; easier to train). Predictions depend on the order of the support examples:
+    (the state after the support set is copied for every query, so the sequence model never lets
+    one query see another; a BatchNorm backbone using batch statistics still normalises a task's
+    support and queries together, see :class:`~lightning_meta.algorithms._sequence.SequenceLearner`). With
+    ``label_offset=True`` (the paper's scheme), the label of step ``t`` is presented with input
+    ``t + 1``: support step ``t`` gets the previous support label (zeros at the first step), and
+    the last support label comes with one extra writing step whose input embedding is zero, so it
+    is bound in memory like the others (a query step only reads, so it could not write it). With
+    ``label_offset=False`` every support example carries its own label (the SNAIL scheme; easier
+    to train). Queries carry a zero label either way. Predictions depend on the order of the support examples:
     the controller and the memory read the sequence in order.
 
     Args:
@@ -178,10 +181,12 @@ class MANN(SequenceLearner):
         b, q = queries.shape[:2]
         if self.label_offset:  # label t arrives with input t+1
             support_labels = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
-            query_label = labels[:, -1]
+            _, state = self.run(support, support_labels)
+            # the last support label arrives with one more writing step (no input), so that it is
+            # written to memory like every other label
+            _, state = self.step(torch.zeros_like(support[:, 0]), labels[:, -1], state)
         else:
-            support_labels, query_label = labels, torch.zeros_like(labels[:, 0])
-        _, state = self.run(support, support_labels)
-        query_labels = query_label.repeat_interleave(q, dim=0)  # [B*Q, L]
+            _, state = self.run(support, labels)
+        query_labels = torch.zeros_like(labels[:, 0]).repeat_interleave(q, dim=0)  # [B*Q, L]: unknown
         out, _ = self.step(queries.flatten(0, 1), query_labels, state.expand(q), write=False)
         return out.view(b, q, -1)
