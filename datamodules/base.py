@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -364,8 +365,20 @@ class EpisodicDataModule(L.LightningDataModule):
         """Return what fixes the training episode stream besides the seed and the meta-batch size."""
         return {"ways": self.ways, "shots": self.shots, "queries": self.queries, "train_episodes": self.train_episodes}
 
+    def _evaluating_only(self) -> bool:
+        """Whether the attached trainer runs validate, test or predict (the training stream does not matter)."""
+        trainer = getattr(self, "trainer", None)
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        return fn is not None and fn != TrainerFn.FITTING
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continues the episode stream where the checkpoint left it."""
+        """Continues the episode stream where the checkpoint left it.
+
+        Evaluation-only runs (``validate``/``test``/``predict`` with ``ckpt_path``) ignore the saved
+        training stream: its seed, meta-batch size and shape may differ from this run's.
+        """
+        if self._evaluating_only():
+            return
         if state_dict.get("seed", self.seed) != self.seed:
             raise MetaConfigError(
                 f"the checkpoint was trained with data seed {state_dict['seed']} but seed={self.seed}; "

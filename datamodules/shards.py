@@ -857,6 +857,8 @@ class ShardDataModule(EpisodicDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continues the episode stream where the checkpoint left it (same reader and episode shape)."""
+        if self._evaluating_only():
+            return
         for name in ("reader", "episode_shape"):
             saved = state_dict.get(name)
             if saved is not None and saved != getattr(self, name):

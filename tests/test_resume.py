@@ -221,3 +221,24 @@ def test_resume_under_max_steps_from_an_epoch_end_checkpoint(tmp_path, stop, val
     b, b_val, steps, _ = _steps(tmp_path / "b", ckpt=tmp_path / "c" / "end.ckpt", validate_every=validate,
                                 max_steps=12)
     assert a + b == full and steps == 12 and a_val + b_val == full_val
+
+
+def test_evaluation_only_runs_ignore_the_saved_training_stream(tmp_path):
+    """validate/test with ckpt_path under another data seed, meta-batch size or training shape: no refusal.
+
+    Only resuming ``fit`` needs the checkpoint's episode stream; evaluating its weights does not.
+    """
+    from lightning_meta.errors import MetaConfigError
+
+    _run(tmp_path, max_steps=3, every=3)
+    ckpt = str(tmp_path / "step=3.ckpt")
+    model = MAML(MLP(1, [8]), task="regression", inner_lr=0.01)
+    kw = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": tmp_path}
+    other = {"meta_batch_size": 2, "train_episodes": 40, "val_episodes": 4, "test_episodes": 4,
+             "eval_meta_batch_size": 4, "seed": 3}
+    val = L.Trainer(**kw).validate(model, SinusoidDataModule(**other), ckpt_path=ckpt, verbose=False)[0]
+    test = L.Trainer(**kw).test(model, SinusoidDataModule(**other), ckpt_path=ckpt, verbose=False)[0]
+    assert val["val/mse"] > 0 and test["test/mse"] > 0
+    with pytest.raises(MetaConfigError, match="meta_batch_size"):  # resuming fit is still checked
+        L.Trainer(max_steps=6, limit_val_batches=0, **kw).fit(
+            model, SinusoidDataModule(**{**other, "seed": 0}), ckpt_path=ckpt)
