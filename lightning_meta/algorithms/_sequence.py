@@ -2,8 +2,17 @@
 
 A subclass implements one method, :meth:`SequenceLearner.sequence_outputs`, mapping support
 embeddings, their label encodings and query embeddings of ``B`` tasks to query outputs. The
-base handles per-task embedding (one backbone pass per task, so BatchNorm statistics are per
-task), the sequence-length limit, the label one-hot size and the losses.
+base handles per-task embedding (one backbone pass per task, support and queries together, so
+BatchNorm statistics are per task), the sequence-length limit, the label one-hot size and the
+losses.
+
+Given the embeddings, the sequence model never lets one query's output depend on the other
+queries. The embeddings themselves do when the backbone has a BatchNorm that uses batch
+statistics (training mode, or ``norm="batch_no_stats"`` in any mode): a task's support and
+queries are then normalised together, so each prediction depends on the whole query set
+(transductive, as in ProtoNet and MAML's reference code). With running statistics
+(``norm="batch"`` in evaluation mode) or no BatchNorm, a query's prediction depends on the
+support set and that query only.
 """
 
 from __future__ import annotations
@@ -82,7 +91,8 @@ class SequenceLearner(MetaLearner):
     def sequence_outputs(self, support: Tensor, labels: Tensor, queries: Tensor) -> Tensor:
         """Query outputs ``[B, Q, out_dim]`` from ``support [B, S, d]``, ``labels [B, S, L]``, ``queries [B, Q, d]``.
 
-        Each query's output must depend on the support set and on that query only.
+        Each query's output must depend on the support set and on that query's embedding only
+        (the embeddings may still share BatchNorm batch statistics, see the module docstring).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement sequence_outputs")
 
@@ -125,7 +135,11 @@ class SequenceLearner(MetaLearner):
 
         Each task's support and query inputs go through the backbone in one forward pass of their
         own (per-task BatchNorm statistics, as ``ProtoNet._batched_logits``); the sequence model
-        then runs on all tasks at once.
+        then runs on all tasks at once. With BatchNorm batch statistics (training mode, or
+        ``norm="batch_no_stats"``) the support and queries of a task are normalised together,
+        so a query's output depends on the other queries of its task; :meth:`adapt` +
+        :meth:`predict` (separate passes) then differ from this path, which is the one
+        ``fit``, ``validate``, ``test`` and ``predict`` use.
         """
         ns = batch.support_y.shape[1]
         self.check_sizes(ns, batch.ways)
@@ -136,14 +150,32 @@ class SequenceLearner(MetaLearner):
         out = self.sequence_outputs(emb[:, :ns], labels, emb[:, ns:])
         return out[..., : batch.ways] if self.task == "classification" else out
 
+    def _batched_query_outputs(self, batch: Episode) -> Tensor | None:
+        """The outputs :meth:`evaluate` scores (None when a subclass overrides the hooks): used by ``predict_step``."""
+        if self._overrides_hooks_of(SequenceLearner):
+            return None
+        with torch.no_grad():
+            return self.batched_outputs(batch)
+
     def meta_loss(self, batch: Episode) -> Tensor:
-        """Mean query loss over the tasks (cross-entropy or MSE)."""
+        """Mean query loss over the tasks (cross-entropy or MSE).
+
+        A subclass that overrides :meth:`adapt` or :meth:`predict` trains through them instead
+        (the generic per-task path of :class:`~lightning_meta.algorithms.MetaLearner`).
+        """
+        if self._overrides_hooks_of(SequenceLearner):
+            return MetaLearner.meta_loss(self, batch)
         out = self.batched_outputs(batch)
         self._train_scores = self.per_task_score(out.detach(), batch.query_y)
         return self.per_task_loss(out, batch.query_y).mean()
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
-        """Per-episode query accuracy or MSE (no gradients: nothing adapts by gradient)."""
+        """Per-episode query accuracy or MSE (no gradients: nothing adapts by gradient).
+
+        Through :meth:`adapt` / :meth:`predict` when a subclass overrides them.
+        """
+        if self._overrides_hooks_of(SequenceLearner):
+            return MetaLearner.evaluate(self, batch)
         with torch.no_grad():
             out = self.batched_outputs(batch)
         return {self.score_name: self.per_task_score(out, batch.query_y)}

@@ -329,8 +329,9 @@ class MetaLearner(L.LightningModule):
     def _overrides_hooks_of(self, batched: type) -> bool:
         """Tell whether ``type(self)`` overrides :meth:`adapt` or :meth:`predict` below ``batched``.
 
-        Learners with a batched fast path that never calls those hooks (``MAML``, ``ProtoNet``)
-        use the generic per-task path of this class instead when a subclass overrides them.
+        Learners with a batched fast path that never calls those hooks (``MAML``, ``ProtoNet``,
+        ``MatchingNet``, ``RelationNet``, ``MetaOptNet``, the sequence learners) use the generic
+        per-task path of this class instead when a subclass overrides them.
         """
         cls = type(self)
         return cls.adapt is not batched.adapt or cls.predict is not batched.predict
@@ -370,12 +371,33 @@ class MetaLearner(L.LightningModule):
     def test_step(self, batch: Episode, batch_idx: int) -> None:  # noqa: D102
         self._eval_step(batch, "test")
 
+    def _batched_query_outputs(self, batch: Episode) -> Tensor | None:
+        """Query outputs ``[B, nq, ...]`` of a meta-batch computed exactly as :meth:`evaluate` scores them.
+
+        Learners whose :meth:`evaluate` runs a batched path that embeds each task's support and
+        queries in one backbone pass (``ProtoNet``, ``MatchingNet``, ``RelationNet``,
+        ``MetaOptNet``, the sequence learners) return that path's outputs here, so
+        :meth:`predict_step` returns what ``validate``/``test`` scored: with a BatchNorm that uses
+        batch statistics (training mode, or ``norm="batch_no_stats"`` in any mode) the support and
+        the queries of a task are normalised together, which per-task ``adapt`` + ``predict``
+        would not reproduce. None (the default, and whenever a subclass overrides :meth:`adapt`
+        or :meth:`predict`) means :meth:`evaluate` goes through those hooks task by task, and so
+        does :meth:`predict_step`.
+        """
+        return None
+
     def predict_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Query predictions of each task: class ids (classification) or values (regression)."""
+        """Query predictions of each task: class ids (classification) or values (regression).
+
+        The outputs are those :meth:`evaluate` scores: the learner's batched path where it has one
+        (see :meth:`_batched_query_outputs`), else :meth:`adapt` and :meth:`predict` per task.
+        """
         with torch.inference_mode(False), torch.enable_grad():
             batch = batch.clone()
-            outs = [self.predict(self.adapt(ep), ep.query_x).detach() for ep in batch.tasks()]
-        out = torch.stack(outs)
+            out = self._batched_query_outputs(batch)
+            if out is None:
+                out = torch.stack([self.predict(self.adapt(ep), ep.query_x).detach() for ep in batch.tasks()])
+            out = out.detach()
         if self.task == "classification":
             labels = out.argmax(-1)
             return {"labels": labels, "classes": torch.gather(batch.classes, 1, labels)}

@@ -11,8 +11,15 @@ from torch import Tensor, nn
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
+from lightning_meta.functional.precision import in_float32
 
 __all__ = ["AttentionLSTM", "MatchingNet", "MatchingState", "SupportLSTM", "matching_attention", "matching_log_probs"]
+
+
+@in_float32
+def _cosine_similarity(query: Tensor, support: Tensor) -> Tensor:
+    """``[..., m, n]`` cosine similarities, in float32 with autocast off (bf16 flips predictions)."""
+    return F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(-1, -2)
 
 
 def matching_attention(query: Tensor, support: Tensor, temperature: float = 1.0) -> Tensor:
@@ -24,14 +31,15 @@ def matching_attention(query: Tensor, support: Tensor, temperature: float = 1.0)
         temperature: similarities are divided by it before the softmax (1 in the paper).
 
     Returns:
-        ``[..., m, n]`` attention weights; each row sums to one.
+        ``[..., m, n]`` attention weights; each row sums to one. The similarities are computed in
+        float32 for bf16/fp16 inputs and under autocast, and the weights come back in float32.
 
     Example:
         >>> matching_attention(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
         tensor([[0.7311, 0.2689]])
 
     """
-    sim = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(-1, -2)
+    sim = _cosine_similarity(query, support)
     return torch.softmax(sim / temperature, dim=-1)
 
 
@@ -51,10 +59,11 @@ def matching_log_probs(
         temperature: see :func:`matching_attention`.
 
     Returns:
-        ``[..., m, N]`` log probabilities (``exp`` of each row sums to one).
+        ``[..., m, N]`` log probabilities (``exp`` of each row sums to one), in float32 for
+        bf16/fp16 inputs and under autocast (the cosine similarities are computed in float32).
 
     """
-    sim = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(-1, -2)
+    sim = _cosine_similarity(query, support)
     log_a = torch.log_softmax(sim / temperature, dim=-1)  # [..., m, n]
     member = F.one_hot(support_y, ways).to(torch.bool)  # [..., n, N]
     mask = torch.zeros(member.shape, dtype=log_a.dtype, device=log_a.device).masked_fill(~member, float("-inf"))
@@ -250,14 +259,30 @@ class MatchingNet(MetaLearner):
         f = self._query_context(emb.unsqueeze(0), state.support.unsqueeze(0))[0]
         return matching_log_probs(f, state.support, state.labels, state.ways, self.temperature)
 
+    def _batched_query_outputs(self, batch: Episode) -> Tensor | None:
+        """The log probabilities :meth:`evaluate` scores (None when a subclass overrides the hooks)."""
+        if self._overrides_hooks_of(MatchingNet):
+            return None
+        with torch.no_grad():
+            return self._batched_log_probs(batch)
+
     def meta_loss(self, batch: Episode) -> Tensor:
-        """Negative log-likelihood of the query labels over all tasks."""
+        """Negative log-likelihood of the query labels over all tasks.
+
+        A subclass that overrides :meth:`adapt` or :meth:`predict` trains through them instead
+        (the generic per-task path of :class:`~lightning_meta.algorithms.MetaLearner`, with
+        :meth:`loss_fn`, the cross-entropy of ``predict``'s outputs).
+        """
+        if self._overrides_hooks_of(MatchingNet):
+            return MetaLearner.meta_loss(self, batch)
         log_p = self._batched_log_probs(batch)
         self._train_scores = (log_p.detach().argmax(-1) == batch.query_y).float().mean(1)
         return F.nll_loss(log_p.flatten(0, 1), batch.query_y.flatten())
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
-        """Per-episode query accuracy."""
+        """Per-episode query accuracy (through :meth:`adapt` / :meth:`predict` when a subclass overrides them)."""
+        if self._overrides_hooks_of(MatchingNet):
+            return MetaLearner.evaluate(self, batch)
         with torch.no_grad():
             log_p = self._batched_log_probs(batch)
         return {"acc": (log_p.argmax(-1) == batch.query_y).float().mean(1)}

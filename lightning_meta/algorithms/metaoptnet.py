@@ -9,9 +9,16 @@ from torch import Tensor, nn
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
+from lightning_meta.functional.precision import in_float32
 from lightning_meta.functional.ridge import ridge_logits, ridge_regression
 
 __all__ = ["MetaOptNet"]
+
+
+@in_float32
+def _apply_ridge(x: Tensor, weights: Tensor) -> Tensor:
+    """``x @ weights`` in float32 with autocast off, as :func:`ridge_logits` computes the batched path."""
+    return x @ weights
 
 
 class MetaOptNet(MetaLearner):
@@ -104,17 +111,37 @@ class MetaOptNet(MetaLearner):
         return ridge_regression(support, targets, self.ridge_lambda)
 
     def predict(self, state: Tensor, x: Tensor) -> Tensor:
-        """Logits ``[m, N]`` = ``scale * embedding @ W``."""
-        return self.scale * (self._embed(x) @ state)
+        """Logits ``[m, N]`` = ``scale * embedding @ W``.
+
+        The product is computed in float32 with autocast off, like the batched path: ``W`` from
+        :meth:`adapt` is float32 (the ridge solve has no bf16 kernel), and bf16 embeddings
+        (``precision="bf16-true"``) are cast to float32 first; the logits come back in float32.
+        """
+        return self.scale * _apply_ridge(self._embed(x), state)
+
+    def _batched_query_outputs(self, batch: Episode) -> Tensor | None:
+        """The logits :meth:`evaluate` scores (None when a subclass overrides the hooks): used by ``predict_step``."""
+        if self._overrides_hooks_of(MetaOptNet):
+            return None
+        with torch.no_grad():
+            return self._batched_logits(batch)
 
     def meta_loss(self, batch: Episode) -> Tensor:
-        """Cross-entropy of the queries of all tasks."""
+        """Cross-entropy of the queries of all tasks.
+
+        A subclass that overrides :meth:`adapt` or :meth:`predict` trains through them instead
+        (the generic per-task path of :class:`~lightning_meta.algorithms.MetaLearner`).
+        """
+        if self._overrides_hooks_of(MetaOptNet):
+            return MetaLearner.meta_loss(self, batch)
         logits = self._batched_logits(batch)
         self._train_scores = (logits.detach().argmax(-1) == batch.query_y).float().mean(1)
         return F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
-        """Per-episode query accuracy."""
+        """Per-episode query accuracy (through :meth:`adapt` / :meth:`predict` when a subclass overrides them)."""
+        if self._overrides_hooks_of(MetaOptNet):
+            return MetaLearner.evaluate(self, batch)
         with torch.no_grad():
             logits = self._batched_logits(batch)
         return {"acc": (logits.argmax(-1) == batch.query_y).float().mean(1)}

@@ -130,3 +130,10 @@ class ProtoNet(MetaLearner):
         with torch.no_grad():
             logits = self._batched_logits(batch)
         return {"acc": (logits.argmax(-1) == batch.query_y).float().mean(1)}
+
+    def _batched_query_outputs(self, batch: Episode) -> Tensor | None:
+        """The logits :meth:`evaluate` scores (None when a subclass overrides the hooks): used by ``predict_step``."""
+        if self._overrides_hooks_of(ProtoNet):
+            return None
+        with torch.no_grad():
+            return self._batched_logits(batch)

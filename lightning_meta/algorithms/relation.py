@@ -220,14 +220,30 @@ class RelationNet(MetaLearner):
         """Mean squared error between relation scores and one-hot targets (Sung et al. 2018)."""
         return F.mse_loss(outputs, F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype))
 
+    def _batched_query_outputs(self, batch: Episode) -> Tensor | None:
+        """The relation scores :meth:`evaluate` scores (None when a subclass overrides the hooks)."""
+        if self._overrides_hooks_of(RelationNet):
+            return None
+        with torch.no_grad():
+            return self._batched_scores(batch)
+
     def meta_loss(self, batch: Episode) -> Tensor:
-        """MSE of the relation scores against one-hot query labels, over all tasks."""
+        """MSE of the relation scores against one-hot query labels, over all tasks.
+
+        A subclass that overrides :meth:`adapt` or :meth:`predict` trains through them instead
+        (the generic per-task path of :class:`~lightning_meta.algorithms.MetaLearner`, with
+        :meth:`loss_fn`).
+        """
+        if self._overrides_hooks_of(RelationNet):
+            return MetaLearner.meta_loss(self, batch)
         scores = self._batched_scores(batch)
         self._train_scores = (scores.detach().argmax(-1) == batch.query_y).float().mean(1)
         return self.loss_fn(scores, batch.query_y)
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
-        """Per-episode query accuracy."""
+        """Per-episode query accuracy (through :meth:`adapt` / :meth:`predict` when a subclass overrides them)."""
+        if self._overrides_hooks_of(RelationNet):
+            return MetaLearner.evaluate(self, batch)
         with torch.no_grad():
             scores = self._batched_scores(batch)
         return {"acc": (scores.argmax(-1) == batch.query_y).float().mean(1)}

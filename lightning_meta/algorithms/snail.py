@@ -104,8 +104,12 @@ class SNAIL(SequenceLearner):
     :func:`~lightning_meta.functional.sequence.encode_labels`).
 
     Each query is appended to the support sequence on its own (the ``Q`` queries of a task form a
-    batch of ``Q`` sequences of length ``S + 1``), so a query's prediction never depends on the
-    other queries. Predictions depend on the order of the support examples: the convolutions and
+    batch of ``Q`` sequences of length ``S + 1``), so the sequence network never mixes queries.
+    The backbone embeds a task's support and queries in one forward pass, though: with a
+    BatchNorm that uses batch statistics (training mode, or ``norm="batch_no_stats"``) they are
+    normalised together and a query's prediction depends on the other queries of its task
+    (transductive, as in ProtoNet and MAML's reference code); with running statistics or no
+    BatchNorm it does not. Predictions depend on the order of the support examples: the convolutions and
     the causal attention read the sequence in order. The datamodules present support examples
     grouped by class in label order; keep the same convention at training and test time.
 

@@ -21,8 +21,12 @@ class TransformerICL(SequenceLearner):
     "unknown label" token ``u`` (a linear map of the concatenation embedding ⊕ label, with the
     query's label slot learned). A pre-norm Transformer encoder reads the ``S + Q`` tokens of a
     task under an attention mask: support tokens attend to the support set only, each query to
-    the support set and itself (never to other queries, so its prediction depends on no other
-    query). A linear head reads the query tokens.
+    the support set and itself (never to other queries). A linear head reads the query tokens.
+    The encoder thus never mixes queries, but the backbone embeds a task's support and queries in
+    one forward pass: with a BatchNorm that uses batch statistics (training mode, or
+    ``norm="batch_no_stats"``) they are normalised together and a query's prediction depends on
+    the other queries of its task (transductive, as in ProtoNet and MAML's reference code); with
+    running statistics or no BatchNorm it does not.
 
     There is no positional encoding, so the predictions are invariant to the order of the support
     examples (up to floating-point rounding). ``max_len`` (support examples + 1) is only a guard

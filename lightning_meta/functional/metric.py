@@ -48,17 +48,24 @@ def _squared_euclidean(queries: Tensor, protos: Tensor) -> Tensor:
     return (q2 + p2 - 2.0 * queries @ protos.transpose(-1, -2)).clamp(min=0.0)
 
 
+@in_float32
+def _cosine_distance(queries: Tensor, protos: Tensor) -> Tensor:
+    # bf16 rounds the cosines (about 0.8-0.95 for post-ReLU features) to ~2^-8, which flips
+    # predictions under autocast (hence in_float32, as for the euclidean distance)
+    return 1.0 - F.normalize(queries, dim=-1) @ F.normalize(protos, dim=-1).transpose(-1, -2)
+
+
 def pairwise_distance(queries: Tensor, protos: Tensor, kind: Distance = "euclidean") -> Tensor:
     """Distances between ``[..., m, d]`` queries and ``[..., N, d]`` prototypes, shape ``[..., m, N]``.
 
-    ``euclidean`` is the squared Euclidean distance (Snell et al. 2017), computed in float32 for
-    bf16/fp16 inputs and under autocast (the expanded form loses too much in bf16); ``cosine`` is
-    ``1 - cos``.
+    ``euclidean`` is the squared Euclidean distance (Snell et al. 2017); ``cosine`` is ``1 - cos``.
+    Both are computed in float32 (and returned in float32) for bf16/fp16 inputs and under
+    autocast: the expanded euclidean form and the cosines both lose too much in bf16.
     """
     if kind == "euclidean":
         return _squared_euclidean(queries, protos)
     if kind == "cosine":
-        return 1.0 - F.normalize(queries, dim=-1) @ F.normalize(protos, dim=-1).transpose(-1, -2)
+        return _cosine_distance(queries, protos)
     raise ValueError(f"distance={kind!r} is not supported; use 'euclidean' or 'cosine'")
 
 
