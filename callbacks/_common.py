@@ -17,6 +17,7 @@ from lightning_meta.errors import MetaConfigError
 __all__ = [
     "eval_grad_context",
     "log_scalars",
+    "logging_step",
     "require_meta_learner",
     "tensorboard_writer",
     "val_episodes_per_run",
@@ -31,17 +32,34 @@ def tensorboard_writer(trainer: L.Trainer) -> Any | None:
     return None
 
 
+def logging_step(trainer: L.Trainer) -> int:
+    """The step at which Lightning's own logger connector writes records now.
+
+    Lightning logs ``self.log`` values (``train/*``, ``val/*``, ``test/*``) at
+    ``fit_loop.epoch_loop._batches_that_stepped``: during ``fit`` that is ``global_step - 1`` in
+    ``on_train_batch_end`` and in validation (the counter moves after them), so a record at step
+    ``s`` was made after ``s + 1`` optimizer steps; in ``validate``/``test`` it is the number of
+    steps the trainer has trained (0 for a fresh one). Using the same value puts a callback's
+    scalars at the step of the records they are computed alongside. Falls back to
+    ``trainer.global_step`` if a future Lightning drops the counter.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = getattr(loop, "_batches_that_stepped", None)
+    return step if isinstance(step, int) and not isinstance(step, bool) else trainer.global_step
+
+
 def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float], step: int | None = None) -> None:
     """Write scalars to every logger (rank zero) and to ``trainer.callback_metrics`` (this rank).
 
     Writing to the loggers directly (instead of ``LightningModule.log``) works in every hook,
     including ``on_validation_end``; ``callback_metrics`` makes the values visible to later
-    callbacks (``ModelCheckpoint``, ``EarlyStopping``) and to tests.
+    callbacks (``ModelCheckpoint``, ``EarlyStopping``) and to tests. The default ``step`` is
+    :func:`logging_step`, the step Lightning gives its own records at that moment.
     """
     if not metrics:
         return
     values = {k: float(v) for k, v in metrics.items()}
-    step = trainer.global_step if step is None else step
+    step = logging_step(trainer) if step is None else step
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
@@ -68,10 +86,16 @@ def require_meta_learner(pl_module: L.LightningModule, who: str, needs: tuple[st
 
 
 def clone_tasks(batch: Any, limit: int) -> list[Episode]:
-    """Up to ``limit`` tasks of a meta-batch as ordinary CPU tensors (safe to keep after the step)."""
+    """Up to ``limit`` tasks of a meta-batch as ordinary CPU tensors (safe to keep after the step).
+
+    The copies are made outside ``torch.inference_mode``: Lightning's ``validate``/``test`` run the
+    batch hooks under it, and a copy made there would be an inference tensor, which a later
+    re-adaptation (autograd) cannot use (as :meth:`MetaLearner._eval_step` copies its batch).
+    """
     if not isinstance(batch, Episode) or limit <= 0:
         return []
-    return [ep.clone().to("cpu") for ep in batch.tasks()[:limit]]
+    with torch.inference_mode(False):
+        return [ep.clone().to("cpu") for ep in batch.tasks()[:limit]]
 
 
 def val_episodes_per_run(trainer: L.Trainer) -> int | None:

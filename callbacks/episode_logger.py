@@ -50,10 +50,12 @@ class TestResultWriter(Callback):
     ``test``, and at the end of a ``validate`` run (with the ``val/*`` metrics).
 
     ``global_step`` is the number of optimizer steps the *evaluated weights* were trained for:
-    the trainer's step when the same trainer ran ``fit`` (``--test_after_fit``); for an
-    evaluation-only run (``lightning-meta test|validate --ckpt_path``) the ``global_step`` saved
-    in that checkpoint, and ``null`` when it is unknown (no checkpoint, or one that cannot be
-    read). ``evaluation_only`` says which case it is, ``ckpt_path`` names the checkpoint.
+    the ``global_step`` saved in the evaluated checkpoint whenever there is one
+    (``lightning-meta test|validate --ckpt_path``, or ``trainer.test(ckpt_path="best")`` after
+    ``fit`` in the same trainer); the trainer's step when the same trainer ran ``fit`` and the
+    weights it left are evaluated (``--test_after_fit``); ``null`` when it is unknown (no
+    checkpoint, or one that cannot be read). ``evaluation_only`` is true when the trainer trained
+    nothing itself (an evaluation-only run), ``ckpt_path`` names the checkpoint.
 
     Args:
         filename: name of the JSON file.
@@ -83,15 +85,21 @@ class TestResultWriter(Callback):
         self._start = time.time()
 
     def _trained_steps(self, trainer: L.Trainer) -> tuple[int | None, bool]:
-        """``(optimizer steps of the evaluated weights or None, evaluation_only)``."""
-        if trainer.global_step > 0:  # this trainer ran fit: keep its own count
+        """``(optimizer steps of the evaluated weights or None, evaluation_only)``.
+
+        ``evaluation_only`` is true when this trainer trained nothing (its ``global_step`` is 0).
+        """
+        trained_here = trainer.global_step > 0  # this trainer ran fit (Lightning restores no loop state in test)
+        if trainer.ckpt_path:
+            # the evaluated weights are the checkpoint's, also after a fit in the same trainer
+            # (`test(ckpt_path="best")` or an earlier checkpoint): its step, not the fit's last one.
+            # Lightning passes the checkpoint to on_load_checkpoint only when it holds callback states
+            # (not for save_weights_only checkpoints): read the step from the file then
+            step = self._ckpt_step if self._ckpt_step is not None else checkpoint_global_step(trainer.ckpt_path)
+            return step, not trained_here
+        if trained_here:  # the weights fit left in memory: the trainer's own count
             return trainer.global_step, False
-        if not trainer.ckpt_path:  # weights from elsewhere (a fresh model, load_from_checkpoint): unknown
-            return None, True
-        # Lightning passes the checkpoint to on_load_checkpoint only when it holds callback states
-        # (not for save_weights_only checkpoints): read the step from the file then
-        step = self._ckpt_step if self._ckpt_step is not None else checkpoint_global_step(trainer.ckpt_path)
-        return step, True
+        return None, True  # weights from elsewhere (a fresh model, load_from_checkpoint): unknown
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, prefix: str) -> None:
         # every rank: Trainer.log_dir broadcasts (a collective), so rank 0 alone would wait for the others forever

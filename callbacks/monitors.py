@@ -36,6 +36,7 @@ from lightning_meta.callbacks._common import (
     clone_tasks,
     eval_grad_context,
     log_scalars,
+    logging_step,
     require_meta_learner,
     tensorboard_writer,
     val_episodes_per_run,
@@ -338,7 +339,8 @@ class EpisodeGallery(_EpisodeCapture):
                 ep = ep.to(pl_module.device)
                 preds = pl_module.predict(pl_module.adapt(ep), ep.query_x).argmax(-1)
                 img = episode_grid(ep, preds, self.max_queries_per_class, self.border)
-                writer.add_image(f"{self.tag}/episode_{i}", img, global_step=trainer.global_step, dataformats="CHW")
+                writer.add_image(f"{self.tag}/episode_{i}", img, global_step=logging_step(trainer),
+                                 dataformats="CHW")
                 self.images_logged += 1
 
 
@@ -481,6 +483,38 @@ def _eval_shaped(source: Any, dm: Any) -> tuple[Any, bool]:
     return source, False
 
 
+def _with_own_counter(source: Any) -> Any:
+    """A shallow copy of ``source`` whose corrupt-sample counter is its own (``source`` if it counts nothing).
+
+    The datamodule's training source counts the samples it decodes in a counter shared with its
+    dataloader workers; the training stream's total is saved in checkpoints and is the denominator
+    of the corrupt-sample fraction. Held-out episodes read through a private counter (same
+    threshold) leave that total alone. A multi-source training source (``MultiSourceEpisodes``)
+    holds one source per data set: each is copied, all sharing the one new counter.
+    """
+    from lightning_meta.data.faults import SampleCounter
+
+    parts = getattr(source, "sources", None)
+    multi = isinstance(parts, list)
+    leaves = list(parts) if multi else [source]
+    olds = [getattr(leaf, "counter", None) for leaf in leaves]
+    first = next((c for c in olds if isinstance(c, SampleCounter)), None)
+    if first is None:
+        return source
+    counter = SampleCounter(first.max_fraction, 1, f"{first.where} (MetaOverfittingMonitor's held-out episodes)")
+    copies = []
+    for leaf, old in zip(leaves, olds, strict=True):
+        if isinstance(old, SampleCounter):
+            leaf = copy.copy(leaf)
+            leaf.counter = counter
+        copies.append(leaf)
+    if not multi:
+        return copies[0]
+    out = copy.copy(source)
+    out.sources = copies
+    return out
+
+
 class MetaOverfittingMonitor(Callback):
     """The gap between accuracy on training-class episodes and on validation-class episodes.
 
@@ -578,7 +612,9 @@ class MetaOverfittingMonitor(Callback):
                 f"training episode source, but the datamodule ({type(dm).__name__}) has none; use a lightning_meta "
                 "EpisodicDataModule (ShardDataModule, SinusoidDataModule, ...) with trainer.fit(model, datamodule=...)"
             )
-        self._source, exact = _eval_shaped(sources["train"], dm)
+        source, exact = _eval_shaped(sources["train"], dm)
+        # its own corrupt-sample counter: the held-out reads must not count as reads of the training stream
+        self._source = _with_own_counter(source)
         if not exact:
             rank_zero_warn(
                 f"MetaOverfittingMonitor: the training source {type(sources['train']).__name__} cannot make episodes "
@@ -966,13 +1002,13 @@ class LearnedLRMonitor(Callback):
             scalars[f"{p}/{step}_mean"] = joined.mean().item()
         return scalars, hists
 
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int | None = None) -> None:
         if self._last_step == trainer.global_step:
             return
         self._last_step = trainer.global_step
         scalars, hists = self.summary(pl_module)
         self.last = scalars
-        log_scalars(trainer, scalars)
+        log_scalars(trainer, scalars, step=step)
         if not trainer.is_global_zero:
             return
         writer = tensorboard_writer(trainer)
@@ -982,8 +1018,9 @@ class LearnedLRMonitor(Callback):
                                "(no histograms)")
                 self._warned = True
             return
+        at = logging_step(trainer) if step is None else step  # the step of the scalars above
         for tag, values in hists.items():
-            writer.add_histogram(tag, values, global_step=trainer.global_step)
+            writer.add_histogram(tag, values, global_step=at)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -993,5 +1030,7 @@ class LearnedLRMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log(trainer, pl_module)
+        # the rates after the last step: the step of that batch's train/* records (Lightning's counter has
+        # moved past it by now), as in on_train_batch_end
+        self._log(trainer, pl_module, step=max(0, logging_step(trainer) - 1))
 

@@ -14,7 +14,10 @@ Training episodes are ``optimizer steps × meta_batch_size`` (the global meta-ba
 training batch, so a validation logged at step ``s`` came after ``s + 1`` optimizer steps. A run of
 ``lightning-meta test|validate --ckpt_path`` trained nothing itself: its steps are those of the
 evaluated checkpoint, which :class:`~lightning_meta.callbacks.TestResultWriter` records in
-``results.json`` (``?`` when unknown).
+``results.json`` (``?`` when unknown). A training run without ``results.json`` takes its steps
+from its latest checkpoint (the highest ``global_step`` in ``checkpoints/*.ckpt``); without one,
+from its last logged ``train/*`` or ``val/*`` step, a lower bound shown as ``≥ N`` (steps after it
+may have been neither logged nor validated).
 
 A folder holding several runs may include runs without results yet (a run stopped by a
 configuration error at setup, or one still before its first validation): they are left out with
@@ -94,6 +97,9 @@ class RunSummary:
         val_episodes: number of validation episodes (of the last validation).
         test: ``(mean, ci95, episodes)`` of the test, or ``None`` when the run was not tested.
         evaluation_only: the run trained nothing itself (``lightning-meta test|validate``).
+        steps_lower_bound: ``steps`` is only a lower bound: the run has neither a ``results.json``
+            nor a checkpoint that records its step, so it was read from the last logged step
+            (the table shows ``≥ N``).
 
     """
 
@@ -114,6 +120,7 @@ class RunSummary:
     val_episodes: int | None = None
     test: tuple[float, float, int] | None = None
     evaluation_only: bool = False
+    steps_lower_bound: bool = False
 
     @property
     def training_episodes(self) -> int | None:
@@ -223,6 +230,25 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
+def _latest_checkpoint_step(run_dir: Path) -> int | None:
+    """The highest ``global_step`` among the run's checkpoint files (``checkpoints/*.ckpt``), else ``None``.
+
+    ``ModelCheckpoint`` saves to ``checkpoints/`` in the logger's run directory by default. The
+    highest step rather than the newest file: copying a run folder does not keep the files' times.
+    Unreadable files (and DeepSpeed checkpoint folders) are passed over.
+    """
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    files = [f for f in folder.glob("*.ckpt") if f.is_file()]
+    if not files:
+        return None
+    from lightning_meta.callbacks.episode_logger import checkpoint_global_step
+
+    steps = [s for s in (checkpoint_global_step(f) for f in files) if s is not None]
+    return max(steps) if steps else None
+
+
 def load_run(run_dir: str | os.PathLike, meta_batch_size: int | None = None) -> RunSummary:
     """Read one run directory (event files, ``config.yaml``, ``results.json``) into a :class:`RunSummary`.
 
@@ -276,6 +302,7 @@ def load_run(run_dir: str | os.PathLike, meta_batch_size: int | None = None) -> 
 
     # train/* and val/* are logged during fit at (optimizer steps done - 1); `epoch` is also logged by test
     fit_steps = [s for tag, rows in scalars.items() if tag.startswith(("train/", "val/")) for s, _, _ in rows]
+    steps_lower_bound = False
     evaluation_only = results.get("evaluation_only")
     if isinstance(evaluation_only, bool):
         # TestResultWriter: the trainer's steps after fit, or the evaluated checkpoint's (null: unknown)
@@ -289,7 +316,14 @@ def load_run(run_dir: str | os.PathLike, meta_batch_size: int | None = None) -> 
         # a `validate --ckpt_path` run, which logs at step 0 whatever the checkpoint's step
         steps, evaluation_only = None, True
     else:
-        steps = max(fit_steps) + 1 if fit_steps else None
+        # no step recorded: the run's latest checkpoint knows it; the logs only give a lower bound
+        # (the last step logged, if the steps after it were neither logged nor validated)
+        logged = max(fit_steps) + 1 if fit_steps else None
+        saved = _latest_checkpoint_step(path)
+        if saved is not None and (logged is None or saved >= logged):
+            steps = saved
+        else:
+            steps, steps_lower_bound = logged, logged is not None
         evaluation_only = False
     if evaluation_only:  # every validation of the run evaluated the same weights
         val_steps = [] if steps is None else [steps] * len(steps_sorted)
@@ -334,6 +368,7 @@ def load_run(run_dir: str | os.PathLike, meta_batch_size: int | None = None) -> 
         val_episodes=int(n_val[-1][1]) if n_val else None,
         test=test,
         evaluation_only=evaluation_only,
+        steps_lower_bound=steps_lower_bound,
     )
 
 
@@ -430,10 +465,11 @@ def markdown_table(runs: Sequence[RunSummary]) -> str:
               "test", "wall time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
+        bound = "≥ " if r.steps_lower_bound else ""
         if r.training_episodes is not None:
-            episodes = str(r.training_episodes)
+            episodes = f"{bound}{r.training_episodes}"
         else:
-            episodes = "?" if r.steps is None else f"? ({r.steps} steps)"
+            episodes = "?" if r.steps is None else f"? ({bound}{r.steps} steps)"
         val = "—"
         if r.val_mean:
             val = _fmt_score(r.score, r.val_mean[-1], r.val_ci95[-1])

@@ -216,7 +216,7 @@ def test_meta_batch_size_fallback_and_resumed_steps(tmp_path):
         plot_validation([r], tmp_path / "x.png")
     r = load_run(run, meta_batch_size=8)
     assert r.val_training_episodes == [16, 32] and r.training_episodes == 32
-    assert "| 32 |" in markdown_table([r])
+    assert r.steps_lower_bound and "| ≥ 32 |" in markdown_table([r])
     assert plot_validation([r], tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -242,7 +242,7 @@ def test_folder_with_an_empty_run_reports_the_others(tmp_path, capsys):
     console_main(["report", str(tmp_path), "--meta-batch-size", "2", "--out-png", str(png)])  # exit 0
     out = capsys.readouterr()
     assert "| plain/version_0 |" in out.out and "version_1" not in out.out
-    assert _row(out.out, "plain/version_0")[4] == "8"  # (3 + 1) steps x 2
+    assert _row(out.out, "plain/version_0")[4] == "≥ 8"  # at least (3 + 1) steps x 2 (no checkpoint)
     notes = [line for line in out.err.splitlines() if "version_1" in line]
     assert len(notes) == 1 and "note: skipped" in notes[0] and str(empty) in notes[0]
     assert "no validation or test results" in notes[0]
@@ -354,7 +354,7 @@ def test_unknown_checkpoint_step_is_a_question_mark_not_a_number(tmp_path, capsy
     assert r["version_3"].steps is None
     console_main(["report", str(tmp_path), "--out-png", str(tmp_path / "p.png")])
     out = capsys.readouterr()
-    for v, episodes in ((0, "?"), (1, "16"), (2, "?"), (3, "?")):
+    for v, episodes in ((0, "?"), (1, "≥ 16"), (2, "?"), (3, "?")):
         assert _row(out.out, f"plain/version_{v}")[4] == episodes
     assert "version_2 validated a checkpoint whose training step is unknown" in out.err
     assert (tmp_path / "p.png").is_file()  # version_1 is plotted
