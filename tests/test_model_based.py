@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_meta import Episode, collate_episodes
-from lightning_meta.algorithms._sequence import SequenceLearner
+from lightning_meta.algorithms._sequence import SequenceLearner, support_permutation
 from lightning_meta.algorithms.mann import MANN
 from lightning_meta.algorithms.snail import SNAIL
 from lightning_meta.algorithms.transformer import TransformerICL
@@ -197,11 +197,45 @@ def test_transformer_eval_fast_path_matches_training_mode():
 @pytest.mark.parametrize("name", ["snail", "mann"])
 def test_order_dependence_is_documented_and_real(name):
     cls = {"snail": SNAIL, "mann": MANN}[name]
-    assert "depend on the order of the support examples" in " ".join(cls.__doc__.split())
-    model = make(name, MLP(D, [12]), ways=3, max_len=7)
+    assert "read the support sequence in" in " ".join(cls.__doc__.split())
+    model = make(name, MLP(D, [12]), ways=3, max_len=7, support_order="given")
     ep = cls_episode()
     diff = (out_of(model, permuted(ep)) - out_of(model, ep)).abs().max()
     assert diff > 1e-4, "a permutation of the support set should change an order-dependent learner's outputs"
+
+
+@pytest.mark.parametrize("name", ["snail", "mann"])
+def test_shuffled_support_order_ignores_the_given_order_and_hides_labels_from_positions(name):
+    model = make(name, MLP(D, [12]), ways=5, max_len=7)
+    assert model.support_order == "shuffled"  # the default of the order-dependent learners
+    ep = cls_episode(ways=5, shots=1)
+    # 1-shot: any given order is read the same way
+    torch.testing.assert_close(out_of(model, permuted(ep)), out_of(model, ep), rtol=0, atol=1e-6)
+    # ... and differs between episodes of other classes
+    tuples = [torch.randperm(40, generator=torch.Generator().manual_seed(s))[:5] for s in range(20)]
+    orders = {tuple(support_permutation(ep.support_y, c).tolist()) for c in tuples}
+    assert len(orders) >= 15  # 20 class tuples, 120 possible orders
+    counts = torch.zeros(5, 5)  # over many class tuples every position holds every label
+    for s in range(500):
+        classes = torch.randperm(1000, generator=torch.Generator().manual_seed(s))[:5]
+        counts[torch.arange(5), ep.support_y[support_permutation(ep.support_y, classes)]] += 1
+    assert counts.min() > 60 and counts.max() < 140  # 100 expected per cell
+    # the batched path (fit/validate/test) reads the same order as adapt + predict
+    batch = collate_episodes([ep, cls_episode(ways=5, shots=1, seed=3)])
+    model.eval()
+    torch.testing.assert_close(model.batched_outputs(batch)[0].detach(), out_of(model, ep), rtol=0, atol=1e-5)
+    # several shots: the order within a class still follows the given order, the rest does not matter
+    ep2 = cls_episode(ways=3, shots=2)
+    swap = torch.tensor([4, 5, 0, 1, 2, 3])  # classes moved, order inside each class kept
+    moved = Episode(ep2.support_x[swap], ep2.support_y[swap], ep2.query_x, ep2.query_y, ep2.classes)
+    torch.testing.assert_close(out_of(model, moved), out_of(model, ep2), rtol=0, atol=1e-6)
+
+
+def test_support_order_is_validated_and_regression_keeps_the_given_order():
+    with pytest.raises(MetaConfigError, match="support_order='random'"):
+        make("snail", MLP(D, [12]), ways=3, max_len=7, support_order="random")
+    model = make("snail", MLP(1, [12]), task="regression", ways=0, max_len=6)
+    assert model._support_orders(torch.zeros(1, 5, 1), torch.zeros(1, 0, dtype=torch.long)) is None
 
 
 # ----------------------------------------------------------------------------------------- causality
@@ -262,7 +296,7 @@ def test_transformer_queries_do_not_see_each_other_and_support_does_not_see_quer
 
 @pytest.mark.parametrize("offset", [True, False])
 def test_mann_label_offset(offset, monkeypatch):
-    model = make("mann", MLP(D, [12]), ways=3, max_len=7, label_offset=offset)
+    model = make("mann", MLP(D, [12]), ways=3, max_len=7, label_offset=offset, support_order="given")
     seen = {}
     original = model.run
 

@@ -18,6 +18,7 @@ support set and that query only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,34 @@ from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional.sequence import encode_labels, label_dim
 
-__all__ = ["SequenceContext", "SequenceLearner"]
+__all__ = ["SequenceContext", "SequenceLearner", "SupportOrder", "support_permutation"]
+
+SupportOrder = Literal["given", "shuffled"]
+
+
+def support_permutation(support_y: Tensor, classes: Tensor) -> Tensor:
+    """A reading order of one support set: sorted by label, then permuted by the episode's class ids.
+
+    ``support_y [S]`` labels, ``classes [ways]`` the data set's class id of each label. The result
+    ``[S]`` (indices into the support set) is a pure function of the labels and class ids, so the
+    same episode is read in the same order everywhere, while over episodes with different classes
+    every position holds every label equally often.
+
+    Example:
+        >>> y = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> order = support_permutation(y, torch.tensor([7, 3, 9]))
+        >>> sorted(order.tolist()) == list(range(6))
+        True
+        >>> torch.equal(order, support_permutation(y, torch.tensor([7, 3, 9])))
+        True
+
+    """
+    by_label = torch.argsort(support_y, stable=True)
+    seed = 0x9E3779B97F4A7C15
+    for c in classes.tolist():  # FNV-style mix of the class ids, kept within 63 bits
+        seed = ((seed ^ (int(c) & 0xFFFFFFFFFFFF)) * 0x100000001B3) % (1 << 63)
+    perm = torch.randperm(len(support_y), generator=torch.Generator().manual_seed(seed))
+    return by_label[perm]
 
 
 @dataclass
@@ -57,6 +85,14 @@ class SequenceLearner(MetaLearner):
         ways: classes per episode; sizes the label one-hot and the output (classification).
             Episodes with fewer classes use the first outputs; episodes with more are refused.
         task, lr, weight_decay, per_task_backward: see :class:`~lightning_meta.algorithms.MetaLearner`.
+        support_order: ``given`` reads the support examples in the episode's order (the datamodules
+            give them grouped by class in label order, so an order-dependent model can learn
+            "position i has label i" and ignore the labels); ``shuffled`` (classification) first
+            sorts them by label, then permutes them with a permutation drawn from the episode's
+            class ids (:func:`support_permutation`), so the positions carry no label information,
+            the same episode is always read the same way (training, evaluation, ``predict``,
+            resumes, any number of processes) and the given order does not matter except within
+            a class.
 
     """
 
@@ -69,9 +105,13 @@ class SequenceLearner(MetaLearner):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         per_task_backward: bool = False,
+        support_order: SupportOrder = "given",
     ) -> None:
         super().__init__(ways=ways, task=task, lr=lr, weight_decay=weight_decay, per_task_backward=per_task_backward)
         name = type(self).__name__
+        if support_order not in ("given", "shuffled"):
+            raise MetaConfigError(f"{name}: support_order={support_order!r}; choose 'given' or 'shuffled'")
+        self.support_order = support_order
         if max_len < 2:
             raise MetaConfigError(f"{name}: max_len={max_len} must be >= 2 (at least one support example + 1 query)")
         d = getattr(backbone, "out_features", None)
@@ -123,7 +163,19 @@ class SequenceLearner(MetaLearner):
         """Embeds and label-encodes the support set of one episode (no learning happens here)."""
         self.check_sizes(episode.support_x.shape[0], episode.ways)
         emb = self.backbone(episode.support_x)
-        return SequenceContext(emb, encode_labels(episode.support_y, self.label_ways, emb.dtype), episode.ways)
+        labels = encode_labels(episode.support_y, self.label_ways, emb.dtype)
+        order = self._support_orders(episode.support_y[None], episode.classes[None])
+        if order is not None:
+            emb, labels = emb[order[0]], labels[order[0]]
+        return SequenceContext(emb, labels, episode.ways)
+
+    def _support_orders(self, support_y: Tensor, classes: Tensor) -> Tensor | None:
+        """Per-task reading orders ``[B, S]`` of the support sets (None: as given)."""
+        if self.support_order == "given" or self.task != "classification":
+            return None
+        ys, cs = support_y.detach().cpu(), classes.detach().cpu()
+        orders = [support_permutation(y, c) for y, c in zip(ys, cs, strict=True)]
+        return torch.stack(orders).to(support_y.device)
 
     def predict(self, state: SequenceContext, x: Tensor) -> Tensor:
         """Predicts queries ``x``: logits ``[m, ways]`` of the episode's way, or values ``[m, 1]``."""
@@ -147,7 +199,12 @@ class SequenceLearner(MetaLearner):
             [self.backbone(torch.cat([batch.support_x[i], batch.query_x[i]])) for i in range(batch.num_tasks)]
         )  # [B, S+Q, d]
         labels = encode_labels(batch.support_y, self.label_ways, emb.dtype)
-        out = self.sequence_outputs(emb[:, :ns], labels, emb[:, ns:])
+        support = emb[:, :ns]
+        order = self._support_orders(batch.support_y, batch.classes)
+        if order is not None:
+            support = torch.gather(support, 1, order[..., None].expand_as(support))
+            labels = torch.gather(labels, 1, order[..., None].expand_as(labels))
+        out = self.sequence_outputs(support, labels, emb[:, ns:])
         return out[..., : batch.ways] if self.task == "classification" else out
 
     def _batched_query_outputs(self, batch: Episode) -> Tensor | None:

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.algorithms._sequence import SequenceLearner
+from lightning_meta.algorithms._sequence import SequenceLearner, SupportOrder
 from lightning_meta.algorithms.base import TaskKind
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional.sequence import cosine_read_weights, least_used
@@ -63,8 +63,9 @@ class MANN(SequenceLearner):
     the last support label comes with one extra writing step whose input embedding is zero, so it
     is bound in memory like the others (a query step only reads, so it could not write it). With
     ``label_offset=False`` every support example carries its own label (the SNAIL scheme; easier
-    to train). Queries carry a zero label either way. Predictions depend on the order of the support examples:
-    the controller and the memory read the sequence in order.
+    to train). Queries carry a zero label either way. The controller and the memory read the support sequence in
+    order; by default (``support_order="shuffled"``) it is read in an order drawn from the
+    episode's class ids rather than the datamodules' grouped-by-label order (see ``support_order``).
 
     Args:
         backbone: embedding network with an ``out_features`` attribute (Conv4 for images, MLP for
@@ -81,6 +82,11 @@ class MANN(SequenceLearner):
         label_offset: present the label of step ``t`` with input ``t + 1`` (see above).
         lr, weight_decay: outer Adam settings.
         per_task_backward: one backward per task, see :class:`~lightning_meta.algorithms.MetaLearner`.
+        support_order: ``shuffled`` (default; classification) reads each support set sorted by label
+            and then permuted by the episode's class ids, so that positions carry no label
+            information and the model must read the labels (the paper presents examples in random
+            order); ``given`` reads them as the episode lists them. See
+            :class:`~lightning_meta.algorithms._sequence.SequenceLearner`.
 
     Example:
         >>> from lightning_meta.backbones import MLP
@@ -109,9 +115,10 @@ class MANN(SequenceLearner):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         per_task_backward: bool = False,
+        support_order: SupportOrder = "shuffled",
     ) -> None:
         super().__init__(backbone, max_len=max_len, ways=ways, task=task, lr=lr, weight_decay=weight_decay,
-                         per_task_backward=per_task_backward)
+                         per_task_backward=per_task_backward, support_order=support_order)
         for name, value in (("hidden_size", hidden_size), ("memory_width", memory_width), ("read_heads", read_heads)):
             if value < 1:
                 raise MetaConfigError(f"{name}={value} must be >= 1")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_meta.algorithms._sequence import SequenceLearner
+from lightning_meta.algorithms._sequence import SequenceLearner, SupportOrder
 from lightning_meta.algorithms.base import TaskKind
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional.sequence import causal_conv1d, causal_mask
@@ -109,9 +109,11 @@ class SNAIL(SequenceLearner):
     BatchNorm that uses batch statistics (training mode, or ``norm="batch_no_stats"``) they are
     normalised together and a query's prediction depends on the other queries of its task
     (transductive, as in ProtoNet and MAML's reference code); with running statistics or no
-    BatchNorm it does not. Predictions depend on the order of the support examples: the convolutions and
-    the causal attention read the sequence in order. The datamodules present support examples
-    grouped by class in label order; keep the same convention at training and test time.
+    BatchNorm it does not. The convolutions and the causal attention read the support sequence in
+    order. The datamodules present support examples grouped by class in label order, from which a
+    model could learn "position i has label i" and ignore the labels; by default
+    (``support_order="shuffled"``) each support set is therefore read in an order drawn from its
+    episode's class ids (the same for the same episode everywhere).
 
     Args:
         backbone: embedding network with an ``out_features`` attribute (Conv4 for images, MLP for
@@ -124,6 +126,11 @@ class SNAIL(SequenceLearner):
             ``[[64, 32], [256, 128], [512, 256]]`` with a TC block between consecutive ones.
         lr, weight_decay: outer Adam settings.
         per_task_backward: one backward per task, see :class:`~lightning_meta.algorithms.MetaLearner`.
+        support_order: ``shuffled`` (default; classification) reads each support set sorted by label
+            and then permuted by the episode's class ids, so that positions carry no label
+            information and the model must read the labels (the paper presents examples in random
+            order); ``given`` reads them as the episode lists them. See
+            :class:`~lightning_meta.algorithms._sequence.SequenceLearner`.
 
     Example:
         >>> from lightning_meta.backbones import Conv4
@@ -147,9 +154,10 @@ class SNAIL(SequenceLearner):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         per_task_backward: bool = False,
+        support_order: SupportOrder = "shuffled",
     ) -> None:
         super().__init__(backbone, max_len=max_len, ways=ways, task=task, lr=lr, weight_decay=weight_decay,
-                         per_task_backward=per_task_backward)
+                         per_task_backward=per_task_backward, support_order=support_order)
         attention = [tuple(a) for a in attention]
         if tc_filters < 1:
             raise MetaConfigError(f"tc_filters={tc_filters} must be >= 1 (the paper uses 128)")
