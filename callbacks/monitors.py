@@ -729,8 +729,8 @@ class DerivativeOrderAnnealing(Callback):
 
     Raises:
         MetaConfigError: for bad arguments; at setup for models that are not MAML-style, that are
-            first-order by construction (Reptile, iMAML), that anneal on their own (MAMLPlusPlus:
-            use its ``first_order_epochs``), or whose second-order ``vmap`` would be wrong.
+            first-order by construction (Reptile, iMAML) or that anneal on their own (MAMLPlusPlus:
+            use its ``first_order_epochs``).
 
     Example:
         >>> trainer = L.Trainer(callbacks=[DerivativeOrderAnnealing(first_order_epochs=50)])  # doctest: +SKIP
