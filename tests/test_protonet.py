@@ -171,3 +171,15 @@ def test_regression_batches_are_refused():
     )
     with pytest.raises(MetaConfigError, match="regression"):
         model.training_step(reg, 0)
+
+
+def test_a_fixed_temperature_set_later_survives_a_checkpoint(tmp_path):
+    import lightning as L
+
+    model = protonet(temperature=1.0)
+    model.temperature = 3.0
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = ProtoNet.load_from_checkpoint(tmp_path / "m.ckpt", backbone=MLP(6, [16, 8]))
+    assert loaded.temperature == 3.0

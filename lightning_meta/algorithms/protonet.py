@@ -87,6 +87,8 @@ class ProtoNet(MetaLearner):
                 self.log_temperature.fill_(math.log(value))
         else:
             self._fixed_temperature = float(value)
+            if "temperature" in self.hparams:  # a checkpoint rebuilds the model from its hyperparameters
+                self.hparams["temperature"] = float(value)
 
     def adapt(self, episode: Episode) -> Tensor:
         """Prototypes ``[N, d]`` of the support set."""
