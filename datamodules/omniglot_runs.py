@@ -32,7 +32,7 @@ from torch import Tensor
 from lightning_meta.data.augment import AffineAugmentedSource
 from lightning_meta.data.convert import SourceTree, convert_omniglot, omniglot_image
 from lightning_meta.data.sampling import FixedShape, sample_fixed
-from lightning_meta.data.shards import INDEX_NAME, IndexedReader, cache_dir, sha256_file
+from lightning_meta.data.shards import INDEX_NAME, IndexedReader, cache_dir, cache_lock, sha256_file
 from lightning_meta.datamodules.shards import ShardDataModule, ShardEpisodeSource
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
@@ -316,11 +316,14 @@ class OmniglotRunsDataModule(ShardDataModule):
                     st = os.stat(os.path.join(base, f))
                     h.update(f"{os.path.relpath(os.path.join(base, f), src)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         out = cache_dir() / "omniglot" / f"{src.name.removesuffix('.zip')}-{h.hexdigest()[:16]}"
-        if not (out / INDEX_NAME).exists():
-            rank_zero_info(f"converting {src} into {out} (first use)")
-            convert_omniglot(src, out, image_size=self.image_size, rotations=self.rotations, rotation_splits=("train",),
-                             val_alphabets=self.val_alphabets, val_fraction=self.val_fraction, seed=self.seed,
-                             fmt=self.format, overwrite=True)
+        if (out / INDEX_NAME).exists():
+            return out
+        with cache_lock(out.parent / f".{out.name}.lock"):  # another process may be converting it right now
+            if not (out / INDEX_NAME).exists():
+                rank_zero_info(f"converting {src} into {out} (first use)")
+                convert_omniglot(src, out, image_size=self.image_size, rotations=self.rotations,
+                                 rotation_splits=("train",), val_alphabets=self.val_alphabets,
+                                 val_fraction=self.val_fraction, seed=self.seed, fmt=self.format, overwrite=True)
         return out
 
     def _train_spec(self) -> str | list[str] | None:

@@ -513,3 +513,40 @@ def test_generate_glyphs_replaces_an_existing_folder_and_checks_splits(tmp_path)
     assert not (out / "stale.txt").exists() and (out / INDEX_NAME).exists()
     with pytest.raises(ValueError, match=r"splits=\(1, 1, 1\) must sum to alphabets=2"):
         generate_glyphs(tmp_path / "h", alphabets=2, splits=(1, 1, 1))
+
+
+def _first_use(cache: str, log: str, barrier) -> None:
+    import time
+
+    os.environ["LIGHTNING_META_CACHE"] = cache
+    from lightning_meta.data import glyphs
+
+    original = glyphs.generate_glyphs
+
+    def slow_small(out, seed=0):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # both processes are past the cache check by now
+        return original(out, seed=seed, alphabets=2, chars_per_alphabet=(3, 3), drawings=2, size=16,
+                        splits=(1, 1, 0))
+
+    glyphs.generate_glyphs = slow_small
+    barrier.wait()
+    out = glyphs.default_glyph_shards()
+    assert (out / "index.json").exists()
+
+
+def test_two_processes_on_a_cold_cache_generate_the_embedded_default_once(tmp_path):
+    """Two jobs (or nodes sharing a cache) starting together: one generates, the other waits and reuses it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    log = tmp_path / "generations.txt"
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_first_use, args=(str(tmp_path / "cache"), str(log), barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(log.read_text().split()) == 1

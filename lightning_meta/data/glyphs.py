@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_meta.data.shards import INDEX_NAME, ShardWriter, cache_dir, publish_permissions
+from lightning_meta.data.shards import INDEX_NAME, ShardWriter, cache_dir, cache_lock, publish_permissions
 
 __all__ = ["GLYPHS_VERSION", "default_glyph_shards", "generate_glyphs", "render_character"]
 
@@ -160,6 +160,9 @@ def generate_glyphs(
 def default_glyph_shards(seed: int = 0) -> Path:
     """Folder of the embedded default shards, generating them on first use (a few seconds)."""
     out = cache_dir() / f"glyphs-v{GLYPHS_VERSION}-seed{seed}"
-    if not (out / INDEX_NAME).exists():
-        generate_glyphs(out, seed=seed)
+    if (out / INDEX_NAME).exists():
+        return out
+    with cache_lock(out.parent / f".{out.name}.lock"):  # another process may be generating it right now
+        if not (out / INDEX_NAME).exists():
+            generate_glyphs(out, seed=seed)
     return out

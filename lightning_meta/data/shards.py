@@ -7,6 +7,7 @@ so an exact N-way K-shot episode reads exactly the ``N * (K + Q)`` members it ne
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -16,7 +17,7 @@ import tarfile
 import tempfile
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,7 @@ __all__ = [
     "IndexedReader",
     "build_index",
     "cache_dir",
+    "cache_lock",
     "decode_image",
     "load_index",
     "publish_permissions",
@@ -89,6 +91,30 @@ def publish_permissions(path: str | os.PathLike) -> None:
     """
     base = 0o777 if os.path.isdir(path) else 0o666
     os.chmod(path, base & ~current_umask())
+
+
+@contextlib.contextmanager
+def cache_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (created if missing) for the ``with`` block.
+
+    Guards check-then-generate of shared cache entries (the embedded default, converted Omniglot
+    sets), so that two processes starting on a cold cache (two jobs, or several nodes sharing one
+    cache folder) do not both generate and replace each other's folder while it is read. POSIX
+    ``flock``; where it is unavailable the block runs unlocked.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
