@@ -544,3 +544,22 @@ def test_real_background_small1_converts_by_alphabet(tmp_path):
     pos = [c.name for c in reader.index.classes].index("Greek/character01")
     data, ext = reader.read_bytes(pos, 0)
     np.testing.assert_array_equal(decode_image(data, ext), omniglot_image(raw, 28))
+
+
+def test_imagefolder_follows_symlinked_class_folders_without_looping(tmp_path):
+    import os
+
+    for c in ("a", "b", "c"):
+        (tmp_path / "store" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "store" / c / f"{i}.png")
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(tmp_path / "store" / "a", root / "a")  # a linked class folder
+    (root / "b").mkdir()
+    for p in sorted((tmp_path / "store" / "b").iterdir()):  # linked files
+        os.symlink(p, root / "b" / p.name)
+    os.symlink(tmp_path / "store" / "c", root / "c")
+    os.symlink(root, root / "b" / "loop")  # a link back to the root must not recurse forever
+    index = convert_imagefolder(root, tmp_path / "out")
+    assert sorted((c.name, c.count) for c in index.classes) == [("a", 3), ("b", 3), ("c", 3)]

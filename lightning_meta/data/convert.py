@@ -65,6 +65,19 @@ ROTATIONS = (0, 90, 180, 270)
 
 
 # --------------------------------------------------------------------------- reading trees
+
+def _loops_back(folder: Path, root: Path) -> bool:
+    """Whether ``folder`` (below ``root``, reached through symlinks) resolves to one of its own parents."""
+    real = os.path.realpath(folder)
+    parent = folder.parent
+    while True:
+        if os.path.realpath(parent) == real:
+            return True
+        if parent == root or parent == parent.parent:
+            return False
+        parent = parent.parent
+
+
 class SourceTree:
     """A read-only listing of the files under a folder or inside a zip archive, with byte access.
 
@@ -84,7 +97,12 @@ class SourceTree:
         files: list[str] = []
         dirs: set[str] = set()
         if self.path.is_dir():
-            for base, dirnames, filenames in os.walk(self.path):
+            # symlinked class folders are followed (data sets are often assembled from links); a link back
+            # to a folder above it would loop, so a folder whose real path is one of its parents' is skipped
+            for base, dirnames, filenames in os.walk(self.path, followlinks=True):
+                if _loops_back(Path(base), self.path):
+                    dirnames[:] = []
+                    continue
                 dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
                 rel = PurePosixPath(Path(base).relative_to(self.path).as_posix())
                 if str(rel) != ".":
