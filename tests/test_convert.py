@@ -496,7 +496,7 @@ def test_runs_datamodule_trains_and_reports_error_per_run(tmp_path, monkeypatch)
     # the conversion is cached: a second datamodule with the same options reuses the folder
     again = OmniglotRunsDataModule(runs=str(RUNS), background=str(OMNI), image_size=16, val_fraction=0.25)
     assert again.background_shards() == dm.background_shards()
-    assert len(list((tmp_path / "cache" / "omniglot").iterdir())) == 1
+    assert len([p for p in (tmp_path / "cache" / "omniglot").iterdir() if p.is_dir()]) == 1  # + its lock file
 
 
 def test_runs_datamodule_test_only_and_errors(tmp_path, monkeypatch):
@@ -563,3 +563,35 @@ def test_imagefolder_follows_symlinked_class_folders_without_looping(tmp_path):
     os.symlink(root, root / "b" / "loop")  # a link back to the root must not recurse forever
     index = convert_imagefolder(root, tmp_path / "out")
     assert sorted((c.name, c.count) for c in index.classes) == [("a", 3), ("b", 3), ("c", 3)]
+
+
+class _EndsRng:
+    """A stand-in generator whose uniform draws all return one end of the range."""
+
+    def __init__(self, high: bool) -> None:
+        self.high = high
+
+    def uniform(self, low, high, size):
+        return np.full(size, high if self.high else low, dtype=float)
+
+
+def _ink_side(img: torch.Tensor) -> int:
+    rows = (img[0, 0] > 0.5).any(1).nonzero()
+    return int(rows.max() - rows.min() + 1)
+
+
+@pytest.mark.parametrize("high, side", [(True, 24), (False, 8)])
+def test_affine_scale_enlarges_by_the_documented_factor(high, side):
+    # per-axis scale U(1 - s, 1 + s): s = 0.5 at its ends must make a 16-pixel square 24 or 8 pixels wide
+    x = torch.zeros(1, 1, 64, 64)
+    x[..., 24:40, 24:40] = 1.0
+    out = random_affine(x, _EndsRng(high), scale=0.5)
+    assert abs(_ink_side(out) - side) <= 1
+
+
+def test_affine_shift_and_shear_move_the_content_as_documented():
+    x = torch.zeros(1, 1, 64, 64)
+    x[..., 30:34, 30:34] = 1.0
+    moved = random_affine(x, _EndsRng(True), translate=0.25)  # +0.25 of the side on both axes: 16 pixels
+    cols = (moved[0, 0] > 0.5).any(0).nonzero()
+    assert abs(int(cols.min()) - 46) <= 1

@@ -36,7 +36,8 @@ def random_affine(
 
     For each image: rotation ``U(-degrees, degrees)``, per-axis scale ``U(1 - scale, 1 + scale)``,
     shears ``U(-shear, shear)`` on both axes and a shift ``U(-translate, translate)`` of the image
-    side on both axes. All zeros gives back ``images`` unchanged.
+    side on both axes. All zeros gives back ``images`` unchanged. A scale of 1.2 makes the content
+    1.2 times larger (the sampling grid uses the inverse map).
 
     Returns:
         a new tensor of the same shape and dtype.
@@ -58,11 +59,14 @@ def random_affine(
     tx, ty = rng.uniform(-translate, translate, size=(2, b)) * 2.0  # grid coordinates span [-1, 1]
     cos, sin = np.cos(angle), np.sin(angle)
     theta = np.zeros((b, 2, 3))
-    for i in range(b):  # rotation @ shear @ scale, then shift
+    for i in range(b):  # the image moves by rotation @ shear @ scale, then the shift
         rot = np.array([[cos[i], -sin[i]], [sin[i], cos[i]]])
         sh = np.array([[1.0, hx[i]], [hy[i], 1.0]])
-        theta[i, :, :2] = rot @ sh @ np.diag([sx[i], sy[i]])
-        theta[i, :, 2] = (tx[i], ty[i])
+        forward = rot @ sh @ np.diag([sx[i], sy[i]])
+        # affine_grid maps each output pixel to the input point it samples: the inverse map
+        inverse = np.linalg.inv(forward)
+        theta[i, :, :2] = inverse
+        theta[i, :, 2] = -inverse @ np.array([tx[i], ty[i]])
     theta_t = torch.as_tensor(theta, dtype=images.dtype, device=images.device)
     grid = F.affine_grid(theta_t, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
