@@ -595,3 +595,32 @@ def test_affine_shift_and_shear_move_the_content_as_documented():
     moved = random_affine(x, _EndsRng(True), translate=0.25)  # +0.25 of the side on both axes: 16 pixels
     cols = (moved[0, 0] > 0.5).any(0).nonzero()
     assert abs(int(cols.min()) - 46) <= 1
+
+
+@pytest.mark.parametrize("n, ratios, expected", [
+    (5, (0.5, 0.5, 0.0), {"train": 3, "val": 2}),  # a split with ratio 0 gets no class
+    (4, (0.64, 0.16, 0.2), {"train": 2, "val": 1, "test": 1}),  # every positive split gets one
+    (1, (0.5, 0.5, 0.0), {"train": 1}),
+    (10, (0.64, 0.16, 0.2), {"train": 6, "val": 2, "test": 2}),
+    (3, (0.98, 0.01, 0.01), {"train": 1, "val": 1, "test": 1}),
+    (100, (0.64, 0.16, 0.2), {"train": 64, "val": 16, "test": 20}),
+])
+def test_ratio_split_counts(n, ratios, expected):
+    from collections import Counter
+
+    from lightning_meta.data.convert import _ratio_split
+
+    assert dict(Counter(_ratio_split(n, ratios, seed=0))) == expected
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_16_bit_grayscale_is_scaled_not_clipped(mode):
+    import io
+
+    from lightning_meta.data.convert import ImageRecipe
+
+    buf = io.BytesIO()
+    Image.fromarray(np.array([[0, 4096, 16384, 32768, 65535]], dtype=np.uint16)).save(buf, format="PNG")
+    out = ImageRecipe(mode=mode)(buf.getvalue())
+    values = out if mode == "L" else out[..., 0]
+    assert values.tolist() == [[0, 16, 64, 128, 255]]

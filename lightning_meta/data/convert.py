@@ -181,6 +181,13 @@ class ImageRecipe:
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
+                if im.mode.startswith("I;16") or im.mode == "I":
+                    # 16-bit (or 32-bit integer) grayscale: Pillow's convert would clip every value above
+                    # 255; scale the 16-bit range to 8 bits instead (values within 0..255 are kept)
+                    arr = np.asarray(im).astype(np.float64)
+                    if arr.size and arr.max() > 255:
+                        arr = arr / 257.0
+                    im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
                 if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                     # composite transparent images on white, not on black
                     rgba = im.convert("RGBA")
@@ -373,14 +380,33 @@ def _check_class_files(plans: Iterable[_ClassPlan], root: str, layout: str) -> N
                                   f"add images or remove the folder (layout {layout})")
 
 
+def _split_counts(n: int, ratios: Sequence[float]) -> list[int]:
+    """Items per split: largest-remainder rounding of ``ratios * n``.
+
+    A split with ratio 0 gets nothing; when there are at least as many items as splits with a
+    positive ratio, each of those gets at least one (taken from the largest split).
+    """
+    raw = [r * n for r in ratios]
+    counts = [int(np.floor(x)) for x in raw]
+    positive = [i for i, r in enumerate(ratios) if r > 0]
+    by_remainder = sorted(positive, key=lambda i: (-(raw[i] - counts[i]), i))
+    for k in range(n - sum(counts)):
+        counts[by_remainder[k % len(by_remainder)]] += 1
+    if n >= len(positive):
+        for i in positive:
+            if counts[i] == 0:
+                counts[max(range(len(counts)), key=lambda k: counts[k])] -= 1
+                counts[i] += 1
+    return counts
+
+
 def _ratio_split(n: int, ratios: Sequence[float], seed: int) -> list[str]:
     """Split name of each of ``n`` items: a seeded permutation cut by ``ratios`` (train/val/test)."""
     if len(ratios) != 3 or any(r < 0 for r in ratios) or not np.isclose(sum(ratios), 1.0):
         raise MetaConfigError(f"split ratios {tuple(ratios)} must be three non-negative fractions "
                               "(train val test) summing to 1, e.g. --split-ratios 0.64 0.16 0.2")
     order = np.random.default_rng(np.random.SeedSequence([seed, 5151])).permutation(n)
-    n_train = int(round(ratios[0] * n))
-    n_val = int(round(ratios[1] * n))
+    n_train, n_val, _ = _split_counts(n, ratios)
     out = [""] * n
     for pos, i in enumerate(order):
         out[int(i)] = "train" if pos < n_train else ("val" if pos < n_train + n_val else "test")
