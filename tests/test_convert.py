@@ -624,3 +624,26 @@ def test_16_bit_grayscale_is_scaled_not_clipped(mode):
     out = ImageRecipe(mode=mode)(buf.getvalue())
     values = out if mode == "L" else out[..., 0]
     assert values.tolist() == [[0, 16, 64, 128, 255]]
+
+
+def test_a_failed_publish_puts_the_previous_output_back(tmp_path, monkeypatch):
+    import os
+
+    from lightning_meta.data.convert import _atomic_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(".partial"):  # the new output's rename fails (disk full, permissions, ...)
+            raise OSError("simulated failure")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated"):
+        with _atomic_output(out, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert (out / "keep.txt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .partial or .old folder left

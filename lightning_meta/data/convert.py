@@ -295,8 +295,18 @@ def _atomic_output(
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / "previous")
-        os.replace(tmp, out)
+            try:
+                os.replace(out, old / "previous")
+            except BaseException:
+                shutil.rmtree(old, ignore_errors=True)
+                raise
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None and not out.exists():  # put the previous output back: nothing is lost
+                os.replace(old / "previous", out)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
