@@ -509,8 +509,9 @@ def test_learns_sinusoid_regression(name, tmp_path):
 
 def test_mann_binds_the_last_support_label_in_memory():
     # label_offset=True: the last support label comes with an extra writing step, so the memory the queries
-    # read depends on it (before, it reached the queries only through their own LSTM input)
-    model = make("mann", MLP(D, [12]), ways=3, max_len=7)
+    # read depends on it (before, it reached the queries only through their own LSTM input); the given order keeps
+    # the relabelled example last
+    model = make("mann", MLP(D, [12]), ways=3, max_len=7, support_order="given")
     ep = cls_episode(ways=3, shots=1)
     memories = []
     original = model.step
