@@ -330,6 +330,14 @@ class EpisodeGallery(_EpisodeCapture):
             return False
         return True
 
+    @staticmethod
+    def _predictions(pl_module: L.LightningModule, ep: Episode) -> Tensor:
+        """Query class ids of one episode, as validation scored them (the learner's batched path if it has one)."""
+        batched = getattr(pl_module, "_batched_query_outputs", None)
+        out = batched(collate_episodes([ep])) if batched is not None else None
+        logits = out[0] if out is not None else pl_module.predict(pl_module.adapt(ep), ep.query_x)
+        return logits.argmax(-1)
+
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, episodes: list[Episode]) -> None:
         writer = tensorboard_writer(trainer)
         if writer is None or not trainer.is_global_zero:
@@ -337,7 +345,7 @@ class EpisodeGallery(_EpisodeCapture):
         with eval_grad_context():
             for i, ep in enumerate(episodes):
                 ep = ep.to(pl_module.device)
-                preds = pl_module.predict(pl_module.adapt(ep), ep.query_x).argmax(-1)
+                preds = self._predictions(pl_module, ep)
                 img = episode_grid(ep, preds, self.max_queries_per_class, self.border)
                 writer.add_image(f"{self.tag}/episode_{i}", img, global_step=logging_step(trainer),
                                  dataformats="CHW")

@@ -230,3 +230,18 @@ def test_trainer_predict_returns_what_trainer_test_scored():
     labels = torch.cat([out["labels"] for out in trainer.predict(model, data)])
     queries = torch.stack([e.query_y for e in eps])
     assert acc == pytest.approx((labels == queries).float().mean().item(), abs=1e-6)
+
+
+def test_episode_gallery_marks_the_predictions_validation_scored():
+    """The gallery's right/wrong marks come from the same batched path as validation (batch-statistics BatchNorm)."""
+    from lightning_meta.callbacks import EpisodeGallery
+
+    model = _build("protonet", norm="batch_no_stats").eval()
+    e = _image_episode()
+    ep = Episode(e.support_x, e.support_y, 3.0 * e.query_x + 1.0, e.query_y, e.classes)
+    with torch.no_grad():
+        shown = EpisodeGallery._predictions(model, ep)
+        scored = model.predict_step(collate_episodes([ep]), 0)["labels"][0]
+        per_task = model.predict(model.adapt(ep), ep.query_x).argmax(-1)
+    assert not torch.equal(per_task, scored)  # the two paths differ here
+    assert torch.equal(shown, scored)
