@@ -1014,9 +1014,10 @@ class LearnedLRMonitor(Callback):
         if self._last_step == trainer.global_step:
             return
         self._last_step = trainer.global_step
+        at = logging_step(trainer) if step is None else step  # scalars and histograms share it
         scalars, hists = self.summary(pl_module)
         self.last = scalars
-        log_scalars(trainer, scalars, step=step)
+        log_scalars(trainer, scalars, step=at)
         if not trainer.is_global_zero:
             return
         writer = tensorboard_writer(trainer)
@@ -1026,7 +1027,6 @@ class LearnedLRMonitor(Callback):
                                "(no histograms)")
                 self._warned = True
             return
-        at = logging_step(trainer) if step is None else step  # the step of the scalars above
         for tag, values in hists.items():
             writer.add_histogram(tag, values, global_step=at)
 

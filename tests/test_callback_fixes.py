@@ -15,9 +15,9 @@ import glob
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
+from episode_fixtures import write_tiny_shards
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from test_callbacks import Flat, image_dm, sine_dm, trainer
@@ -171,16 +171,9 @@ def test_callback_scalars_share_the_step_of_lightnings_records(tmp_path):
 # ------------------------------------------------------------ MetaOverfittingMonitor's sample counter
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
-    """12 classes of 28x28 images (6 train, 3 val, 3 test), 8 each (as in test_report.py)."""
-    from lightning_meta.data.shards import ShardWriter
-
+    """12 classes of 28x28 images (6 train, 3 val, 3 test), 8 each."""
     out = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    with ShardWriter(out, prefix="tiny", max_samples=40) as w:
-        for c in range(12):
-            base = rng.integers(0, 256, (28, 28))
-            imgs = [np.clip(base + rng.normal(0, 20, (28, 28)), 0, 255).astype(np.uint8) for _ in range(8)]
-            w.add_class(c, imgs, name=f"c{c}", split="train" if c < 6 else "val" if c < 9 else "test")
+    write_tiny_shards(out)
     return out
 
 

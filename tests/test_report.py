@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from episode_fixtures import write_tiny_shards
 from PIL import Image
 
 from lightning_meta.cli import console_main, main
@@ -17,18 +18,6 @@ from lightning_meta.report import collect_runs, load_run, markdown_table, plot_v
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
-def _tiny_shards(out: Path) -> None:
-    """12 classes of 28x28 images (6 train, 3 val, 3 test), each class a fixed random pattern plus noise."""
-    from lightning_meta.data.shards import ShardWriter
-
-    rng = np.random.default_rng(0)
-    with ShardWriter(out, prefix="tiny", max_samples=40) as w:
-        for c in range(12):
-            base = rng.integers(0, 256, (28, 28))
-            imgs = [np.clip(base + rng.normal(0, 20, (28, 28)), 0, 255).astype(np.uint8) for _ in range(8)]
-            w.add_class(c, imgs, name=f"c{c}", split="train" if c < 6 else "val" if c < 9 else "test")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +31,7 @@ def two_runs(tmp_path_factory) -> dict[str, Path]:
           "--data.init_args.meta_batch_size", "4", "--data.init_args.val_episodes", "20",
           "--data.init_args.test_episodes", "30", "--data.init_args.eval_meta_batch_size", "10"])
     shards = tmp / "shards"
-    _tiny_shards(shards)
+    write_tiny_shards(shards)
     main(["fit", "--config", str(ROOT / "configs" / "protonet_glyphs.yaml"), *QUIET,
           "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
           "--trainer.logger.init_args.save_dir", str(logs),

@@ -11,15 +11,9 @@ from torch import Tensor, nn
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
-from lightning_meta.functional.precision import in_float32
+from lightning_meta.functional.metric import cosine_similarity
 
 __all__ = ["AttentionLSTM", "MatchingNet", "MatchingState", "SupportLSTM", "matching_attention", "matching_log_probs"]
-
-
-@in_float32
-def _cosine_similarity(query: Tensor, support: Tensor) -> Tensor:
-    """``[..., m, n]`` cosine similarities, in float32 with autocast off (bf16 flips predictions)."""
-    return F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(-1, -2)
 
 
 def matching_attention(query: Tensor, support: Tensor, temperature: float = 1.0) -> Tensor:
@@ -39,7 +33,7 @@ def matching_attention(query: Tensor, support: Tensor, temperature: float = 1.0)
         tensor([[0.7311, 0.2689]])
 
     """
-    sim = _cosine_similarity(query, support)
+    sim = cosine_similarity(query, support)
     return torch.softmax(sim / temperature, dim=-1)
 
 
@@ -63,7 +57,7 @@ def matching_log_probs(
         bf16/fp16 inputs and under autocast (the cosine similarities are computed in float32).
 
     """
-    sim = _cosine_similarity(query, support)
+    sim = cosine_similarity(query, support)
     log_a = torch.log_softmax(sim / temperature, dim=-1)  # [..., m, n]
     member = F.one_hot(support_y, ways).to(torch.bool)  # [..., n, N]
     mask = torch.zeros(member.shape, dtype=log_a.dtype, device=log_a.device).masked_fill(~member, float("-inf"))

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_meta.functional.precision import in_float32
 
-__all__ = ["prototypes", "pairwise_distance", "accuracy"]
+__all__ = ["prototypes", "pairwise_distance", "cosine_similarity", "accuracy"]
 
 Distance = Literal["euclidean", "cosine"]
 
@@ -49,10 +49,14 @@ def _squared_euclidean(queries: Tensor, protos: Tensor) -> Tensor:
 
 
 @in_float32
-def _cosine_distance(queries: Tensor, protos: Tensor) -> Tensor:
-    # bf16 rounds the cosines (about 0.8-0.95 for post-ReLU features) to ~2^-8, which flips
-    # predictions under autocast (hence in_float32, as for the euclidean distance)
-    return 1.0 - F.normalize(queries, dim=-1) @ F.normalize(protos, dim=-1).transpose(-1, -2)
+def cosine_similarity(queries: Tensor, keys: Tensor) -> Tensor:
+    """``[..., m, n]`` cosines between ``[..., m, d]`` queries and ``[..., n, d]`` keys, in float32.
+
+    bf16 rounds the cosines (about 0.8-0.95 for post-ReLU features) to ~2^-8, which flips
+    predictions under autocast; so, as for the euclidean distance, bf16/fp16 inputs and autocast
+    are computed (and returned) in float32.
+    """
+    return F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).transpose(-1, -2)
 
 
 def pairwise_distance(queries: Tensor, protos: Tensor, kind: Distance = "euclidean") -> Tensor:
@@ -65,7 +69,7 @@ def pairwise_distance(queries: Tensor, protos: Tensor, kind: Distance = "euclide
     if kind == "euclidean":
         return _squared_euclidean(queries, protos)
     if kind == "cosine":
-        return _cosine_distance(queries, protos)
+        return 1.0 - cosine_similarity(queries, protos)
     raise ValueError(f"distance={kind!r} is not supported; use 'euclidean' or 'cosine'")
 
 
