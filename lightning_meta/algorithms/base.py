@@ -44,7 +44,8 @@ class MetaLearner(L.LightningModule):
     training step equal on all ranks to those of one process that ran the whole global
     meta-batch (:class:`~lightning_meta.functional.bn_sync.RunningStatsSync`); set the class
     attribute ``sync_running_stats = False`` to keep per-rank statistics. Subclasses overriding
-    ``on_train_batch_start``, ``on_train_batch_end`` or ``on_train_end`` must call ``super()``.
+    ``on_train_batch_start``, ``on_train_batch_end``, ``on_train_end`` or ``configure_callbacks``
+    must call ``super()``.
 
     Args:
         ways: classes per episode (the output size of a task head); linked from the datamodule.
@@ -54,7 +55,10 @@ class MetaLearner(L.LightningModule):
         per_task_backward: back-propagate each task of a meta-batch on its own (its graph is freed
             before the next task runs), so memory no longer grows with the meta-batch size; the
             gradient is the same mean over tasks. Uses manual optimisation; under DDP the
-            gradients are synchronised once, after the last task.
+            gradients are synchronised once, after the last task. Learning-rate schedulers are
+            stepped by Lightning's rules (``interval``, ``frequency``); ``ReduceLROnPlateau``
+            (whose monitor Lightning drops under manual optimisation),
+            ``Trainer(gradient_clip_val=...)`` and ``accumulate_grad_batches`` are refused.
 
     """
 
@@ -244,11 +248,12 @@ class MetaLearner(L.LightningModule):
         self._train_scores = None
         self._display_loss = None
         bs = batch.num_tasks
+        log_now = self._log_this_step()  # before the per-task path's optimizer step moves global_step
         if self.per_task_backward:
             loss = self._per_task_step(batch)
         else:
             loss = self.meta_loss(batch)
-        if self._log_this_step():
+        if log_now:
             shown = loss.detach() if self._display_loss is None else self._display_loss.detach()
             self.log("train/loss", shown, prog_bar=True, batch_size=bs)
             if self._train_scores is not None:
@@ -260,6 +265,7 @@ class MetaLearner(L.LightningModule):
         import contextlib
 
         opt = self.optimizers()
+        self._check_per_task_schedulers()
         opt.zero_grad()
         strategy = self.trainer.strategy
         total, scores, shown = torch.zeros((), device=self.device), [], []
@@ -281,12 +287,66 @@ class MetaLearner(L.LightningModule):
             if self._display_loss is not None:
                 shown.append(self._display_loss)
         opt.step()
-        sched = self.lr_schedulers()
-        if sched is not None and not isinstance(sched, list):
-            sched.step()
+        self._step_lr_schedulers("step")
+        if self.trainer.fit_loop.epoch_loop._num_ready_batches_reached():  # the epoch's last batch, as Lightning
+            self._step_lr_schedulers("epoch")
         self._train_scores = torch.cat(scores) if scores else None
         self._display_loss = torch.stack(shown).mean() if shown else None
         return total
+
+    # ------------------------------------------ per-task backward: what Lightning does in automatic mode
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Refuse, before ``fit`` starts, Trainer settings that ``per_task_backward`` cannot honour.
+
+        Lightning runs this hook before it checks the Trainer against manual optimisation, so the
+        error names the setting the user chose (``per_task_backward``) instead of manual optimisation.
+        Returns no callbacks.
+        """
+        trainer = self._trainer
+        if not self.per_task_backward or trainer is None or trainer.state.fn != "fit":
+            return []
+        name = type(self).__name__
+        clip = trainer.gradient_clip_val
+        if clip is not None and clip > 0:
+            raise MetaConfigError(
+                f"Trainer(gradient_clip_val={clip}) cannot act with {name}(per_task_backward=True): one backward per "
+                "task steps the optimizer itself (Lightning's manual optimisation, which has no automatic clipping); "
+                "remove gradient_clip_val, or set per_task_backward=False (one backward per meta-batch)"
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise MetaConfigError(
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot act with "
+                f"{name}(per_task_backward=True), which steps the optimizer itself after every meta-batch; it already "
+                "accumulates over the tasks with flat memory, so raise the datamodule's meta_batch_size instead, or "
+                "set per_task_backward=False"
+            )
+        return []
+
+    def _check_per_task_schedulers(self) -> None:
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise MetaConfigError(
+                    f"ReduceLROnPlateau is not supported with {type(self).__name__}(per_task_backward=True): Lightning "
+                    "drops a scheduler's monitor under the manual optimisation that one backward per task uses, so "
+                    "the scheduler would get no metric; use per_task_backward=False, or a schedule without a metric "
+                    "(StepLR, CosineAnnealingLR, ...)"
+                )
+
+    def _step_lr_schedulers(self, interval: str) -> None:
+        """Step the schedulers of ``interval`` as Lightning's automatic optimisation does (``per_task_backward``).
+
+        Manual optimisation leaves every scheduler to the module. This follows Lightning's rule:
+        each scheduler of the Trainer's ``lr_scheduler_configs`` with this ``interval`` is stepped
+        (through :meth:`lr_scheduler_step`) every ``frequency`` batches (``step``, after the
+        optimizer step) or epochs (``epoch``, after the epoch's last batch).
+        """
+        trainer = self.trainer
+        for config in trainer.lr_scheduler_configs:
+            if config.interval != interval:
+                continue
+            index = trainer.fit_loop.epoch_loop.batch_idx if interval == "step" else trainer.current_epoch
+            if (index + 1) % config.frequency == 0:
+                self.lr_scheduler_step(config.scheduler, None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Repair the loop counters of checkpoints that Lightning 2.6 would resume at the wrong batch.
