@@ -97,7 +97,7 @@ class ANIL(MAML):
                 with torch.no_grad():
                     outs[step + 1] = functional_call(self.model.head, fast, (fq,))
 
-        lrs = self.inner_lrs()
+        lrs = self._step_rates()
         if isinstance(lrs, dict):
             lrs = _strip(lrs, "head.")
         fast = inner_adapt(self.model.head, head, {}, fs, sy, self.loss_fn, lrs, steps, first_order,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +82,15 @@ def parameter_keys(names: Sequence[str]) -> dict[str, str]:
 
 
 # --- bf16: float32 fast weights in a low-precision module (lightning_meta.functional.precision) ---
+def _detach_rates(rates: Any) -> Any:
+    """``rates`` (a float, a tensor, a mapping of tensors or a callable ``step -> rates``) without autograd history."""
+    if callable(rates):
+        return lambda step: _detach_rates(rates(step))
+    if isinstance(rates, Mapping):
+        return {k: v.detach() for k, v in rates.items()}
+    return rates.detach() if isinstance(rates, Tensor) else rates
+
+
 class _TaskHead(nn.Linear):
     """The linear task head; a bf16/fp16 input with float32 (fast) weights runs under autocast (ANIL calls it alone)."""
 
@@ -310,6 +320,21 @@ class MAML(MetaLearner):
         """Inner step size: a float, or per-parameter tensors (Meta-SGD)."""
         return self.inner_lr
 
+    def _step_rates(self) -> Any:
+        """:meth:`inner_lrs`, detached inside :meth:`_fixed_rates` (evaluation: no outer graph to learned rates)."""
+        rates = self.inner_lrs()
+        return _detach_rates(rates) if self.__dict__.get("_rates_fixed", False) else rates
+
+    @contextlib.contextmanager
+    def _fixed_rates(self, fixed: bool = True) -> Iterator[None]:
+        """Within the block, learned inner rates (Meta-SGD, MAML++) enter the inner loop detached."""
+        previous = self.__dict__.get("_rates_fixed", False)
+        self.__dict__["_rates_fixed"] = fixed
+        try:
+            yield
+        finally:
+            self.__dict__["_rates_fixed"] = previous
+
     def forward(self, x: Tensor) -> Tensor:
         """Apply the meta-learned initialisation to ``x`` (no adaptation)."""
         return self.model(x)
@@ -353,7 +378,7 @@ class MAML(MetaLearner):
         The one inner loop that training, evaluation and :meth:`adapt` share; a learner with another
         inner problem, such as :class:`~lightning_meta.algorithms.IMAML`, overrides this alone.
         """
-        return inner_adapt(self.model, adapted, buffers, sx, sy, self.loss_fn, self.inner_lrs(), steps, first_order,
+        return inner_adapt(self.model, adapted, buffers, sx, sy, self.loss_fn, self._step_rates(), steps, first_order,
                            frozen=frozen, callback=callback, checkpoint=self.activation_checkpointing)
 
     # --------------------------------------------------------------- hooks
@@ -361,13 +386,13 @@ class MAML(MetaLearner):
         """All weights of the network after ``steps`` inner steps on the support set of one episode.
 
         In training mode the result is differentiable w.r.t. the meta-parameters (second order
-        unless ``first_order``); in evaluation mode the meta-parameters are detached first, so no
-        outer graph is kept.
+        unless ``first_order``); in evaluation mode the meta-parameters (and learned inner rates)
+        are detached first, so no outer graph is kept.
         """
         steps = (self.inner_steps if self.training else self.eval_inner_steps) if steps is None else steps
         first_order = self.first_order if first_order is None else first_order
         adapted, frozen = self.split_parameters(detach=not self.training)
-        with bn_policy(self.model, self.bn):
+        with bn_policy(self.model, self.bn), self._fixed_rates(not self.training):
             fast = self._inner_loop(adapted, frozen, self.model_buffers(), episode.support_x, episode.support_y,
                                     steps, first_order)
         return {**frozen, **fast}
@@ -443,7 +468,7 @@ class MAML(MetaLearner):
         adapted, frozen = self.split_parameters(detach=True)
         buffers = self.model_buffers()
         for ep in batch.tasks():
-            with bn_policy(self.model, self.bn):
+            with bn_policy(self.model, self.bn), self._fixed_rates():
                 out, per_step = self.task_query_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y,
                                                         ep.query_x, self.eval_inner_steps, True,
                                                         report=self.eval_report_steps)

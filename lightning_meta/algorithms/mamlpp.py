@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -126,6 +126,12 @@ class MAMLPlusPlus(MAML):
             raise MetaConfigError(
                 f"msl_anneal_epochs={msl_anneal_epochs} and first_order_epochs={first_order_epochs} must be >= 0"
             )
+        if self._overrides_hooks_of(MAML) and type(self).meta_loss is MAMLPlusPlus.meta_loss:
+            raise MetaConfigError(
+                f"{type(self).__name__} overrides adapt/predict, but MAMLPlusPlus trains with its multi-step loss, "
+                "which runs the inner loop itself and never calls them (evaluation would, training would not); "
+                "override meta_loss too, or subclass MAML, whose training then goes through adapt/predict"
+            )
         self.save_hyperparameters(ignore=["backbone"])
         self.msl_anneal_epochs = msl_anneal_epochs
         self.first_order_epochs = first_order_epochs
@@ -201,6 +207,27 @@ class MAMLPlusPlus(MAML):
         self._train_scores = torch.stack([self.score_fn(outs[-1].detach(), batch.query_y[i])
                                           for i, outs in enumerate(per_task)])
         return torch.stack(losses).mean()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also cut the optimizer state of rates that earlier checkpoints kept for evaluation steps.
+
+        ``_drop_untrained_step_lrs`` trims the rates themselves; their Adam moments (``exp_avg``,
+        ``exp_avg_sq``) had the same length, and resuming ``fit`` would fail at the first step.
+        Done for the default optimizer (every trainable parameter, in module order); a custom
+        optimizer's state is left as saved.
+        """
+        super().on_load_checkpoint(checkpoint)
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        rate_positions = {i for i, n in enumerate(names) if n.startswith("step_lrs.")}
+        for opt_state in checkpoint.get("optimizer_states", []):
+            ids = [i for group in opt_state.get("param_groups", []) for i in group.get("params", [])]
+            if len(ids) != len(names):
+                continue
+            for pos in rate_positions:
+                state = opt_state.get("state", {}).get(ids[pos], {})
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.dim() == 1 and value.shape[0] > self.inner_steps:
+                        state[key] = value[: self.inner_steps]
 
     def training_epochs(self) -> int | None:
         """Epochs the attached trainer will run (from ``max_epochs`` and ``max_steps``), or ``None`` if unbounded."""

@@ -19,8 +19,11 @@ def _dot(a: Vec, b: Vec) -> Tensor:
 def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: float = 1e-10) -> Vec:
     """Approximately solves ``A x = b`` for symmetric positive-definite ``A`` given as ``matvec``.
 
-    Starts from ``x = 0`` and stops after ``steps`` iterations or when the squared residual falls
-    below ``tol``. Exact in at most ``dim`` iterations in exact arithmetic.
+    Starts from ``x = 0`` and stops after ``steps`` iterations, or once the squared residual has
+    fallen to ``tol`` times its starting value ``||b||^2`` (a relative test, so the solution scales
+    with ``b`` however small ``b`` is), or on a direction of non-positive curvature
+    (``p^T A p <= 0``: ``A`` is not positive definite there; the current iterate is returned).
+    Exact in at most ``dim`` iterations in exact arithmetic.
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
@@ -33,11 +36,15 @@ def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: fl
     r = [t.clone() for t in b]
     p = [t.clone() for t in b]
     rs = _dot(r, r)
+    stop = tol * rs.item()
     for _ in range(steps):
-        if rs.item() <= tol:
+        if rs.item() <= stop or rs.item() == 0.0:
             break
         ap = matvec(p)
-        alpha = rs / _dot(p, ap)
+        curvature = _dot(p, ap)
+        if curvature.item() <= 0.0:
+            break
+        alpha = rs / curvature
         x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
         r = [ri - alpha * api for ri, api in zip(r, ap, strict=True)]
         rs_new = _dot(r, r)

@@ -217,6 +217,8 @@ class PerStepBatchNorm(nn.Module):
             with torch.no_grad():
                 dims = [0, *range(2, x.dim())]
                 xd = x.detach()
+                if xd.dtype in (torch.float16, torch.bfloat16):  # autocast: statistics in float32, as BatchNorm's
+                    xd = xd.float()
                 n = xd.numel() // xd.shape[1]
                 mean = xd.mean(dims)
                 var = xd.var(dims, correction=1 if n > 1 else 0)
@@ -325,7 +327,9 @@ def _autograd_step(
             leaves = [t if t.requires_grad else t.detach().requires_grad_(True) for t in tensors]
             with norm_step(layers, step):
                 loss = support_loss(dict(zip(names, leaves, strict=True)))
-            grads = torch.autograd.grad(loss, leaves, create_graph=create_graph)
+            grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+        # a weight the loss does not use gets a zero gradient, as torch.func.grad (the vmap engine) gives it
+        grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors, strict=True))
         new = sgd_step(dict(zip(names, tensors, strict=True)), dict(zip(names, grads, strict=True)), lr)
         return tuple(new[k] for k in names)
 
