@@ -174,3 +174,84 @@ def test_an_adapted_weight_the_forward_does_not_use_gets_a_zero_inner_gradient(f
     assert grads["loop"].keys() == grads["vmap"].keys()
     for n, g in grads["loop"].items():
         torch.testing.assert_close(g, grads["vmap"][n], rtol=1e-10, atol=1e-12)
+
+
+def _bn_batch(dtype=torch.float32):
+    from episode_fixtures import cls_batch
+
+    return cls_batch(tasks=2, ways=3, shots=1, queries=2, size=28, dtype=dtype)
+
+
+def test_frozen_batchnorm_trains_a_bf16_module():
+    """bn='frozen' normalised float32 fast weights with bf16 running statistics, which F.batch_norm refuses."""
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.backbones import Conv4
+
+    torch.manual_seed(0)
+    model = MAML(Conv4(1, 8, image_size=28, norm="batch"), ways=3, inner_lr=0.1, bn="frozen").bfloat16()
+    loss = model.meta_loss(_bn_batch(torch.bfloat16))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(b.dtype == torch.bfloat16 for b in model.model.buffers() if b.is_floating_point())  # module unchanged
+
+
+def test_first_order_vmap_through_batchnorm_under_bf16_autocast_matches_float32():
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.backbones import Conv4
+
+    losses = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = MAML(Conv4(1, 8, image_size=28, norm="batch_no_stats"), ways=3, inner_lr=0.1, first_order=True,
+                     task_batching="vmap")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            losses.append(model.meta_loss(_bn_batch()).float())
+    torch.testing.assert_close(losses[1], losses[0], rtol=5e-2, atol=5e-2)
+
+
+def test_vmap_with_a_bf16_convolutional_module_explains_the_failure():
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.backbones import Conv4
+    from lightning_meta.errors import MetaConfigError
+
+    torch.manual_seed(0)
+    model = MAML(Conv4(1, 8, image_size=28, norm="none"), ways=3, inner_lr=0.1, task_batching="vmap").bfloat16()
+    try:
+        model.meta_loss(_bn_batch(torch.bfloat16))
+    except MetaConfigError as e:
+        assert "task_batching='loop'" in str(e)
+    # a PyTorch that batches these convolutions may run it: nothing to explain then
+
+
+def _regression_episode(y_shape):
+    from lightning_meta import Episode
+
+    g = torch.Generator().manual_seed(0)
+    return Episode(torch.randn(5, 1, generator=g), torch.randn(*y_shape, generator=g), torch.randn(5, 1, generator=g),
+                   torch.randn(*y_shape, generator=g), torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("y_shape", [(5,), (5, 2)])
+def test_regression_targets_of_another_shape_are_refused(y_shape):
+    """A [K] or [K, 2] target broadcast silently against the [K, 1] output before."""
+    from lightning_meta import collate_episodes
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.backbones import MLP
+    from lightning_meta.errors import MetaConfigError
+
+    model = MAML(MLP(1, [8]), task="regression")
+    model.check_batch(collate_episodes([_regression_episode((5, 1))]))  # the right shape passes
+    with pytest.raises(MetaConfigError, match=r"\[\.\.\., n, 1\]"):
+        model.check_batch(collate_episodes([_regression_episode(y_shape)]))
+
+
+def test_predict_step_refuses_episodes_of_other_ways_like_validate():
+    from episode_fixtures import cls_batch
+
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.backbones import Conv4
+    from lightning_meta.errors import MetaConfigError
+
+    model = MAML(Conv4(1, 8, image_size=16, norm="batch_no_stats"), ways=5, inner_lr=0.1).double().eval()
+    with pytest.raises(MetaConfigError, match="3-way"):
+        model.predict_step(cls_batch(ways=3), 0)

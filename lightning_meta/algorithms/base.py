@@ -155,6 +155,14 @@ class MetaLearner(L.LightningModule):
                 f"model task={self.task!r} but the datamodule produces "
                 f"{'regression' if is_regression else 'classification'} episodes; set model task accordingly"
             )
+        if is_regression:
+            for name, y in (("support_y", batch.support_y), ("query_y", batch.query_y)):
+                if y.dim() < 2 or y.shape[-1] != 1:
+                    raise MetaConfigError(
+                        f"regression episodes need one target value per example, {name} of shape [..., n, 1]; got "
+                        f"{name} of shape {list(y.shape)}; add the last dimension (y.unsqueeze(-1)) or predict one "
+                        "output at a time"
+                    )
 
     # ------------------------------------------------------------ input shape
     def input_backbone(self) -> tuple[nn.Module, str] | None:
@@ -452,6 +460,7 @@ class MetaLearner(L.LightningModule):
         The outputs are those :meth:`evaluate` scores: the learner's batched path where it has one
         (see :meth:`_batched_query_outputs`), else :meth:`adapt` and :meth:`predict` per task.
         """
+        self.check_batch(batch)
         with torch.inference_mode(False), torch.enable_grad():
             batch = batch.clone()
             out = self._batched_query_outputs(batch)

@@ -17,7 +17,11 @@ from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
 from lightning_meta.functional.inner_loop import PER_STEP_POLICIES, PerStepBatchNorm, convert_per_step_norm, norm_step
 from lightning_meta.functional.norms import decomposed_norms, has_fused_norms
-from lightning_meta.functional.precision import low_precision_autocast, upcast_low_precision  # bf16: fp32 fast weights
+from lightning_meta.functional.precision import (  # bf16: fp32 fast weights
+    LOW_PRECISION_DTYPES,
+    low_precision_autocast,
+    upcast_low_precision,
+)
 
 __all__ = ["ADAPT_PRESETS", "MAML", "BackboneWithHead", "adapt_filter_fn"]
 
@@ -313,8 +317,16 @@ class MAML(MetaLearner):
         return upcast_low_precision(adapted), frozen  # bf16: float32 fast weights
 
     def model_buffers(self) -> Params:
-        """Buffers of the network (BatchNorm running statistics, if any)."""
-        return dict(self.model.named_buffers())
+        """Buffers of the network (BatchNorm running statistics, if any).
+
+        bf16/fp16 buffers come back as float32 copies, like the fast weights they normalise with
+        (``bf16-true``, DeepSpeed bf16), except while per-step running statistics are being
+        collected (``bn="per_step"`` in training), which must update the module's own tensors.
+        """
+        buffers = dict(self.model.named_buffers())
+        if self.training and self.bn in PER_STEP_POLICIES:
+            return buffers
+        return upcast_low_precision(buffers)
 
     def inner_lrs(self) -> float | Params:
         """Inner step size: a float, or per-parameter tensors (Meta-SGD)."""
@@ -407,6 +419,11 @@ class MAML(MetaLearner):
         with bn_policy(self.model, self.bn), norm_step(self.model, steps - 1):
             return functional_call(self.model, (state, self.model_buffers()), (x,))
 
+    def check_batch(self, batch: Episode) -> None:
+        """Also refuses episodes with another number of ways than the task head's (see :class:`MetaLearner`)."""
+        super().check_batch(batch)
+        self._check_ways(batch)
+
     def _check_ways(self, batch: Episode) -> None:
         if batch.ways and batch.ways != self.ways:
             raise MetaConfigError(
@@ -420,11 +437,26 @@ class MAML(MetaLearner):
 
         In second order, normalisation layers run as elementary operations: PyTorch's fused kernels
         differentiate wrongly twice under ``vmap`` (:func:`~lightning_meta.functional.norms.decomposed_norms`).
+        So they do in first order with bf16/fp16 inputs or under autocast, where the fused kernels
+        return float32 for a bf16 input and float32 per-task weights.
         """
-        with decomposed_norms(not first_order and has_fused_norms(self.model)):
-            return vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
-                        chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
-                                                         batch.support_y, batch.query_x)
+        x = batch.support_x
+        low_precision = x.dtype in LOW_PRECISION_DTYPES or torch.is_autocast_enabled(x.device.type)
+        # first order too when low precision: the fused kernels then mix the bf16 input and float32 per-task
+        # weights under vmap into a float32 output, which the inner torch.func.grad refuses
+        try:
+            with decomposed_norms((not first_order or low_precision) and has_fused_norms(self.model)):
+                return vmap(fn, in_dims=(None, None, None, 0, 0, 0), randomness="different",
+                            chunk_size=self.vmap_chunk_size)(adapted, frozen, buffers, batch.support_x,
+                                                             batch.support_y, batch.query_x)
+        except RuntimeError as e:
+            if x.dtype in LOW_PRECISION_DTYPES and "should be the same" in str(e):
+                raise MetaConfigError(
+                    f"task_batching='vmap' failed on {x.dtype} inputs with float32 fast weights ({e}); PyTorch's "
+                    "batched convolution does not mix them (seen with torch 2.13 on CPU under precision='bf16-true'); "
+                    "use task_batching='loop', or precision='bf16-mixed' (float32 weights, bf16 products)"
+                ) from e
+            raise
 
     def meta_loss(self, batch: Episode) -> Tensor:
         """Mean query loss after adaptation, over the tasks of the meta-batch.
