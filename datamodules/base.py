@@ -189,6 +189,8 @@ class EpisodicDataModule(L.LightningDataModule):
             )
         if num_workers < 0:
             raise MetaConfigError(f"num_workers={num_workers} must be >= 0")
+        if seed < 0:
+            raise MetaConfigError(f"seed={seed} must be >= 0 (episodes are drawn from seed, split, epoch and index)")
         if train_episodes % meta_batch_size:
             whole = train_episodes // meta_batch_size
             rank_zero_warn(
@@ -361,7 +363,7 @@ class EpisodicDataModule(L.LightningDataModule):
             state["batches"] = loop.epoch_loop.batch_progress.current.processed
         return state
 
-    def _train_shape(self) -> dict[str, int]:
+    def _train_shape(self) -> dict[str, Any]:
         """Return what fixes the training episode stream besides the seed and the meta-batch size."""
         return {"ways": self.ways, "shots": self.shots, "queries": self.queries, "train_episodes": self.train_episodes}
 
@@ -391,9 +393,10 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"{self.meta_batch_size}; resume with the same global meta-batch size to keep the episode stream exact"
             )
         saved_shape = state_dict.get("train_shape")
-        if saved_shape is not None and dict(saved_shape) != self._train_shape():
-            changed = {k: (v, self._train_shape().get(k)) for k, v in dict(saved_shape).items()
-                       if self._train_shape().get(k) != v}
+        current = self._train_shape()
+        # only the keys the checkpoint saved: earlier versions saved fewer
+        changed = {k: (v, current.get(k)) for k, v in dict(saved_shape or {}).items() if current.get(k) != v}
+        if changed:
             raise MetaConfigError(
                 "the checkpoint's training episodes had "
                 + ", ".join(f"{k}={a}" for k, (a, _) in changed.items()) + " but this run has "

@@ -750,22 +750,26 @@ class ShardDataModule(EpisodicDataModule):
     def _check_disjoint(plan: dict[str, list[tuple[_ShardSet, list[int]]]]) -> None:
         """Refuse a class that two splits would both use.
 
-        A class is identified by its name together with the shard files that hold its members
-        (resolved paths), so the same shards given as ``shards`` and ``val_shards``/``test_shards``
-        are caught, while two different data sets that happen to share class names (e.g. the
-        integer ids of third-party shards, whose scanned indices all live in one cache folder)
-        are not confused.
+        Two classes of the same name are the same class when their members lie in at least one
+        common shard file (resolved paths), so the same shards given as ``shards`` and
+        ``val_shards``/``test_shards`` are caught, also when a class spreads over several files
+        and a split names only some of them, while two different data sets that happen to share
+        class names (e.g. the integer ids of third-party shards, whose scanned indices all live in
+        one cache folder) are not confused.
         """
-        keys: dict[str, set[tuple[frozenset[str], str]]] = {}
+        files: dict[str, dict[str, set[str]]] = {}  # split -> class name -> shard files holding its members
         for split, parts in plan.items():
-            keys[split] = set()
+            files[split] = {}
             for sset, pos in parts:
                 shards = [os.path.realpath(f) for f in sset.index.shards]
                 for i in pos:
                     entry = sset.index.classes[i]
-                    keys[split].add((frozenset(shards[m[0]] for m in entry.members), entry.name))
+                    files[split].setdefault(entry.name, set()).update(shards[m[0]] for m in entry.members)
         for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-            shared = sorted(name for _, name in keys.get(a, set()) & keys.get(b, set()))
+            fa, fb = files.get(a, {}), files.get(b, {})
+            # one shard file in common is enough: a class spread over several files is indexed with only the
+            # files a split was given (e.g. test_shards naming one of the training shards)
+            shared = sorted(name for name in fa.keys() & fb.keys() if fa[name] & fb[name])
             if shared:
                 raise MetaConfigError(
                     f"{len(shared)} classes are in both the {a} and the {b} split (e.g. {', '.join(shared[:5])}); "
@@ -846,6 +850,18 @@ class ShardDataModule(EpisodicDataModule):
         return read, skipped
 
     # ------------------------------------------------------------ resume
+    def _train_shape(self) -> dict[str, Any]:
+        """The base shape plus what else fixes the training stream: variable-episode bounds, streaming buffer."""
+        shape: dict[str, Any] = dict(super()._train_shape())
+        if self.episode_shape == "variable":
+            v = self.variable_shape
+            shape.update(min_ways=v.min_ways, max_ways=v.max_ways, max_queries=v.max_queries,
+                         max_support=v.max_support, max_support_per_class=v.max_support_per_class,
+                         hierarchy=self.hierarchy)
+        if self.reader == "streaming":
+            shape["stream_buffer"] = self.stream_buffer
+        return shape
+
     def state_dict(self) -> dict[str, Any]:
         """Return the base position plus the reader, the episode shape and the corrupt-sample counts."""
         state = super().state_dict()

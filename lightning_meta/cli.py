@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch import Trainer
@@ -145,6 +146,48 @@ class MetaCLI(LightningCLI):
                 f"ckpt_path={ckpt!r} does not exist; give a checkpoint file (a DeepSpeed checkpoint is a folder), "
                 "or 'last' / 'hpc' / 'best' for Lightning's own lookup"
             )
+
+    def _check_last_checkpoint(self, fn: str) -> None:
+        """Refuse ``--ckpt_path last`` when Lightning would find no checkpoint and start untrained.
+
+        Lightning only warns then (fit trains from step 0, test evaluates a fresh model). With the
+        shipped configs' TensorBoardLogger every run logs to a new ``version_N`` folder, where no
+        ``last.ckpt`` exists yet, so the error names the newest one of the earlier versions.
+        """
+        cfg = self.config.get(self.subcommand, {}) if self.subcommand else self.config
+        if (cfg.get("ckpt_path") if hasattr(cfg, "get") else None) != "last":
+            return
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = self.trainer._checkpoint_connector._parse_ckpt_path(TrainerFn(fn), "last", model_provided=True,
+                                                                        model_connected=True)
+        if found is not None:
+            return
+        earlier = []
+        logger = self.trainer.logger
+        if logger is not None and getattr(logger, "root_dir", None):
+            earlier = sorted(Path(logger.root_dir).glob("version_*/checkpoints/last*.ckpt"), key=os.path.getmtime)
+        hint = (f"the newest earlier one is {earlier[-1]}: pass it as --ckpt_path" if earlier else
+                "no earlier version folder of this logger holds one either; pass a checkpoint file as --ckpt_path")
+        raise MetaConfigError(
+            f"--ckpt_path last found no last checkpoint (Lightning looks in this run's own checkpoint folder, and "
+            f"each run logs to a new version folder), so {fn} would start from an untrained model; {hint}, or drop "
+            "--ckpt_path to start a new run"
+        )
+
+    def before_fit(self) -> None:  # noqa: D102
+        self._check_last_checkpoint("fit")
+
+    def before_validate(self) -> None:  # noqa: D102
+        self._check_last_checkpoint("validate")
+
+    def before_test(self) -> None:  # noqa: D102
+        self._check_last_checkpoint("test")
+
+    def before_predict(self) -> None:  # noqa: D102
+        self._check_last_checkpoint("predict")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
         trainer = super().instantiate_trainer(**kwargs)

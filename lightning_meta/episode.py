@@ -81,7 +81,8 @@ class Episode:
             if t.is_floating_point():
                 out[f.name] = t.to(*args, **kwargs)
             else:  # only move integer tensors, never cast them to a float dtype
-                dev = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+                dev = kwargs.get("device", next((a.device if isinstance(a, Tensor) else a for a in args
+                                                 if isinstance(a, (str, torch.device, Tensor))), None))
                 out[f.name] = t.to(dev) if dev is not None else t
         return Episode(**out)
 

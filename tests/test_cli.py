@@ -261,3 +261,23 @@ def test_configuration_errors_are_printed_by_rank_zero_only(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(ROOT / "configs" / "maml_glyphs.yaml"), "--model.init_args.inner_lr", "-0.5"])
     assert e.value.code == 2 and "inner_lr" not in capsys.readouterr().err  # rank 0 prints it
+
+
+# ---------------------------------------------------------------- review fixes (eighth session)
+def test_ckpt_path_last_that_finds_nothing_is_an_error_naming_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
+    """Lightning only warned and started untrained: fit retrained from step 0, test scored a fresh model."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:  # nothing saved anywhere yet
+        main(["test", "--config", QUICK, "--ckpt_path", "last", *TINY])
+    assert e.value.code == 2
+    assert "found no last checkpoint" in capsys.readouterr().err
+    main(["fit", "--config", QUICK, "--trainer.max_steps", "2", *TINY,
+          "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true"])
+    saved = sorted(tmp_path.glob("lightning_logs/*/version_0/checkpoints/last.ckpt"))
+    assert saved
+    for command in ("test", "fit"):
+        with pytest.raises(SystemExit) as e:  # the new run logs to version_1, where Lightning looks
+            main([command, "--config", QUICK, "--ckpt_path", "last", "--trainer.max_steps", "4", *TINY])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert str(saved[-1].relative_to(tmp_path)) in err and "Traceback" not in err
