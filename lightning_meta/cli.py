@@ -7,6 +7,8 @@ datamodules are chosen by class name (``--model MAML``, ``--data ShardDataModule
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import sys
 import warnings
@@ -122,6 +124,31 @@ class MetaSaveConfig(SaveConfigCallback):
         self.already_saved = True
 
 
+def _check_linked_ways(cfg) -> None:
+    """Refuse an explicit ``model.init_args.ways`` that the link from ``data`` would silently replace.
+
+    A value other than the model class's default and the data's ways can only come from the user
+    (a value equal to the default cannot be told apart from an unset one and is replaced quietly).
+    """
+    get = getattr(cfg, "get", None)
+    if get is None:
+        return
+    model_ways, data_ways, class_path = get("model.init_args.ways"), get("data.init_args.ways"), get("model.class_path")
+    if not isinstance(model_ways, int) or not isinstance(data_ways, int) or not isinstance(class_path, str):
+        return
+    try:
+        module, name = class_path.rsplit(".", 1)
+        default = inspect.signature(getattr(importlib.import_module(module), name)).parameters["ways"].default
+    except (ImportError, AttributeError, KeyError, ValueError, TypeError):
+        return
+    if model_ways not in (default, data_ways):
+        raise MetaConfigError(
+            f"model.init_args.ways={model_ways} differs from data.init_args.ways={data_ways}, and the model's ways are "
+            f"always taken from the data (the head must match the episodes); set --data.init_args.ways {model_ways} "
+            "instead (and eval_ways for evaluation episodes)"
+        )
+
+
 class MetaCLI(LightningCLI):
     """LightningCLI with the data/model links, the ``--test_after_fit`` option and Slurm checks.
 
@@ -139,6 +166,7 @@ class MetaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:  # noqa: D102
         check_slurm_settings()  # before Lightning's SLURMEnvironment raises its own --ntasks error as a traceback
         cfg = self.config.get(self.subcommand, {}) if self.subcommand else self.config
+        _check_linked_ways(cfg)
         ckpt = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
         if (isinstance(ckpt, str) and ckpt not in _SPECIAL_CKPT and not ckpt.startswith("registry:")
                 and "://" not in ckpt and not os.path.exists(ckpt)):

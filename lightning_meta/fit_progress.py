@@ -45,7 +45,9 @@ def repair_fit_progress(checkpoint: dict[str, Any]) -> str | None:
 
     ``_batches_that_stepped`` (the step loggers use) equals ``global_step`` once the last batch has
     finished. In a checkpoint written by an in-training hook it is still one less. This tells a
-    finished fit apart from an in-training checkpoint whose counters look alike.
+    finished fit apart from an in-training checkpoint whose counters look alike. Checkpoints of a
+    module that steps its optimizer more than once per batch (``global_step`` then runs ahead of
+    both) cannot be told apart this way and are left untouched.
 
     Example:
         >>> c4 = {"ready": 3, "started": 3, "processed": 3, "completed": 3}
@@ -79,6 +81,8 @@ def repair_fit_progress(checkpoint: dict[str, Any]) -> str | None:
         return None
     if global_step < 1 or batch_total[3] < 1:
         return None
+    if stepped not in (global_step, global_step - 1):
+        return None  # not one optimizer step per batch (e.g. a learner stepping twice): the patterns do not apply
     batch_closed = len(set(batch_total)) == 1 and batch_current[0] == batch_current[3]
     finished = batch_closed and stepped == global_step  # the last batch ran all its hooks
     done: list[str] = []

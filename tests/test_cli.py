@@ -281,3 +281,14 @@ def test_ckpt_path_last_that_finds_nothing_is_an_error_naming_the_earlier_checkp
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert str(saved[-1].relative_to(tmp_path)) in err and "Traceback" not in err
+
+
+def test_an_explicit_model_ways_that_the_data_link_would_replace_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", QUICK, "--model.init_args.ways", "7", "--trainer.max_steps", "1", *TINY])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--data.init_args.ways 7" in err and "Traceback" not in err
+    cli = main(["fit", "--config", QUICK, "--model.init_args.ways", "20", "--trainer.max_steps", "1", *TINY])
+    assert cli.model.ways == 20  # the same as the data's (quickstart trains 20-way): accepted

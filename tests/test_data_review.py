@@ -80,3 +80,50 @@ def test_episode_to_another_tensor_moves_the_labels_too():
     assert {getattr(moved, n).device.type for n in ("support_x", "support_y", "query_x", "query_y", "classes")} \
         == {"meta"}
     assert moved.support_x.dtype == torch.float64 and moved.support_y.dtype == torch.long
+
+
+def test_fit_progress_leaves_checkpoints_of_several_optimizer_steps_per_batch_alone():
+    """Two optimizer steps per batch made a finished fit look like an in-training one with drifted counters."""
+    from lightning_meta.fit_progress import repair_fit_progress
+
+    closed = {"ready": 3, "started": 3, "processed": 3, "completed": 3}
+    epoch = {"ready": 1, "started": 1, "processed": 1, "completed": 1}
+
+    def checkpoint(global_step):
+        return {"epoch": 1, "global_step": global_step, "loops": {"fit_loop": {
+            "epoch_progress": {"total": dict(epoch), "current": dict(epoch)},
+            "epoch_loop.batch_progress": {"total": dict(closed), "current": dict(closed), "is_last_batch": False},
+            "epoch_loop.state_dict": {"_batches_that_stepped": 3}}}}
+
+    assert repair_fit_progress(checkpoint(3)) is not None  # one step per batch: the known pattern is repaired
+    two_steps = checkpoint(6)
+    assert repair_fit_progress(two_steps) is None
+    assert two_steps == checkpoint(6)
+
+
+def test_a_subset_of_a_shard_set_is_verified_without_the_other_shards(tmp_path, monkeypatch):
+    """Loading only the training shards required (and hashed) every shard the index lists."""
+    from lightning_meta.data.shards import load_index
+    from lightning_meta.errors import ShardError
+
+    monkeypatch.setenv("LIGHTNING_META_CACHE", str(tmp_path / "cache"))
+    shards = tmp_path / "tiny"
+    write_tiny_shards(shards)
+    for test_shard in shards.glob("*-test-*.tar"):
+        test_shard.unlink()
+    index = load_index(str(shards / "*-train-*.tar"), verify="size")
+    assert index.classes
+    with pytest.raises(ShardError, match="missing"):  # the folder stands for the whole set: a lost shard is an error
+        load_index(str(shards), verify="size")
+
+
+def test_a_streaming_shard_given_twice_is_named(tmp_path, monkeypatch):
+    from lightning_meta.data.streaming import load_stream_index
+    from lightning_meta.errors import ShardError
+
+    monkeypatch.setenv("LIGHTNING_META_CACHE", str(tmp_path / "cache"))
+    shards = tmp_path / "tiny"
+    write_tiny_shards(shards)
+    url = f"pipe:cat {shards}/" + sorted(p.name for p in shards.glob("*-train-*.tar"))[0]
+    with pytest.raises(ShardError, match="given twice"):
+        load_stream_index([url, url], retries=0, retry_delay=0)

@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -253,8 +253,8 @@ def _verified_hash(path: str, verify_cache: Path) -> str:
     return digest
 
 
-def verify_index(index: ShardIndex, verify: Verify = "sha256") -> None:
-    """Checks that every shard exists and matches the size (and checksum) recorded in the index.
+def verify_index(index: ShardIndex, verify: Verify = "sha256", only: Collection[str] | None = None) -> None:
+    """Checks that every shard (of ``only``, when given) exists and matches the size (and checksum) in the index.
 
     Raises:
         ShardError: naming the shard, what differs and the command that rebuilds the index.
@@ -265,6 +265,8 @@ def verify_index(index: ShardIndex, verify: Verify = "sha256") -> None:
     where = Path(index.path).parent if index.path else Path(".")
     rebuild = f"`lightning-meta index {where}`"
     for p, size, digest in zip(index.shards, index.sizes, index.sha256, strict=True):
+        if only is not None and p not in only:
+            continue
         if not os.path.exists(p):
             raise ShardError(
                 f"shard {p} listed in {index.path} is missing; restore it or rebuild the index with {rebuild}"
@@ -433,12 +435,16 @@ def load_index(shards: str | Sequence[str], verify: Verify = "sha256") -> ShardI
         if unknown:
             raise ShardError(f"shard {unknown[0]} is not listed in {candidate}; rebuild the index with "
                              f"`lightning-meta index {candidate.parent}`")
-        if set(paths) != listed:  # a subset was asked for: keep only its members
+        subset = set(paths) != listed
+        if subset:  # a subset was asked for: keep only its members
             keep = {i for i, p in enumerate(index.shards) if p in set(paths)}
             for c in index.classes:
                 c.members = [m for m in c.members if m[0] in keep]
             index.classes = [c for c in index.classes if c.members]
-        verify_index(index, verify)
+        # a folder stands for the whole set (a missing shard is an error); a pattern or list for its shards only
+        items = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+        whole = any(os.path.isdir(os.path.expanduser(str(i))) for i in items)
+        verify_index(index, verify, only=set(paths) if subset and not whole else None)
         return index
     stamp = hashlib.sha256()
     for p in paths:

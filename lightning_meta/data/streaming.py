@@ -266,6 +266,9 @@ def _index_from_raw(raw: dict[str, Any], urls: list[str], where: str) -> ShardIn
         if name not in listed:
             raise ShardError(f"shard {url} (file {name!r}) is not listed in the index {where}; give the matching "
                              "index with index=..., or rebuild it with `lightning-meta index <shard folder>`")
+        if listed[name] in to_url:
+            raise ShardError(f"shard {url} is given twice (as {urls[to_url[listed[name]]]} too: file {name!r}); "
+                             "list each shard once")
         to_url[listed[name]] = u
     classes = []
     for c in raw["classes"]:
