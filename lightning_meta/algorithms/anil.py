@@ -27,7 +27,9 @@ class ANIL(MAML):
 
     The body runs once per task on the support set and once on the query set; the inner loop
     then touches only the head, on those cached features. Its meta-gradient equals
-    ``MAML(adapt_filter="head")`` (tested), at a fraction of the cost and memory.
+    ``MAML(adapt_filter="head")`` (tested), at a fraction of the cost and memory, for a body
+    without randomness: with dropout in the body, ANIL draws one mask per task (the features are
+    computed once) where ``MAML(adapt_filter="head")`` draws one per inner step.
 
     Args:
         backbone, ways, inner_lr, inner_steps, eval_inner_steps, first_order, task_batching,

@@ -185,7 +185,11 @@ class PerStepBatchNorm(nn.Module):
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, steps: int,
                        eval_running_stats: bool = True) -> PerStepBatchNorm:
-        """Build a per-step copy of ``bn``: every row starts from its affine weights and running statistics."""
+        """Build a per-step copy of ``bn``: every row starts from its affine weights and running statistics.
+
+        ``bn.momentum=None`` (a cumulative average in PyTorch) becomes the default 0.1: per-step
+        statistics are exponential moving averages only.
+        """
         momentum = 0.1 if bn.momentum is None else float(bn.momentum)
         new = cls(bn.num_features, steps, eps=bn.eps, momentum=momentum, affine=bn.affine,
                   eval_running_stats=eval_running_stats)
