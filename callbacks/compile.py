@@ -73,3 +73,7 @@ class CompileMetaLoss(Callback):
         if self._installed and "meta_loss" in vars(pl_module):
             del pl_module.meta_loss
         self._installed = False
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Remove the compiled ``meta_loss`` when ``fit`` fails too (Lightning then calls no ``teardown``)."""
+        self.teardown(trainer, pl_module, "fit")

@@ -36,7 +36,8 @@ class PreemptionCheckpoint(Callback):
         requeue_command: command template; ``{job_id}`` is replaced by ``$SLURM_JOB_ID``.
 
     Raises:
-        ValueError: for an unknown signal name.
+        ValueError: for a signal name that is unknown or cannot be caught, or a ``requeue_command``
+            with another placeholder than ``{job_id}``.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[PreemptionCheckpoint()])  # doctest: +SKIP
@@ -45,8 +46,15 @@ class PreemptionCheckpoint(Callback):
 
     def __init__(self, signal_name: str = "SIGUSR1", requeue: bool = True,
                  requeue_command: str = "scontrol requeue {job_id}") -> None:
-        if not hasattr(signal, signal_name) or not signal_name.startswith("SIG"):
-            raise ValueError(f"signal_name={signal_name!r} is not a signal of this platform; use e.g. 'SIGUSR1'")
+        if not isinstance(getattr(signal, str(signal_name), None), signal.Signals) or signal_name in ("SIGKILL",
+                                                                                                  "SIGSTOP"):
+            raise ValueError(f"signal_name={signal_name!r} is not a signal this process can catch; use e.g. 'SIGUSR1' "
+                             "(SIGKILL and SIGSTOP cannot be caught)")
+        try:
+            requeue_command.format(job_id="0")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"requeue_command={requeue_command!r} is not a valid template ({type(e).__name__}: {e}); "
+                             "the only placeholder is {job_id}, e.g. 'scontrol requeue {job_id}'") from e
         self.signal_name = signal_name
         self.requeue = requeue
         self.requeue_command = requeue_command
@@ -72,17 +80,25 @@ class PreemptionCheckpoint(Callback):
         stop = trainer.strategy.reduce_boolean_decision(torch.tensor(self.flagged), all=False)
         if not stop:
             return
+        self.flagged = False  # handled: later batches save again only on a new signal
         path = _CheckpointConnector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
         self.saved_path = path
         rank_zero_info(f"preemption signal: saved {path} at step {trainer.global_step}; stopping")
+        trainer.should_stop = True
+        if trainer.global_step < (trainer.min_steps or 0) or trainer.current_epoch + 1 < (trainer.min_epochs or 0):
+            rank_zero_warn(f"preemption: Lightning keeps training until min_steps={trainer.min_steps} / "
+                           f"min_epochs={trainer.min_epochs} are reached, so this job goes on after the checkpoint")
         if self.requeue and trainer.is_global_zero:
             job = os.environ.get("SLURM_JOB_ID", "")
             if not job and "{job_id}" in self.requeue_command:
                 rank_zero_warn("preemption: SLURM_JOB_ID is not set, so the job is not requeued")
             else:
                 cmd = shlex.split(self.requeue_command.format(job_id=job))
-                result = subprocess.run(cmd, capture_output=True, text=True)
-                if result.returncode != 0:
-                    rank_zero_warn(f"preemption: `{' '.join(cmd)}` failed: {result.stderr.strip()}")
-        trainer.should_stop = True
+                try:
+                    result = subprocess.run(cmd, capture_output=True, text=True)
+                except OSError as e:  # e.g. the command does not exist here
+                    rank_zero_warn(f"preemption: `{' '.join(cmd)}` could not run: {e}")
+                else:
+                    if result.returncode != 0:
+                        rank_zero_warn(f"preemption: `{' '.join(cmd)}` failed: {result.stderr.strip()}")

@@ -98,16 +98,31 @@ def _running_stats(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat(stats) if stats else torch.zeros(0, dtype=torch.float64)
 
 
+class _StatsAtBatchEnd(L.Callback):
+    """What a checkpoint callback saves: the running statistics when callbacks' ``on_train_batch_end`` runs.
+
+    Lightning calls the callbacks' hook before the module's, so statistics synchronised only in
+    the module's hook would reach ``ModelCheckpoint`` / ``PreemptionCheckpoint`` files unsynchronised.
+    """
+
+    def __init__(self) -> None:
+        self.last = torch.zeros(0, dtype=torch.float64)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.last = _running_stats(pl_module).clone()
+
+
 def run_one(name: str, world: int, shards: str) -> dict[str, np.ndarray]:
     """Trains and validates ``name``; returns its final weights and validation score (rank 0 only)."""
     L.seed_everything(0, verbose=False)
     model, dm = _models()[name](shards)
     model = model.double()
+    probe = _StatsAtBatchEnd()
     model.on_before_batch_transfer = lambda batch, idx: batch.to(torch.float64)  # type: ignore[method-assign]
     trainer = L.Trainer(
         accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_epochs=2,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, check_val_every_n_epoch=100, deterministic=True,
+        num_sanity_val_steps=0, check_val_every_n_epoch=100, deterministic=True, callbacks=[probe],
     )
     init = torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
     init_stats = _running_stats(model)
@@ -121,6 +136,7 @@ def run_one(name: str, world: int, shards: str) -> dict[str, np.ndarray]:
     return {f"{name}/weights": flat, f"{name}/init": init,
             f"{name}/running_stats": stats.numpy(), f"{name}/init_stats": init_stats.numpy(),
             f"{name}/running_stats_rank1": last_rank_stats.numpy(),
+            f"{name}/stats_at_batch_end": probe.last.numpy(),
             f"{name}/batches_tracked": torch.cat(tracked).numpy() if tracked else np.zeros(0, dtype=np.int64),
             f"{name}/val": np.array(metrics[score]), f"{name}/n": np.array(metrics["val/episodes"]),
             f"{name}/step": np.array(trainer.global_step),

@@ -73,4 +73,6 @@ def test_batchnorm_running_statistics_match_one_rank(runs, name):
     np.testing.assert_allclose(s2, s1, rtol=0, atol=1e-6)
     # both ranks end with the same statistics (rank 1's are saved too), and every update was counted
     np.testing.assert_allclose(two[f"{name}/running_stats_rank1"], s2, rtol=0, atol=0)
+    # checkpoint callbacks (which run before the module's on_train_batch_end) see the synchronised statistics
+    np.testing.assert_allclose(two[f"{name}/stats_at_batch_end"], s2, rtol=0, atol=0)
     np.testing.assert_array_equal(two[f"{name}/batches_tracked"], one[f"{name}/batches_tracked"])

@@ -44,8 +44,8 @@ class MetaLearner(L.LightningModule):
     training step equal on all ranks to those of one process that ran the whole global
     meta-batch (:class:`~lightning_meta.functional.bn_sync.RunningStatsSync`); set the class
     attribute ``sync_running_stats = False`` to keep per-rank statistics. Subclasses overriding
-    ``on_train_batch_start``, ``on_train_batch_end``, ``on_train_end`` or ``configure_callbacks``
-    must call ``super()``.
+    ``on_train_batch_start``, ``on_after_backward``, ``on_train_batch_end``, ``on_train_end`` or
+    ``configure_callbacks`` must call ``super()``.
 
     Args:
         ways: classes per episode (the output size of a task head); linked from the datamodule.
@@ -266,7 +266,26 @@ class MetaLearner(L.LightningModule):
             self.log("train/loss", shown, prog_bar=True, batch_size=bs)
             if self._train_scores is not None:
                 self.log(f"train/{self.score_name}", self._train_scores.mean(), prog_bar=True, batch_size=bs)
+        if self.per_task_backward:  # every backward of the step has run: synchronise before any callback saves
+            self._sync_running_stats()
         return loss
+
+    def on_after_backward(self) -> None:
+        """Synchronise BatchNorm running statistics across ranks once the step's backward has run.
+
+        Done here, not in ``on_train_batch_end``: Lightning calls the callbacks' ``on_train_batch_end``
+        (``ModelCheckpoint``, ``PreemptionCheckpoint``) before the module's, and they would save
+        unsynchronised statistics; and not in ``training_step``, whose backward still needs the
+        statistics a frozen BatchNorm normalised with. (The per-task path syncs at the end of its
+        ``training_step``, after its own backwards.)
+        """
+        if not self.per_task_backward:
+            self._sync_running_stats()
+
+    def _sync_running_stats(self) -> None:
+        sync = self.__dict__.get("_running_stats_sync")
+        if sync is not None and sync.active:
+            sync.sync(self.all_gather)
 
     def _per_task_step(self, batch: Episode) -> Tensor:
         """One optimizer step with a backward per task; returns the (detached) meta-loss."""
@@ -381,10 +400,12 @@ class MetaLearner(L.LightningModule):
         sync.begin()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Give every rank the running statistics of one process that ran the whole global meta-batch."""
-        sync = self.__dict__.get("_running_stats_sync")
-        if sync is not None and sync.active:
-            sync.sync(self.all_gather)
+        """Give every rank the running statistics of one process that ran the whole global meta-batch.
+
+        Normally done already, after the backward (:meth:`on_after_backward`), before the callbacks'
+        hooks (checkpoints) ran; this catches a step without backward (``training_step`` returned None).
+        """
+        self._sync_running_stats()
 
     def on_train_end(self) -> None:  # noqa: D102
         self._drop_running_stats_sync()

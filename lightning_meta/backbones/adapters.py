@@ -73,7 +73,8 @@ class LoRALinear(nn.Linear):
     ``lora_factors.A`` and ``lora_factors.B``; also reachable as ``lora_A`` and ``lora_B``).
     ``A`` starts Kaiming-uniform and ``B`` at zero, so the layer computes exactly the base layer
     until ``B`` moves. ``weight`` and ``bias`` keep their names (a state dict of the base network
-    still loads) and are frozen (``requires_grad=False``) unless ``freeze_base=False``. The
+    loads with ``strict=False``, the factors keeping their initial values) and are frozen
+    (``requires_grad=False``) unless ``freeze_base=False``. The
     ``lora`` preset of ``adapt_filter`` selects the factors (names containing ``lora_``).
 
     Args:

@@ -84,8 +84,17 @@ def replay_running_stats(
     if means.shape != variances.shape or means.dim() != 2:
         raise ValueError(f"means and variances must both be [K, C], got {tuple(means.shape)} and "
                          f"{tuple(variances.shape)}")
+    if means.shape[1] != running_mean.shape[-1] or running_var.shape != running_mean.shape:
+        raise ValueError(f"means/variances of {means.shape[1]} channels do not fit running statistics of shape "
+                         f"{tuple(running_mean.shape)} (mean) and {tuple(running_var.shape)} (var)")
     if running_mean.dim() == 2 and rows is None:
         raise ValueError("rows are required for [steps, C] running statistics")
+    if rows is not None:
+        steps = running_mean.shape[0] if running_mean.dim() == 2 else 1
+        bad = [int(r) for r in rows if not 0 <= int(r) < steps]
+        if len(rows) != means.shape[0] or bad:
+            raise ValueError(f"rows must give one row in 0..{steps - 1} for each of the {means.shape[0]} updates, got "
+                             f"{[int(r) for r in rows]}")
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     dtype = running_mean.dtype

@@ -74,5 +74,8 @@ def pairwise_distance(queries: Tensor, protos: Tensor, kind: Distance = "euclide
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Fraction of correct arg-max predictions (a 0-d tensor)."""
+    """Fraction of correct arg-max predictions (a 0-d tensor); ``labels`` is ``logits``' shape minus its last axis."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"accuracy needs labels of shape {list(logits.shape[:-1])} for logits of shape "
+                         f"{list(logits.shape)}, got {list(labels.shape)}")
     return (logits.argmax(-1) == labels).to(torch.float32).mean()

@@ -65,7 +65,11 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                eps: float = 1e-5) -> Tensor:
     """``F.batch_norm`` from elementary operations; never updates running statistics (see :func:`decomposed_norms`)."""
     channel = [1, -1] + [1] * (input.dim() - 2)
-    if training or running_mean is None:
+    if training and input.numel() // input.shape[1] <= 1:  # as F.batch_norm: no variance from one value
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(input.shape)}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm in evaluation mode (training=False) needs running_mean and running_var")
+    if training:
         y = _normalise(input, [0, *range(2, input.dim())], eps)
     else:
         y = _with_statistics(input, running_mean, running_var, eps)

@@ -23,6 +23,8 @@ def mean_ci95_from_stats(total: Tensor, total_sq: Tensor, n: Tensor) -> tuple[Te
         >>> m, h = mean_ci95_from_stats(x.sum(), (x**2).sum(), torch.tensor(3.0))
         >>> round(m.item(), 4), round(h.item(), 4)
         (0.9, 0.1132)
+        >>> mean_ci95_from_stats(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(0.0))
+        (tensor(nan, dtype=torch.float64), tensor(nan, dtype=torch.float64))
 
     """
     n = n.to(torch.float64)
@@ -33,6 +35,7 @@ def mean_ci95_from_stats(total: Tensor, total_sq: Tensor, n: Tensor) -> tuple[Te
     var = var.clamp(min=0.0)  # guard rounding below zero
     half = Z95 * torch.sqrt(var) / torch.sqrt(n)
     half = torch.where(n > 1, half, torch.zeros_like(half))
+    half = torch.where(n == 0, torch.full_like(half, math.nan), half)  # no episodes: no interval either
     return mean, half
 
 

@@ -24,6 +24,7 @@ methods: importing this module, or :mod:`lightning_meta`, never imports it.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -275,6 +276,8 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
         _require_deepspeed(type(self).__name__)
         if stage not in (0, 1, 2, 3):
             raise MetaConfigError(f"stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+        if isinstance(kwargs.get("config"), dict):  # Lightning and check_meta_module write into it: keep the user's
+            kwargs["config"] = copy.deepcopy(kwargs["config"])
         super().__init__(stage=stage, **kwargs)
         # Lightning's launcher and this strategy write rendezvous variables (LOCAL_RANK, WORLD_SIZE,
         # MASTER_PORT, ...) into the launching process. After an in-process single-process run
