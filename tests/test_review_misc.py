@@ -155,3 +155,26 @@ def test_replay_running_stats_refuses_statistics_that_do_not_fit():
         replay_running_stats(torch.zeros(3, 4), torch.ones(3, 4), torch.rand(2, 4), torch.rand(2, 4), 0.1, rows=[0, -1])
     out, _, _ = replay_running_stats(mean, var, torch.ones(1, 4), torch.ones(1, 4), 0.5)
     torch.testing.assert_close(out, torch.full((4,), 0.5))
+
+
+def test_least_used_refuses_more_rows_than_slots():
+    from lightning_meta.functional.sequence import least_used
+
+    usage = torch.tensor([[0.3, 0.1, 0.2]])
+    assert least_used(usage, 2).argmax(-1).tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="n=4 slots"):
+        least_used(usage, 4)
+
+
+@pytest.mark.parametrize("name", ["Conv4", "ResNet12"])
+def test_flattening_backbones_refuse_images_of_another_size(name):
+    """Used directly, a Conv4(image_size=28) fed 84x84 images returned 200 features while out_features said 8."""
+    import lightning_meta.backbones as backbones
+
+    if name == "Conv4":
+        net = backbones.Conv4(1, 2, image_size=28)
+    else:
+        net = backbones.ResNet12(1, channels=(2, 2, 2, 2), image_size=28)
+    assert net(torch.zeros(1, 1, 28, 28)).shape == (1, net.out_features)
+    with pytest.raises(ValueError, match="image_size matching the data"):
+        net(torch.zeros(1, 1, 84, 84))

@@ -86,4 +86,11 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``[b, C, H, W] -> [b, out_features]`` (or ``[b, *out_shape]`` when ``flatten=False``)."""
         out = self.encoder(x)
-        return torch.flatten(out, 1) if self.flatten else out
+        if not self.flatten:
+            return out
+        out = torch.flatten(out, 1)
+        if out.shape[-1] != self.out_features:  # heads and prototypes are sized from out_features
+            raise ValueError(f"Conv4 built for {self.image_size}x{self.image_size} images (out_features="
+                             f"{self.out_features}) got images of {list(x.shape[-2:])}, giving {out.shape[-1]} "
+                             "features; build it with image_size matching the data")
+        return out

@@ -138,4 +138,11 @@ class ResNet12(nn.Module):
         out = self.blocks(x)
         if self.global_pool:
             return out.mean(dim=(-2, -1))
-        return torch.flatten(out, 1) if self.flatten else out
+        if not self.flatten:
+            return out
+        out = torch.flatten(out, 1)
+        if out.shape[-1] != self.out_features:  # heads and prototypes are sized from out_features
+            raise ValueError(f"ResNet12 built for {self.image_size}x{self.image_size} images (out_features="
+                             f"{self.out_features}) got images of {list(x.shape[-2:])}, giving {out.shape[-1]} "
+                             "features; build it with image_size matching the data (or global_pool=True)")
+        return out

@@ -137,5 +137,7 @@ def least_used(usage: Tensor, n: int) -> Tensor:
 
     Ties go to the lower slot index, so an empty memory is filled from slot 0 upwards.
     """
+    if not 0 < n <= usage.shape[-1]:
+        raise ValueError(f"least_used: n={n} slots asked of a memory with {usage.shape[-1]}; use 1 <= n <= slots")
     idx = torch.sort(usage, dim=-1, stable=True).indices[:, :n]  # [b, n]
     return F.one_hot(idx, usage.shape[-1]).to(usage.dtype)
