@@ -163,9 +163,13 @@ class MetaCLI(LightningCLI):
             help="After `fit`, run `test` on the final model (the meta-test accuracy ± 95% CI is logged and printed).",
         )
 
+    def _subcommand_config(self):
+        """The parsed configuration of the running subcommand (the whole one without subcommands)."""
+        return self.config.get(self.subcommand, {}) if self.subcommand else self.config
+
     def before_instantiate_classes(self) -> None:  # noqa: D102
         check_slurm_settings()  # before Lightning's SLURMEnvironment raises its own --ntasks error as a traceback
-        cfg = self.config.get(self.subcommand, {}) if self.subcommand else self.config
+        cfg = self._subcommand_config()
         _check_linked_ways(cfg)
         ckpt = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
         if (isinstance(ckpt, str) and ckpt not in _SPECIAL_CKPT and not ckpt.startswith("registry:")
@@ -182,7 +186,7 @@ class MetaCLI(LightningCLI):
         shipped configs' TensorBoardLogger every run logs to a new ``version_N`` folder, where no
         ``last.ckpt`` exists yet, so the error names the newest one of the earlier versions.
         """
-        cfg = self.config.get(self.subcommand, {}) if self.subcommand else self.config
+        cfg = self._subcommand_config()
         if (cfg.get("ckpt_path") if hasattr(cfg, "get") else None) != "last":
             return
         from lightning.pytorch.trainer.states import TrainerFn
@@ -228,7 +232,7 @@ class MetaCLI(LightningCLI):
         A run stopped by :class:`~lightning_meta.callbacks.PreemptionCheckpoint` (or interrupted)
         is not tested: its model is partly trained, and the requeued job tests when it finishes.
         """
-        if not self.config.get(self.subcommand, {}).get("test_after_fit", False):
+        if not self._subcommand_config().get("test_after_fit", False):
             return
         preempted = [cb.saved_path for cb in self.trainer.callbacks if getattr(cb, "saved_path", None)]
         if preempted or self.trainer.interrupted:

@@ -85,7 +85,6 @@ def parameter_keys(names: Sequence[str]) -> dict[str, str]:
     return keys
 
 
-# --- bf16: float32 fast weights in a low-precision module (lightning_meta.functional.precision) ---
 def _detach_rates(rates: Any) -> Any:
     """``rates`` (a float, a tensor, a mapping of tensors or a callable ``step -> rates``) without autograd history."""
     if callable(rates):
@@ -95,6 +94,7 @@ def _detach_rates(rates: Any) -> Any:
     return rates.detach() if isinstance(rates, Tensor) else rates
 
 
+# --- bf16: float32 fast weights in a low-precision module (lightning_meta.functional.precision) ---
 class _TaskHead(nn.Linear):
     """The linear task head; a bf16/fp16 input with float32 (fast) weights runs under autocast (ANIL calls it alone)."""
 

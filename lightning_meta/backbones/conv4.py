@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
+
+from lightning_meta.backbones._shapes import flatten_checked
 
 __all__ = ["Conv4"]
 
@@ -32,6 +33,7 @@ class Conv4(nn.Module):
         flatten: return ``[b, out_features]`` (default) or the feature maps ``[b, *out_shape]``.
 
     Example:
+        >>> import torch
         >>> net = Conv4(in_channels=1, hidden=64, image_size=28)
         >>> net(torch.zeros(2, 1, 28, 28)).shape, net.out_features
         (torch.Size([2, 64]), 64)
@@ -86,11 +88,4 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``[b, C, H, W] -> [b, out_features]`` (or ``[b, *out_shape]`` when ``flatten=False``)."""
         out = self.encoder(x)
-        if not self.flatten:
-            return out
-        out = torch.flatten(out, 1)
-        if out.shape[-1] != self.out_features:  # heads and prototypes are sized from out_features
-            raise ValueError(f"Conv4 built for {self.image_size}x{self.image_size} images (out_features="
-                             f"{self.out_features}) got images of {list(x.shape[-2:])}, giving {out.shape[-1]} "
-                             "features; build it with image_size matching the data")
-        return out
+        return flatten_checked(self, out, x) if self.flatten else out

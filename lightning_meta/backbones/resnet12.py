@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
+
+from lightning_meta.backbones._shapes import flatten_checked
 
 __all__ = ["ResNet12", "ResNet12Block"]
 
@@ -32,6 +33,7 @@ class ResNet12Block(nn.Module):
         negative_slope: slope of the leaky ReLU.
 
     Example:
+        >>> import torch
         >>> ResNet12Block(3, 8)(torch.zeros(2, 3, 21, 21)).shape
         torch.Size([2, 8, 10, 10])
 
@@ -77,6 +79,7 @@ class ResNet12(nn.Module):
             (ignored with ``global_pool``).
 
     Example:
+        >>> import torch
         >>> net = ResNet12(in_channels=1, channels=(8, 16, 16, 32), image_size=28)
         >>> net(torch.zeros(2, 1, 28, 28)).shape, net.out_features, net.out_shape
         (torch.Size([2, 32]), 32, (32, 1, 1))
@@ -138,11 +141,4 @@ class ResNet12(nn.Module):
         out = self.blocks(x)
         if self.global_pool:
             return out.mean(dim=(-2, -1))
-        if not self.flatten:
-            return out
-        out = torch.flatten(out, 1)
-        if out.shape[-1] != self.out_features:  # heads and prototypes are sized from out_features
-            raise ValueError(f"ResNet12 built for {self.image_size}x{self.image_size} images (out_features="
-                             f"{self.out_features}) got images of {list(x.shape[-2:])}, giving {out.shape[-1]} "
-                             "features; build it with image_size matching the data (or global_pool=True)")
-        return out
+        return flatten_checked(self, out, x, " (or global_pool=True)") if self.flatten else out

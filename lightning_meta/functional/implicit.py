@@ -38,7 +38,8 @@ def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: fl
     rs = _dot(r, r)
     stop = tol * rs.item()
     for _ in range(steps):
-        if rs.item() <= stop or rs.item() == 0.0:
+        residual = rs.item()  # one host sync per iteration for the stopping test
+        if residual <= stop or residual == 0.0:
             break
         ap = matvec(p)
         curvature = _dot(p, ap)
