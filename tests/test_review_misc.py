@@ -178,3 +178,37 @@ def test_flattening_backbones_refuse_images_of_another_size(name):
     assert net(torch.zeros(1, 1, 28, 28)).shape == (1, net.out_features)
     with pytest.raises(ValueError, match="image_size matching the data"):
         net(torch.zeros(1, 1, 84, 84))
+
+
+def test_a_checkout_without_an_editable_install_finds_datamodules_and_callbacks():
+    """``python -m lightning_meta`` from the repository root after a non-editable install.
+
+    The checkout's ``lightning_meta/`` then shadows the installed package and has no
+    ``datamodules``/``callbacks`` folders of its own. ``python -S`` reproduces that: no ``.pth``
+    file runs, so the editable install's finder is absent, while ``PYTHONPATH`` still offers the
+    environment's packages (torch, lightning).
+    """
+    import os
+    import site
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages())}
+    probe = (
+        "import lightning_meta.datamodules as d, lightning_meta.callbacks as c;"
+        "from lightning_meta.datamodules import SinusoidDataModule;"
+        "print(d.__file__); print(c.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", probe], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(root / "datamodules" / "__init__.py"), str(root / "callbacks" / "__init__.py")]
+    cli = subprocess.run(
+        [sys.executable, "-S", "-m", "lightning_meta", "fit", "--help"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert "--trainer" in cli.stdout
