@@ -89,8 +89,10 @@ class MetaBatchSampler(DistributedSampler):
         self.rank = rank
         self.world_size = world_size
         self.train = train
-        self.epoch = 0
         self.resume = resume  # (epoch, batches already consumed in that epoch)
+        # A resumed fit may iterate the loader before its first set_epoch, and worker processes then
+        # draw their first keys at once: start at the resumed epoch, not at epoch 0.
+        self.epoch = resume[0] if train and resume is not None else 0
         # attributes Lightning may read from a DistributedSampler
         self.num_replicas, self.shuffle, self.drop_last, self.seed, self.dataset = world_size, False, False, 0, None
         if train and batch_size % world_size:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["MetaConfigError", "ShardError"]
+import math
+
+__all__ = ["MetaConfigError", "ShardError", "require_positive"]
 
 
 class MetaConfigError(ValueError):
@@ -22,3 +24,23 @@ class MetaConfigError(ValueError):
 
 class ShardError(MetaConfigError):
     """Shards are missing, truncated, corrupt or inconsistent with their index."""
+
+
+def require_positive(name: str, value: float, why: str) -> float:
+    """Return ``float(value)``, or raise :class:`MetaConfigError` unless it is finite and > 0.
+
+    ``value <= 0`` alone lets NaN through; this refuses NaN and infinities too.
+
+    Example:
+        >>> require_positive("temperature", 0.5, "logits are divided by it")
+        0.5
+        >>> require_positive("temperature", float("nan"), "logits are divided by it")
+        Traceback (most recent call last):
+        ...
+        lightning_meta.errors.MetaConfigError: temperature=nan must be > 0 and finite (logits are divided by it)
+
+    """
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise MetaConfigError(f"{name}={value} must be > 0 and finite ({why})")
+    return number

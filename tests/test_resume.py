@@ -20,9 +20,10 @@ class Recorder(Callback):
         self.seen.append((trainer.global_step, float(batch.support_x.sum()) + float(batch.query_y.sum())))
 
 
-def _run(tmp_path, max_steps, ckpt_path=None, every=None):
+def _run(tmp_path, max_steps, ckpt_path=None, every=None, num_workers=0):
     torch.manual_seed(0)
-    dm = SinusoidDataModule(meta_batch_size=4, train_episodes=20, val_episodes=4, eval_meta_batch_size=4)
+    dm = SinusoidDataModule(meta_batch_size=4, train_episodes=20, val_episodes=4, eval_meta_batch_size=4,
+                            num_workers=num_workers)
     model = MAML(MLP(1, [8]), task="regression", inner_lr=0.01)
     rec = Recorder()
     callbacks = [rec]
@@ -45,6 +46,21 @@ def test_resume_continues_identical_episodes(tmp_path, stop):
     second, resumed_model = _run(tmp_path / "b", max_steps=12, ckpt_path=str(ckpt))
     assert first == full[:stop]
     assert [s for _, s in second] == [s for _, s in full[stop:]]
+    for a, b in zip(full_model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_resume_in_a_later_epoch_with_worker_processes(tmp_path):
+    """A resumed fit iterates the loader before its first ``set_epoch``; workers draw keys at once.
+
+    The sampler used to start from epoch 0 there, so with ``num_workers > 0`` the rest of the
+    resumed epoch replayed epoch 0's episodes (epoch 0 itself looked exact: both are 0).
+    """
+    full, full_model = _run(tmp_path / "full", max_steps=9, num_workers=2)
+    _run(tmp_path / "a", max_steps=7, every=7, num_workers=2)  # epoch 1, batch 2 of 5
+    second, resumed_model = _run(tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "a" / "step=7.ckpt"),
+                                 num_workers=2)
+    assert [s for _, s in second] == [s for _, s in full[7:]]
     for a, b in zip(full_model.parameters(), resumed_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import MetaConfigError, require_positive
 from lightning_meta.fit_progress import repair_fit_progress
 from lightning_meta.functional.bn_sync import RunningStatsSync
 from lightning_meta.metrics import EpisodicMean
@@ -72,10 +72,9 @@ class MetaLearner(L.LightningModule):
             raise MetaConfigError(f"task={task!r} is not supported; use 'classification' or 'regression'")
         if task == "classification" and ways < 2:
             raise MetaConfigError(f"ways={ways} is too small for classification; use ways >= 2")
-        if lr <= 0:
-            raise MetaConfigError(f"lr={lr} must be positive; typical values are 1e-3 (Adam)")
-        if weight_decay < 0:
-            raise MetaConfigError(f"weight_decay={weight_decay} must be >= 0")
+        require_positive("lr", lr, "typical values are 1e-3 with Adam")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise MetaConfigError(f"weight_decay={weight_decay} must be a finite number >= 0")
         self.ways = ways
         self.task = task
         self.lr = lr
@@ -128,8 +127,24 @@ class MetaLearner(L.LightningModule):
             return (outputs.argmax(-1) == targets).to(torch.float32).mean()
         return F.mse_loss(outputs, targets)
 
+    def _overridden_below(self, hook: str, batched: str) -> bool:
+        """Tell whether ``type(self)`` defines ``hook`` in a subclass of the class defining ``batched``.
+
+        A subclass that overrides :meth:`loss_fn` (or :meth:`score_fn`) alone must not be bypassed
+        by the batched :meth:`per_task_loss` (:meth:`per_task_score`) written for the default.
+        """
+        mro = type(self).__mro__
+        where = {name: next(i for i, c in enumerate(mro) if name in c.__dict__) for name in (hook, batched)}
+        return where[hook] < where[batched]
+
     def per_task_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """``[B]`` losses of ``B`` tasks at once (equal to :meth:`loss_fn` per task)."""
+        """``[B]`` losses of ``B`` tasks at once (equal to :meth:`loss_fn` per task).
+
+        A subclass that overrides :meth:`loss_fn` but not this method gets its ``loss_fn`` called
+        on each task.
+        """
+        if self._overridden_below("loss_fn", "per_task_loss"):
+            return torch.stack([self.loss_fn(o, t) for o, t in zip(outputs, targets, strict=True)])
         if self.task == "classification":
             b = outputs.shape[0]
             ce = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none")
@@ -137,7 +152,13 @@ class MetaLearner(L.LightningModule):
         return (outputs - targets).pow(2).flatten(1).mean(1)
 
     def per_task_score(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """``[B]`` scores of ``B`` tasks at once (equal to :meth:`score_fn` per task)."""
+        """``[B]`` scores of ``B`` tasks at once (equal to :meth:`score_fn` per task).
+
+        A subclass that overrides :meth:`score_fn` but not this method gets its ``score_fn``
+        called on each task.
+        """
+        if self._overridden_below("score_fn", "per_task_score"):
+            return torch.stack([self.score_fn(o, t) for o, t in zip(outputs, targets, strict=True)])
         if self.task == "classification":
             return (outputs.argmax(-1) == targets).to(torch.float32).flatten(1).mean(1)
         return (outputs - targets).pow(2).flatten(1).mean(1)
@@ -150,6 +171,15 @@ class MetaLearner(L.LightningModule):
                 "use a lightning_meta datamodule or collate_episodes"
             )
         is_regression = batch.ways == 0
+        for part in ("support", "query"):
+            x, y = getattr(batch, f"{part}_x"), getattr(batch, f"{part}_y")
+            lead = y.dim() - 1 if is_regression else y.dim()  # regression targets end in [..., 1]
+            if x.shape[:lead] != y.shape[:lead]:
+                raise MetaConfigError(
+                    f"{part}_x of shape {list(x.shape)} does not match {part}_y of shape {list(y.shape)}: every "
+                    f"{part} example needs one label (the first {lead} dimensions must be equal); check how the "
+                    "episodes are built"
+                )
         if is_regression != (self.task == "regression"):
             raise MetaConfigError(
                 f"model task={self.task!r} but the datamodule produces "

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import MetaConfigError, require_positive
 from lightning_meta.functional.metric import cosine_similarity
 
 __all__ = ["AttentionLSTM", "MatchingNet", "MatchingState", "SupportLSTM", "matching_attention", "matching_log_probs"]
@@ -189,8 +189,7 @@ class MatchingNet(MetaLearner):
         super().__init__(
             ways=ways, task="classification", lr=lr, weight_decay=weight_decay, per_task_backward=per_task_backward
         )
-        if temperature <= 0:
-            raise MetaConfigError(f"temperature={temperature} must be > 0 (similarities are divided by it)")
+        require_positive("temperature", temperature, "similarities are divided by it")
         if fce and fce_steps < 1:
             raise MetaConfigError(f"fce_steps={fce_steps} must be >= 1 with fce=True (or set fce=False)")
         if embedding_dim is None:
@@ -204,12 +203,22 @@ class MatchingNet(MetaLearner):
         self.backbone = backbone
         self.fce = fce
         self.embedding_dim = embedding_dim
-        self.temperature = temperature
+        self._temperature = float(temperature)
         if fce:
             self.support_lstm = SupportLSTM(embedding_dim)
             self.query_lstm = AttentionLSTM(embedding_dim, fce_steps)
 
     # ------------------------------------------------------------ helpers
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature; setting it checks it and updates ``hparams`` (checkpoints keep it)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = require_positive("temperature", value, "similarities are divided by it")
+        self.hparams["temperature"] = self._temperature  # a checkpoint rebuilds the model from its hyperparameters
+
     def _check_embedding(self, emb: Tensor) -> None:
         if self.fce and (emb.dim() != 2 or emb.shape[-1] != self.embedding_dim):
             raise MetaConfigError(
@@ -270,8 +279,9 @@ class MatchingNet(MetaLearner):
         if self._overrides_hooks_of(MatchingNet):
             return MetaLearner.meta_loss(self, batch)
         log_p = self._batched_log_probs(batch)
-        self._train_scores = (log_p.detach().argmax(-1) == batch.query_y).float().mean(1)
-        return F.nll_loss(log_p.flatten(0, 1), batch.query_y.flatten())
+        self._train_scores = self.per_task_score(log_p.detach(), batch.query_y)
+        # cross-entropy of log probabilities is their negative log-likelihood (log_softmax leaves them)
+        return self.per_task_loss(log_p, batch.query_y).mean()
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
         """Per-episode query accuracy (through :meth:`adapt` / :meth:`predict` when a subclass overrides them)."""
@@ -279,4 +289,4 @@ class MatchingNet(MetaLearner):
             return MetaLearner.evaluate(self, batch)
         with torch.no_grad():
             log_p = self._batched_log_probs(batch)
-        return {"acc": (log_p.argmax(-1) == batch.query_y).float().mean(1)}
+        return {self.score_name: self.per_task_score(log_p, batch.query_y)}

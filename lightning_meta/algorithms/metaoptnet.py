@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import MetaConfigError, require_positive
 from lightning_meta.functional.precision import in_float32
 from lightning_meta.functional.ridge import ridge_logits, ridge_regression
 
@@ -19,6 +19,9 @@ __all__ = ["MetaOptNet"]
 def _apply_ridge(x: Tensor, weights: Tensor) -> Tensor:
     """``x @ weights`` in float32 with autocast off, as :func:`ridge_logits` computes the batched path."""
     return x @ weights
+
+
+_RIDGE_WHY = "it keeps the support system invertible; the authors use 50 with ResNet-12 features"
 
 
 class MetaOptNet(MetaLearner):
@@ -67,21 +70,26 @@ class MetaOptNet(MetaLearner):
         super().__init__(
             ways=ways, task="classification", lr=lr, weight_decay=weight_decay, per_task_backward=per_task_backward
         )
-        if ridge_lambda <= 0:
-            raise MetaConfigError(
-                f"ridge_lambda={ridge_lambda} must be > 0 (it keeps the support system invertible); "
-                "the authors use 50 with ResNet-12 features"
-            )
-        if scale <= 0:
-            raise MetaConfigError(f"scale={scale} must be > 0 (logits are scale * ridge predictions)")
+        require_positive("ridge_lambda", ridge_lambda, _RIDGE_WHY)
+        require_positive("scale", scale, "logits are scale * ridge predictions")
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
-        self.ridge_lambda = ridge_lambda
+        self._ridge_lambda = float(ridge_lambda)
         self.learn_scale = learn_scale
         if learn_scale:
             self.scale = nn.Parameter(torch.tensor(float(scale)))
         else:
             self.register_buffer("scale", torch.tensor(float(scale)))
+
+    @property
+    def ridge_lambda(self) -> float:
+        """The ridge penalty; setting it checks it and updates ``hparams`` (checkpoints keep it)."""
+        return self._ridge_lambda
+
+    @ridge_lambda.setter
+    def ridge_lambda(self, value: float) -> None:
+        self._ridge_lambda = require_positive("ridge_lambda", value, _RIDGE_WHY)
+        self.hparams["ridge_lambda"] = self._ridge_lambda  # a checkpoint rebuilds the model from its hyperparameters
 
     def _embed(self, x: Tensor) -> Tensor:
         emb = self.backbone(x)
@@ -135,8 +143,8 @@ class MetaOptNet(MetaLearner):
         if self._overrides_hooks_of(MetaOptNet):
             return MetaLearner.meta_loss(self, batch)
         logits = self._batched_logits(batch)
-        self._train_scores = (logits.detach().argmax(-1) == batch.query_y).float().mean(1)
-        return F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        self._train_scores = self.per_task_score(logits.detach(), batch.query_y)
+        return self.per_task_loss(logits, batch.query_y).mean()
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
         """Per-episode query accuracy (through :meth:`adapt` / :meth:`predict` when a subclass overrides them)."""
@@ -144,4 +152,4 @@ class MetaOptNet(MetaLearner):
             return MetaLearner.evaluate(self, batch)
         with torch.no_grad():
             logits = self._batched_logits(batch)
-        return {"acc": (logits.argmax(-1) == batch.query_y).float().mean(1)}
+        return {self.score_name: self.per_task_score(logits, batch.query_y)}

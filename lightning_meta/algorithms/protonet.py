@@ -6,12 +6,11 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import MetaConfigError, require_positive
 from lightning_meta.functional import pairwise_distance, prototypes
 
 __all__ = ["ProtoNet"]
@@ -63,8 +62,7 @@ class ProtoNet(MetaLearner):
         )
         if distance not in ("euclidean", "cosine"):
             raise MetaConfigError(f"distance={distance!r} is not supported; use 'euclidean' or 'cosine'")
-        if temperature <= 0:
-            raise MetaConfigError(f"temperature={temperature} must be > 0 (logits are -distance / temperature)")
+        require_positive("temperature", temperature, "logits are -distance / temperature")
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.distance = distance
@@ -80,8 +78,7 @@ class ProtoNet(MetaLearner):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        if value <= 0:
-            raise MetaConfigError(f"temperature={value} must be > 0 (logits are -distance / temperature)")
+        require_positive("temperature", value, "logits are -distance / temperature")
         if self.learn_temperature:
             with torch.no_grad():
                 self.log_temperature.fill_(math.log(value))
@@ -122,8 +119,8 @@ class ProtoNet(MetaLearner):
         if self._overrides_hooks_of(ProtoNet):
             return MetaLearner.meta_loss(self, batch)
         logits = self._batched_logits(batch)
-        self._train_scores = (logits.detach().argmax(-1) == batch.query_y).float().mean(1)
-        return F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        self._train_scores = self.per_task_score(logits.detach(), batch.query_y)
+        return self.per_task_loss(logits, batch.query_y).mean()
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
         """Per-episode query accuracy (through :meth:`adapt` / :meth:`predict` when a subclass overrides them)."""
@@ -131,7 +128,7 @@ class ProtoNet(MetaLearner):
             return MetaLearner.evaluate(self, batch)
         with torch.no_grad():
             logits = self._batched_logits(batch)
-        return {"acc": (logits.argmax(-1) == batch.query_y).float().mean(1)}
+        return {self.score_name: self.per_task_score(logits, batch.query_y)}
 
     def _batched_query_outputs(self, batch: Episode) -> Tensor | None:
         """The logits :meth:`evaluate` scores (None when a subclass overrides the hooks): used by ``predict_step``."""

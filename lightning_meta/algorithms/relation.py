@@ -94,8 +94,16 @@ class RelationModule(nn.Module):
         self.fc = nn.Sequential(nn.Linear(channels * side * side, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, pairs: Tensor) -> Tensor:
-        """``[p, 2C, H, W]`` pairs -> ``[p]`` relation scores in ``(0, 1)``."""
-        return torch.sigmoid(self.fc(torch.flatten(self.convs(pairs), 1))).squeeze(-1)
+        """``[p, 2C, H, W]`` pairs -> ``[p]`` relation scores in ``(0, 1)``.
+
+        The two small fully connected layers and the sigmoid run without autocast, in the
+        parameters' dtype (float32 under ``bf16-mixed``): scores rounded to bf16 near 0.5 are
+        2^-8 apart, and most queries of an untrained model then tie for the arg-max.
+        """
+        h = torch.flatten(self.convs(pairs), 1)
+        with torch.autocast(h.device.type, enabled=False):
+            logits = self.fc(h.to(self.fc[0].weight.dtype))
+        return torch.sigmoid(logits).squeeze(-1)
 
 
 class RelationNet(MetaLearner):
@@ -220,6 +228,13 @@ class RelationNet(MetaLearner):
         """Mean squared error between relation scores and one-hot targets (Sung et al. 2018)."""
         return F.mse_loss(outputs, F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype))
 
+    def per_task_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``[B]`` relation-score MSEs of ``B`` tasks at once (:meth:`loss_fn` per task)."""
+        if self._overridden_below("loss_fn", "per_task_loss"):
+            return super().per_task_loss(outputs, targets)
+        one_hot = F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
+        return (outputs - one_hot).pow(2).flatten(1).mean(1)
+
     def _batched_query_outputs(self, batch: Episode) -> Tensor | None:
         """The relation scores :meth:`evaluate` scores (None when a subclass overrides the hooks)."""
         if self._overrides_hooks_of(RelationNet):
@@ -237,8 +252,8 @@ class RelationNet(MetaLearner):
         if self._overrides_hooks_of(RelationNet):
             return MetaLearner.meta_loss(self, batch)
         scores = self._batched_scores(batch)
-        self._train_scores = (scores.detach().argmax(-1) == batch.query_y).float().mean(1)
-        return self.loss_fn(scores, batch.query_y)
+        self._train_scores = self.per_task_score(scores.detach(), batch.query_y)
+        return self.per_task_loss(scores, batch.query_y).mean()
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
         """Per-episode query accuracy (through :meth:`adapt` / :meth:`predict` when a subclass overrides them)."""
@@ -246,4 +261,4 @@ class RelationNet(MetaLearner):
             return MetaLearner.evaluate(self, batch)
         with torch.no_grad():
             scores = self._batched_scores(batch)
-        return {"acc": (scores.argmax(-1) == batch.query_y).float().mean(1)}
+        return {self.score_name: self.per_task_score(scores, batch.query_y)}

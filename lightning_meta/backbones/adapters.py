@@ -297,7 +297,14 @@ def _channels(m: nn.Module) -> tuple[int, int] | None:
     if isinstance(m, nn.GroupNorm):
         return m.num_channels, 1
     if isinstance(m, nn.LayerNorm):
-        return m.normalized_shape[-1], -1
+        shape = tuple(m.normalized_shape)
+        if len(shape) != 1:  # normalised over several dimensions: none of them is known to hold channels
+            return None
+        if type(m).forward is nn.LayerNorm.forward:  # nn.LayerNorm normalises the last dimension
+            return shape[0], -1
+        if type(m).__name__ == "LayerNorm2d":  # torchvision's and timm's: channels-first maps, over C
+            return shape[0], 1
+        return None  # a subclass with its own forward: its channel dimension is unknown
     if isinstance(m, nn.modules.conv._ConvNd):
         return m.out_channels, 1
     if isinstance(m, nn.Linear):
@@ -322,6 +329,9 @@ def add_film(module: nn.Module, target: str | None = None, context_dim: int = 0)
         target: regular expression searched in qualified module names; the matching layers must
             be normalisation layers (BatchNorm, GroupNorm, InstanceNorm, LayerNorm), convolutions or
             Linear layers (their output channels are known). ``None``: every normalisation layer.
+            A ``LayerNorm`` counts when it normalises one dimension: ``nn.LayerNorm`` modulates the
+            last one, a channels-first ``LayerNorm2d`` (torchvision, timm) dimension 1; a LayerNorm
+            over several dimensions is refused, since no dimension is known to hold the channels.
         context_dim: 0 for plain FiLM parameters, > 0 for CAVIA context vectors of that size.
 
     Returns:
@@ -354,9 +364,13 @@ def add_film(module: nn.Module, target: str | None = None, context_dim: int = 0)
         )
     for name, m in chosen:  # every check before any change: a refused call leaves the module untouched
         if _channels(m) is None:
+            why = (f" (a LayerNorm over {list(m.normalized_shape)}: a LayerNorm over several dimensions, or a "
+                   "subclass with its own forward other than LayerNorm2d, does not tell which output dimension "
+                   "holds the channels)" if isinstance(m, nn.LayerNorm) else "")
             raise MetaConfigError(
                 f"add_film target={target!r} matches {name!r} ({type(m).__name__}), whose output channels are "
-                "unknown; match normalisation, convolution or Linear layers only (anchor the expression, e.g. '$')"
+                f"unknown{why}; match normalisation, convolution or Linear layers only (anchor the expression, "
+                "e.g. '$'), or a layer after it whose channels are known"
             )
         if hasattr(m, "modulation"):
             raise MetaConfigError(f"layer {name!r} already has a FiLM modulation; call add_film once per layer")

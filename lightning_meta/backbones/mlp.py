@@ -65,7 +65,8 @@ class MLP(nn.Module):
         if self.init == "truncated_normal":
             with torch.no_grad():
                 nn.init.trunc_normal_(layer.weight, std=self.init_std, a=-2 * self.init_std, b=2 * self.init_std)
-                nn.init.zeros_(layer.bias)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[b, ...] -> [b, out_features]``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,7 +48,9 @@ class TorchvisionBackbone(nn.Module):
 
     Works with any ``nn.Module`` whose head is an attribute (torchvision's ``fc``, ``head``,
     ``heads`` or ``classifier``; or name it with ``head``). ``out_features`` is the input size of the
-    first ``nn.Linear`` of the removed head, or given explicitly. Outputs are flattened to
+    first ``nn.Linear`` of the removed head, or given explicitly. When the head is an
+    ``nn.Sequential``, its layers before that Linear stay (Dropout excepted): ConvNeXt's final
+    LayerNorm and MaxViT's pooling and LayerNorm are part of the features. Outputs are flattened to
     ``[b, out_features]``; tuple outputs (GoogLeNet/Inception auxiliary logits in training) keep
     their first element. torchvision is not a dependency of lightning-meta: install it to wrap its
     models. Nothing is downloaded: load pre-trained weights from a local file with ``weights_path``.
@@ -71,7 +74,8 @@ class TorchvisionBackbone(nn.Module):
             ``nn.Linear``.
         weights_path: a local state dict (``torch.save(model.state_dict())``, or a checkpoint with a
             ``state_dict`` entry) loaded, strictly, into the full model before the head is removed.
-        freeze: set ``requires_grad=False`` on every parameter (a fixed pre-trained body; pair it
+        freeze: set ``requires_grad=False`` on every parameter and keep the BatchNorm layers in
+            evaluation mode, their running statistics fixed (a fixed pre-trained body; pair it
             with :class:`~lightning_meta.backbones.adapters.LoRABackbone` or
             :class:`~lightning_meta.backbones.adapters.FiLMBackbone` adapters, or ANIL).
 
@@ -113,13 +117,48 @@ class TorchvisionBackbone(nn.Module):
             out_features = inferred
         elif out_features < 1:
             raise MetaConfigError(f"out_features={out_features} must be >= 1")
+        kept = self._feature_layers(removed)
         parent_name, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent_name) if parent_name else net, child, nn.Identity())
+        setattr(net.get_submodule(parent_name) if parent_name else net, child,
+                nn.Sequential(OrderedDict(kept)) if kept else nn.Identity())
         if freeze:
             net.requires_grad_(False)
         self.model = net
         self.stripped = name
+        self.freeze = bool(freeze)
         self.out_features = int(out_features)
+        self.train(self.training)
+
+    @staticmethod
+    def _feature_layers(head: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The layers of a sequential head before its first ``nn.Linear``, Dropout left out.
+
+        They compute the features that the first Linear reads (ConvNeXt's channels-first LayerNorm
+        and Flatten, MaxViT's pooling and LayerNorm), so they stay, under their original names (a
+        state dict of the full model still fits them).
+        """
+        if not isinstance(head, nn.Sequential):
+            return []
+        kept = []
+        for child_name, layer in head.named_children():
+            if any(isinstance(m, nn.Linear) for m in layer.modules()):
+                break
+            if not isinstance(layer, nn.modules.dropout._DropoutNd):
+                kept.append((child_name, layer))
+        return kept
+
+    def train(self, mode: bool = True) -> TorchvisionBackbone:
+        """As ``nn.Module.train``; a frozen body keeps its BatchNorm layers in evaluation mode.
+
+        With ``freeze=True`` the running statistics are part of the fixed pre-trained body: they
+        normalise in training too and are never updated.
+        """
+        super().train(mode)
+        if getattr(self, "freeze", False):
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train(False)
+        return self
 
     @staticmethod
     def _build(model: nn.Module | str, model_kwargs: Mapping[str, Any] | None) -> nn.Module:

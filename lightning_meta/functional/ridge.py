@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -15,7 +16,7 @@ RidgeSolver = Literal["auto", "dual", "primal"]
 
 
 def _check(support: Tensor, targets: Tensor, lam: float) -> None:
-    if lam <= 0:
+    if not (math.isfinite(lam) and lam > 0):
         raise ValueError(f"lam={lam} must be > 0 (the ridge penalty makes the system invertible)")
     if support.dim() < 2 or targets.dim() != support.dim() or support.shape[:-1] != targets.shape[:-1]:
         raise ValueError(

@@ -58,9 +58,11 @@ class EpisodicMean(Metric):
     def update(self, scores: Tensor) -> None:
         """Adds per-episode scores (any shape; each element is one episode)."""
         scores = scores.detach().flatten().to(torch.float64)
-        self.total += scores.sum()
-        self.total_sq += (scores**2).sum()
-        self.n += scores.numel()
+        # out of place: states reset inside an inference_mode block (trainer.validate) are inference
+        # tensors, which a later fit, outside inference mode, may not update in place
+        self.total = self.total + scores.sum()
+        self.total_sq = self.total_sq + (scores**2).sum()
+        self.n = self.n + scores.numel()
 
     def compute(self) -> dict[str, Tensor]:
         """``{"mean", "ci95", "n"}`` where ``ci95`` is the half-width ``1.96 * s / sqrt(n)``."""

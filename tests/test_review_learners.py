@@ -1,0 +1,228 @@
+"""Fixes from the ninth session's reviews of the metric-based learners and the backbones.
+
+Each test here failed before its fix (checked by reverting the fix and running it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from episode_fixtures import cls_batch
+from torch import nn
+
+from lightning_meta import Episode, collate_episodes
+from lightning_meta.algorithms import MAML, MatchingNet, MetaOptNet, ProtoNet, RelationNet
+from lightning_meta.backbones import MLP, Conv4, TorchvisionBackbone, add_film
+from lightning_meta.errors import MetaConfigError
+
+
+def _learner(cls, **kw):
+    if issubclass(cls, RelationNet):
+        return cls(Conv4(1, 8, 16, pool_blocks=2, flatten=False), ways=3, **kw)
+    if issubclass(cls, MetaOptNet):
+        kw.setdefault("ridge_lambda", 1.0)
+    return cls(Conv4(1, 8, 16), ways=3, **kw).double()
+
+
+# ------------------------------------------------------------------ loss_fn / score_fn overrides
+class _Sentinel:
+    """A subclass mixin whose loss is 3 x the default and whose score is a constant."""
+
+    def loss_fn(self, outputs, targets):
+        return 3.0 * super().loss_fn(outputs, targets)
+
+    def score_fn(self, outputs, targets):
+        return torch.tensor(0.25, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cls", [ProtoNet, MatchingNet, MetaOptNet, RelationNet])
+def test_batched_paths_honour_an_overridden_loss_fn_and_score_fn(cls):
+    batch = cls_batch(tasks=2, ways=3, shots=2, queries=2, size=16)
+    if cls is RelationNet:
+        batch = batch.to(torch.float32)
+    torch.manual_seed(0)
+    plain = _learner(cls)
+    torch.manual_seed(0)
+    custom = _learner(type(f"My{cls.__name__}", (_Sentinel, cls), {}))
+    custom.load_state_dict(plain.state_dict())
+    assert torch.allclose(custom.meta_loss(batch), 3.0 * plain.meta_loss(batch), rtol=1e-5)
+    assert custom._train_scores.tolist() == [0.25, 0.25]
+    assert custom.evaluate(batch)["acc"].tolist() == [0.25, 0.25]
+
+
+def test_maml_vmap_honours_an_overridden_loss_fn():
+    class Scaled(MAML):
+        def loss_fn(self, outputs, targets):
+            return 3.0 * F.cross_entropy(outputs, targets)
+
+    batch = cls_batch(tasks=2, ways=3, shots=1, queries=2, size=16, dtype=torch.float32)
+    kw = dict(ways=3, inner_steps=1, task_batching="vmap")
+    torch.manual_seed(0)
+    plain = MAML(Conv4(1, 4, 16), **kw)
+    torch.manual_seed(0)
+    scaled = Scaled(Conv4(1, 4, 16), **kw)
+    # the inner loop also uses loss_fn: compare with the plain learner at three times the inner rate
+    plain.inner_lr = 3.0 * plain.inner_lr
+    assert torch.allclose(scaled.meta_loss(batch), 3.0 * plain.meta_loss(batch), rtol=1e-4)
+
+
+# ------------------------------------------------------------------ check_batch
+@pytest.mark.parametrize("cls", [ProtoNet, MatchingNet, MetaOptNet, RelationNet])
+@pytest.mark.parametrize("part", ["support", "query"])
+def test_examples_and_labels_of_different_lengths_are_refused(cls, part):
+    ep = cls_batch(tasks=1, ways=3, shots=2, queries=2, size=16, dtype=torch.float32).task(0)
+    x = getattr(ep, f"{part}_x")
+    fields = {"support_x": ep.support_x, "support_y": ep.support_y, "query_x": ep.query_x,
+              "query_y": ep.query_y, "classes": ep.classes}
+    fields[f"{part}_x"] = torch.cat([x, x[:1]])  # one image more than labels
+    batch = collate_episodes([Episode(**fields)])
+    with pytest.raises(MetaConfigError, match=f"{part}_x of shape .* does not match {part}_y"):
+        _learner(cls).check_batch(batch)
+
+
+def test_regression_batches_of_matching_lengths_still_pass():
+    model = MAML(MLP(1, [8, 8]), task="regression", ways=0)
+    ep = Episode(torch.randn(3, 5, 1), torch.randn(3, 5, 1), torch.randn(3, 4, 1), torch.randn(3, 4, 1),
+                 torch.zeros(3, 0, dtype=torch.long))
+    model.check_batch(ep)
+
+
+# ------------------------------------------------------------------ hyperparameters set after construction
+def test_matching_temperature_and_ridge_lambda_set_later_survive_a_checkpoint(tmp_path):
+    import lightning as L
+
+    for cls, name, value in ((MatchingNet, "temperature", 0.05), (MetaOptNet, "ridge_lambda", 1e3)):
+        model = _learner(cls)
+        setattr(model, name, value)
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        trainer.strategy.connect(model)
+        path = tmp_path / f"{cls.__name__}.ckpt"
+        trainer.save_checkpoint(path)
+        back = cls.load_from_checkpoint(path, backbone=Conv4(1, 8, 16))
+        assert getattr(back, name) == value
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ProtoNet(Conv4(1, 8, 16), temperature=float("nan")),
+    lambda: MatchingNet(Conv4(1, 8, 16), temperature=float("nan")),
+    lambda: MetaOptNet(Conv4(1, 8, 16), ridge_lambda=float("nan")),
+    lambda: MetaOptNet(Conv4(1, 8, 16), scale=float("inf")),
+    lambda: ProtoNet(Conv4(1, 8, 16), lr=float("nan")),
+])
+def test_nan_and_inf_are_refused_where_a_positive_number_is_needed(make):
+    with pytest.raises(MetaConfigError, match="must be > 0 and finite"):
+        make()
+
+
+def test_setting_a_bad_matching_temperature_later_is_refused():
+    model = _learner(MatchingNet)
+    with pytest.raises(MetaConfigError, match="temperature=0 must be > 0"):
+        model.temperature = 0
+
+
+# ------------------------------------------------------------------ RelationNet under bf16 autocast
+def test_relation_scores_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    batch = cls_batch(tasks=4, ways=5, shots=2, queries=3, size=16, dtype=torch.float32)
+    model = RelationNet(Conv4(1, 16, 16, pool_blocks=2, flatten=False), ways=5).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model._batched_scores(batch)
+    assert scores.dtype == torch.float32
+    top2 = scores.topk(2, -1).values
+    assert (top2[..., 0] == top2[..., 1]).sum() == 0  # bf16 scores tied on most queries
+
+
+# ------------------------------------------------------------------ backbones
+class LayerNorm2d(nn.LayerNorm):
+    """A channels-first LayerNorm as torchvision's and timm's (normalises dimension 1 of [b, C, H, W])."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _convnext_like():
+    net = nn.Module()
+    net.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1))
+    net.classifier = nn.Sequential(LayerNorm2d(8), nn.Flatten(1), nn.Linear(8, 10))
+    net.forward = lambda x: net.classifier(net.features(x))
+    with torch.no_grad():
+        net.classifier[0].weight.uniform_(0.5, 2.0)
+        net.classifier[0].bias.uniform_(-1.0, 1.0)
+    return net
+
+
+def test_torchvision_backbone_keeps_the_heads_layers_before_its_linear():
+    net = _convnext_like()
+    seen = {}
+    net.classifier[2].register_forward_hook(lambda m, args, out: seen.setdefault("x", args[0]))
+    x = torch.randn(4, 3, 12, 12)
+    net(x)
+    state = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("classifier.2")}
+    body = TorchvisionBackbone(net)
+    assert body.out_features == 8
+    torch.testing.assert_close(body(x), seen["x"])  # the penultimate features, LayerNorm included
+    assert {k.removeprefix("model.") for k in body.state_dict()} == set(state)  # original names kept
+
+
+def test_torchvision_backbone_drops_dropout_of_the_head():
+    net = nn.Module()
+    net.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 10))
+    net.forward = lambda x: net.classifier(net.features(x))
+    body = TorchvisionBackbone(net).train()
+    x = torch.randn(4, 3, 12, 12)
+    torch.testing.assert_close(body(x), net.features(x))
+    assert isinstance(net.classifier, nn.Identity)
+
+
+def test_a_frozen_torchvision_body_keeps_its_batchnorm_statistics():
+    def make():
+        net = nn.Module()
+        net.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        net.fc = nn.Linear(8, 10)
+        net.forward = lambda x: net.fc(net.features(x))
+        return net
+
+    frozen = TorchvisionBackbone(make(), freeze=True).train()
+    before = frozen.model.features[1].running_mean.clone()
+    frozen(torch.randn(4, 3, 12, 12) + 3.0)
+    assert torch.equal(frozen.model.features[1].running_mean, before)
+    assert frozen.training and not frozen.model.features[1].training
+    trainable = TorchvisionBackbone(make()).train()
+    trainable(torch.randn(4, 3, 12, 12) + 3.0)
+    assert not torch.equal(trainable.model.features[1].running_mean, before)
+
+
+def test_film_after_a_channels_first_layernorm_modulates_channels():
+    net = nn.Sequential(nn.Conv2d(3, 6, 1), LayerNorm2d(6))
+    assert add_film(net) == ["1"]
+    film = net[1].modulation
+    with torch.no_grad():
+        film.film_scale.copy_(torch.arange(6.0))
+        film.film_shift.copy_(-torch.arange(6.0))
+    x = torch.randn(2, 3, 5, 5)
+    ref = net[1].__class__.forward(net[1], net[0](x))  # the norm's output without the hook
+    expected = ref * (1 + torch.arange(6.0).view(1, 6, 1, 1)) - torch.arange(6.0).view(1, 6, 1, 1)
+    torch.testing.assert_close(net(x), expected)
+
+
+@pytest.mark.parametrize("shape", [[6, 5, 5], [5, 5]])
+def test_film_after_a_layernorm_over_several_dimensions_is_refused(shape):
+    net = nn.Sequential(nn.Conv2d(3, 6, 1), nn.LayerNorm(shape))
+    with pytest.raises(MetaConfigError, match="several dimensions"):
+        add_film(net)
+    assert not hasattr(net[1], "modulation")
+
+
+def test_film_after_a_token_layernorm_still_modulates_the_last_dimension():
+    net = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6))
+    add_film(net)
+    assert net[1].modulation.channel_dim == -1 and net[1].modulation.num_features == 6
+
+
+def test_mlp_init_head_accepts_a_linear_without_bias():
+    mlp = MLP(1, [8], init="truncated_normal")
+    layer = nn.Linear(8, 3, bias=False)
+    mlp.init_head(layer)
+    assert layer.weight.abs().max() <= 2 * mlp.init_std
