@@ -53,9 +53,11 @@ class TestResultWriter(Callback):
     the ``global_step`` saved in the evaluated checkpoint whenever there is one
     (``lightning-meta test|validate --ckpt_path``, or ``trainer.test(ckpt_path="best")`` after
     ``fit`` in the same trainer); the trainer's step when the same trainer ran ``fit`` and the
-    weights it left are evaluated (``--test_after_fit``); ``null`` when it is unknown (no
-    checkpoint, or one that cannot be read). ``evaluation_only`` is true when the trainer trained
-    nothing itself (an evaluation-only run), ``ckpt_path`` names the checkpoint.
+    weights it left are evaluated (``--test_after_fit``), or the step of the checkpoint an earlier
+    ``test``/``validate`` of the same trainer loaded into the same module; ``null`` when it is
+    unknown (no checkpoint, another module, or a checkpoint that cannot be read).
+    ``evaluation_only`` is true when the trainer trained nothing itself (an evaluation-only run),
+    ``ckpt_path`` names the checkpoint.
 
     Args:
         filename: name of the JSON file.
@@ -71,6 +73,9 @@ class TestResultWriter(Callback):
         self.filename = filename
         self._start = time.time()
         self._ckpt_step: int | None = None
+        # (id of the module, optimizer steps of the weights it holds) after the last fit or
+        # checkpoint-loading evaluation of this trainer: a later `test()` without ckpt_path evaluates those
+        self._weights: tuple[int, int | None] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
         self._ckpt_step = None  # runs before Lightning restores a checkpoint (on_load_checkpoint below)
@@ -84,7 +89,10 @@ class TestResultWriter(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._start = time.time()
 
-    def _trained_steps(self, trainer: L.Trainer) -> tuple[int | None, bool]:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._weights = (id(pl_module), trainer.global_step)
+
+    def _trained_steps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int | None, bool]:
         """``(optimizer steps of the evaluated weights or None, evaluation_only)``.
 
         ``evaluation_only`` is true when this trainer trained nothing (its ``global_step`` is 0).
@@ -96,7 +104,13 @@ class TestResultWriter(Callback):
             # Lightning passes the checkpoint to on_load_checkpoint only when it holds callback states
             # (not for save_weights_only checkpoints): read the step from the file then
             step = self._ckpt_step if self._ckpt_step is not None else checkpoint_global_step(trainer.ckpt_path)
+            self._weights = (id(pl_module), step)
             return step, not trained_here
+        if self._weights is not None:
+            # the weights the last fit or checkpoint evaluation left in this module (an earlier
+            # `test(ckpt_path=...)` replaced the fit's); another module's are unknown
+            same = self._weights[0] == id(pl_module)
+            return (self._weights[1] if same else None), not (trained_here and same)
         if trained_here:  # the weights fit left in memory: the trainer's own count
             return trainer.global_step, False
         return None, True  # weights from elsewhere (a fresh model, load_from_checkpoint): unknown
@@ -108,7 +122,7 @@ class TestResultWriter(Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{prefix}/")}
         dm = trainer.datamodule
-        steps, evaluation_only = self._trained_steps(trainer)
+        steps, evaluation_only = self._trained_steps(trainer, pl_module)
         record: dict[str, Any] = {
             "algorithm": type(pl_module).__name__,
             "stage": stage,

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -134,7 +135,11 @@ class _EpisodeCapture(Callback):
         return self._generate_state_key(num_episodes=self.num_episodes, every_n_val=self.every_n_val)
 
     def _due(self, trainer: L.Trainer) -> bool:
-        return not trainer.sanity_checking and (self.val_runs + 1) % self.every_n_val == 0
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn != TrainerFn.FITTING:  # `validate`: the run asked for, always reported
+            return True
+        return (self.val_runs + 1) % self.every_n_val == 0
 
     def _accepts(self, batch: Episode) -> bool:
         return True
@@ -176,7 +181,8 @@ class _EpisodeCapture(Callback):
             self._report(trainer, pl_module, self._episodes)
         self._episodes = []
         self._capturing = self._reporting = False
-        self.val_runs += 1
+        if trainer.state.fn == TrainerFn.FITTING:  # every_n_val counts the validations of training
+            self.val_runs += 1
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, episodes: list[Episode]) -> None:
         raise NotImplementedError
@@ -273,7 +279,8 @@ class EpisodeGallery(_EpisodeCapture):
 
     Args:
         num_episodes: episodes drawn per run (at most the episodes rank zero validates).
-        every_n_val: draw on every N-th validation run (the N-th, 2N-th, ...).
+        every_n_val: draw on every N-th validation run of training (the N-th, 2N-th, ...); a
+            ``validate`` run always draws.
         max_queries_per_class: query images shown per class.
         border: frame width in pixels.
         tag: TensorBoard tag prefix.
@@ -373,7 +380,8 @@ class InnerLoopMonitor(_EpisodeCapture):
 
     Args:
         num_episodes: validation episodes averaged (at most the episodes rank zero validates).
-        every_n_val: compute on every N-th validation run.
+        every_n_val: compute on every N-th validation run of training; a ``validate`` run always
+            computes.
         steps: inner steps to follow (default: the model's ``eval_inner_steps``); may exceed the
             trained number to see where adaptation saturates.
         prefix: metric name prefix.
@@ -779,6 +787,7 @@ class DerivativeOrderAnnealing(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self.switched_at_step = None  # a new fit; a resumed one restores its switch step after this hook
         _require_gradient_based(pl_module, "DerivativeOrderAnnealing")
         from lightning_meta.algorithms import IMAML, MAMLPlusPlus, Reptile
 
@@ -798,7 +807,7 @@ class DerivativeOrderAnnealing(Callback):
         if bool(pl_module.first_order) == first:
             return
         pl_module.first_order = first
-        if not first:
+        if not first and self.switched_at_step is None:  # a resumed run restored the step of its switch
             self.switched_at_step = trainer.global_step
             if self.verbose:
                 rank_zero_info(
@@ -840,7 +849,9 @@ class ThroughputMonitor(Callback):
 
     A step's time runs from the end of the previous training batch to the end of this one; the
     *wait* is the part before ``on_train_batch_start`` (fetching the batch, plus other callbacks'
-    batch-end work such as step checkpoints; validation runs are excluded). Over each logging
+    batch-end work). Validation runs and checkpoint saving (every ``trainer.save_checkpoint``
+    call, e.g. by ``ModelCheckpoint``, which Lightning runs after this callback) are left out
+    of both: they are neither data loading nor training. Over each logging
     interval it logs ``{prefix}/episodes_per_s`` (global: local episodes x world size),
     ``{prefix}/data_wait_frac`` and ``{prefix}/step_s``. The first step of each epoch has no
     previous end and is not counted. Lightning prefetches one batch, so the fetch measured before
@@ -870,6 +881,28 @@ class ThroughputMonitor(Callback):
         self._last_end: float | None = None
         self._start = 0.0
         self._wait: float | None = None
+        self._saving = 0.0  # seconds in trainer.save_checkpoint since the last batch end
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or "save_checkpoint" in vars(trainer):
+            return
+        save = trainer.save_checkpoint
+
+        def timed_save(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return save(*args, **kwargs)
+            finally:
+                self._saving += time.perf_counter() - began
+
+        timed_save._throughput_monitor = self  # type: ignore[attr-defined]
+        trainer.save_checkpoint = timed_save  # an instance attribute: the class's method is untouched
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if getattr(vars(trainer).get("save_checkpoint"), "_throughput_monitor", None) is self:
+            del trainer.save_checkpoint
 
     def _reset_window(self) -> None:
         self._sum_wait = 0.0
@@ -885,7 +918,8 @@ class ThroughputMonitor(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._start = time.perf_counter()
-        self._wait = None if self._last_end is None else self._start - self._last_end
+        self._wait = None if self._last_end is None else max(self._start - self._last_end - self._saving, 0.0)
+        self._saving = 0.0
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -893,10 +927,11 @@ class ThroughputMonitor(Callback):
         end = time.perf_counter()
         if self._wait is not None:
             self._sum_wait += self._wait
-            self._sum_step += self._wait + (end - self._start)
+            self._sum_step += self._wait + max(end - self._start - self._saving, 0.0)
             self._sum_eps += _episodes_in(batch) * max(1, trainer.world_size)
             self._steps += 1
         self._last_end = end
+        self._saving = 0.0
         every = self.log_every_n_steps or max(1, int(trainer.log_every_n_steps or 1))
         if self._steps >= every and self._sum_step > 0:
             p = self.prefix
@@ -910,6 +945,7 @@ class ThroughputMonitor(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_end is not None:
             self._last_end = time.perf_counter()  # do not count the validation run as waiting for data
+            self._saving = 0.0
 
 
 # --------------------------------------------------------------------- learned rates

@@ -21,8 +21,9 @@ class PreemptionCheckpoint(Callback):
     """Saves a checkpoint and requeues the job on a preemption signal, without saving in the signal handler.
 
     The handler only sets a flag. At the next training-batch boundary all ranks agree (any rank
-    flagged means stop), all ranks call ``trainer.save_checkpoint`` together (collective-safe for
-    DDP and DeepSpeed), rank 0 runs ``requeue_command``, and training stops. The checkpoint is
+    flagged means stop; with ``accumulate_grad_batches`` the boundary waits for the batch that
+    steps the optimizer, so no accumulated gradient is lost), all ranks call
+    ``trainer.save_checkpoint`` together (collective-safe for DDP and DeepSpeed), rank 0 runs ``requeue_command``, and training stops. The checkpoint is
     written as ``hpc_ckpt_<n>.ckpt`` in ``trainer.default_root_dir``, which Lightning loads
     automatically when the requeued job starts under Slurm (or with ``--ckpt_path hpc``); the
     datamodule state inside it continues the identical episode stream.
@@ -80,6 +81,10 @@ class PreemptionCheckpoint(Callback):
         stop = trainer.strategy.reduce_boolean_decision(torch.tensor(self.flagged), all=False)
         if not stop:
             return
+        if _mid_accumulation(trainer):
+            # the gradients accumulated so far are not in any checkpoint: save after the batch that steps
+            self.flagged = True  # every rank (the decision above is global), so they all save together
+            return
         self.flagged = False  # handled: later batches save again only on a new signal
         path = _CheckpointConnector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
@@ -102,3 +107,14 @@ class PreemptionCheckpoint(Callback):
                 else:
                     if result.returncode != 0:
                         rank_zero_warn(f"preemption: `{' '.join(cmd)}` failed: {result.stderr.strip()}")
+
+
+def _mid_accumulation(trainer: L.Trainer) -> bool:
+    """Whether the batch that just ended accumulated gradients without an optimizer step.
+
+    Lightning's own test (``accumulate_grad_batches``, the epoch's last batch steps); False when
+    the loop does not expose it.
+    """
+    should_accumulate = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
+    return bool(should_accumulate()) if callable(should_accumulate) else False
+

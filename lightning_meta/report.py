@@ -226,8 +226,18 @@ def _init_args(section: Any) -> dict[str, Any]:
 def _int_or_none(value: Any) -> int | None:
     try:
         return None if value is None else int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # also NaN and infinities
         return None
+
+
+def _float_or_nan(value: Any) -> float:
+    """A number from ``results.json``, NaN when it is missing (``null``) or not a number."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return math.nan if value is None else float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _latest_checkpoint_step(run_dir: Path) -> int | None:
@@ -272,6 +282,12 @@ def load_run(run_dir: str | os.PathLike, meta_batch_size: int | None = None) -> 
             results = json.loads((path / "results.json").read_text())
         except json.JSONDecodeError as e:
             raise MetaConfigError(f"{str(path / 'results.json')!r} is not valid JSON ({e})") from e
+        if not isinstance(results, dict):
+            raise MetaConfigError(
+                f"{str(path / 'results.json')!r} holds a JSON {type(results).__name__}, not an object; it should be "
+                "the file lightning_meta.callbacks.TestResultWriter writes (delete or move it to report the run "
+                "from its event files)"
+            )
     metrics = results.get("metrics", {}) if isinstance(results.get("metrics"), dict) else {}
 
     data_args = _init_args(config.get("data"))
@@ -332,14 +348,15 @@ def load_run(run_dir: str | os.PathLike, meta_batch_size: int | None = None) -> 
 
     test: tuple[float, float, int] | None = None
     if f"test/{score}" in metrics:
-        test = (float(metrics[f"test/{score}"]), float(metrics.get(f"test/{score}_ci95", math.nan)),
-                int(metrics.get("test/episodes", results.get("test_episodes", 0)) or 0))
+        test = (_float_or_nan(metrics[f"test/{score}"]), _float_or_nan(metrics.get(f"test/{score}_ci95")),
+                _int_or_none(metrics.get("test/episodes", results.get("test_episodes"))) or 0)
     elif f"test/{score}" in scalars:
         last = lambda tag: scalars[tag][-1][1] if tag in scalars else math.nan  # noqa: E731
         n_test = last("test/episodes")
         test = (last(f"test/{score}"), last(f"test/{score}_ci95"), 0 if math.isnan(n_test) else int(n_test))
 
-    wall = results.get("wall_time_s")
+    wall = _float_or_nan(results.get("wall_time_s"))
+    wall = None if math.isnan(wall) else wall
     if wall is None:
         times = [t for rows in scalars.values() for _, _, t in rows]
         wall = max(times) - min(times) if times else None
@@ -421,6 +438,10 @@ def collect_runs(
 
 # ----------------------------------------------------------------------------- table
 def _fmt_score(score: str, mean: float, ci: float) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    if math.isnan(ci):  # no CI logged
+        return f"{100 * mean:.2f}%" if score == "acc" else f"MSE {mean:.3f}"
     if score == "acc":
         return f"{100 * mean:.2f}% ± {100 * ci:.2f}%"
     return f"MSE {mean:.3f} ± {ci:.3f}"
@@ -556,6 +577,7 @@ def main(argv: list[str] | None = None) -> None:
             raise MetaConfigError(f"--meta-batch-size {a.meta_batch_size} must be >= 1")
         runs = collect_runs(a.runs, a.meta_batch_size, on_skip=lambda d, why: note(f"skipped {d}: {why}"))
         table = markdown_table(runs)
+        print(table, end="", flush=True)  # before the files: a bad output path still leaves the table
         out = None
         if not a.no_plot:
             plottable = []
@@ -582,7 +604,12 @@ def main(argv: list[str] | None = None) -> None:
     except MetaConfigError as e:
         print(f"lightning-meta report: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(table, end="")
+    except OSError as e:  # an output path that is a folder, or not writable
+        target = getattr(e, "filename2", None) or e.filename  # os.replace(tmp, target): the target
+        where = f" {target}" if target else ""
+        print(f"lightning-meta report: error: cannot write{where}: {e.strerror or e}; choose another --out-png / "
+              "--out-md path", file=sys.stderr)
+        raise SystemExit(2) from None
     if out is not None:
         print(f"saved the validation plot to {out}", file=sys.stderr)
     if a.out_md:

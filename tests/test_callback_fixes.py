@@ -81,7 +81,10 @@ def test_inner_loop_monitor_and_gallery_run_in_validate_only_runs(tmp_path):
 def test_result_writer_records_the_evaluated_checkpoints_step_after_fit(tmp_path):
     torch.manual_seed(0)
     model = MAML(MLP(1, [8]), task="regression", inner_lr=0.05)
-    ck = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    # save_last: `ckpt_path="last"` below must load the step-4 weights (without last.ckpt Lightning
+    # loads nothing and the model keeps the step-2 weights of the test before it)
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1, filename="{step}",
+                         save_last=True)
     t = trainer(tmp_path, [ck, ResultWriter()], logger=TensorBoardLogger(tmp_path, name="r"),
                 enable_checkpointing=True, max_epochs=2)
     t.fit(model, datamodule=sine_dm())
@@ -98,7 +101,7 @@ def test_result_writer_records_the_evaluated_checkpoints_step_after_fit(tmp_path
     rec = json.load(open(results))
     assert rec["stage"] == "validate" and rec["global_step"] == 2 and rec["evaluation_only"] is False
 
-    t.test(model, datamodule=sine_dm(), ckpt_path="last", verbose=False)  # step=4.ckpt
+    t.test(model, datamodule=sine_dm(), ckpt_path="last", verbose=False)  # last.ckpt, saved at step 4
     assert json.load(open(results))["global_step"] == 4
 
     t.test(model, datamodule=sine_dm(), verbose=False)  # the weights in memory: the fit's own count

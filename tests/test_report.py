@@ -347,3 +347,33 @@ def test_unknown_checkpoint_step_is_a_question_mark_not_a_number(tmp_path, capsy
         assert _row(out.out, f"plain/version_{v}")[4] == episodes
     assert "version_2 validated a checkpoint whose training step is unknown" in out.err
     assert (tmp_path / "p.png").is_file()  # version_1 is plotted
+
+
+@pytest.mark.parametrize(("content", "cell"), [("[1, 2]", None),
+                                                ('{"metrics": {"test/acc": null}}', "n/a (0)"),
+                                                ('{"metrics": {"test/acc": 0.5, "test/episodes": NaN}}', "50.00% (0)")])
+def test_odd_results_json_is_refused_or_read_without_a_traceback(tmp_path, capsys, content, cell):
+    run = _fake_run(tmp_path, _VAL)
+    (run / "results.json").write_text(content)
+    if cell is None:
+        with pytest.raises(SystemExit) as e:
+            console_main(["report", str(run), "--no-plot"])
+        assert e.value.code == 2
+        assert "holds a JSON list, not an object" in capsys.readouterr().err
+    else:
+        console_main(["report", str(run), "--no-plot"])
+        assert cell in _row(capsys.readouterr().out, "plain/version_0")
+
+
+@pytest.mark.parametrize("flag", ["--out-png", "--out-md"])
+def test_an_output_path_that_is_a_folder_is_an_error_after_the_table(tmp_path, capsys, flag):
+    run = _fake_run(tmp_path, _VAL)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as e:
+        console_main(["report", str(run), "--meta-batch-size", "2", flag, str(folder),
+                      *(["--no-plot"] if flag == "--out-md" else [])])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert "plain/version_0" in out  # the table was printed
+    assert f"cannot write {folder}" in err and "Traceback" not in err

@@ -15,8 +15,8 @@ from lightning_meta.datamodules import SinusoidDataModule
 
 def _trainer(root, **kw):
     kw.setdefault("max_steps", 2)
-    return L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                     default_root_dir=root, **kw)
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, **kw)
 
 
 def test_fit_after_validate_on_the_same_model(tmp_path):
@@ -30,3 +30,141 @@ def test_fit_after_validate_on_the_same_model(tmp_path):
     assert trainer.global_step == 2
     after = trainer.callback_metrics["val/mse"].item()
     assert after != before and torch.isfinite(torch.tensor(after))
+
+
+def test_preemption_inside_an_accumulation_window_saves_after_the_stepping_batch(tmp_path):
+    """A checkpoint taken between two accumulated batches lost the first one's gradient on resume."""
+    import os
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_meta.callbacks import PreemptionCheckpoint
+
+    class SignalAtBatch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:  # the first batch of the second window of two
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    def fit(root, callbacks, ckpt_path=None):
+        torch.manual_seed(0)
+        model = MAML(MLP(1, [8]), task="regression", inner_lr=0.01)
+        dm = SinusoidDataModule(meta_batch_size=2, train_episodes=16, val_episodes=2, eval_meta_batch_size=2)
+        trainer = _trainer(root, max_steps=6, accumulate_grad_batches=2, limit_val_batches=0, callbacks=callbacks)
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return trainer, model
+
+    cb = PreemptionCheckpoint(requeue=False)
+    stopped, _ = fit(tmp_path / "run", [cb, SignalAtBatch()])
+    assert stopped.global_step == 2  # saved after batch 3, which stepped, not after batch 2
+    assert torch.load(cb.saved_path, weights_only=False)["global_step"] == 2
+    _, resumed = fit(tmp_path / "run", [PreemptionCheckpoint(requeue=False)], ckpt_path=cb.saved_path)
+    _, full = fit(tmp_path / "full", [])
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_result_writer_step_follows_the_weights_an_earlier_test_loaded(tmp_path):
+    import json
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_meta.callbacks import TestResultWriter
+
+    torch.manual_seed(0)
+    model = MAML(MLP(1, [8]), task="regression", inner_lr=0.05, lr=0.05)
+    dm = SinusoidDataModule(meta_batch_size=2, train_episodes=4, val_episodes=2, test_episodes=4,
+                            eval_meta_batch_size=2)
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer = L.Trainer(max_steps=6, logger=CSVLogger(tmp_path), enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[ckpts, TestResultWriter()])
+    trainer.fit(model, dm)
+    results = lambda: json.loads((tmp_path / "lightning_logs" / "version_0" / "results.json").read_text())  # noqa: E731
+    trainer.test(model, dm, verbose=False)
+    assert results()["global_step"] == 6
+    trainer.test(model, dm, ckpt_path=str(tmp_path / "ck" / "step=2.ckpt"), verbose=False)
+    at_two = results()
+    assert at_two["global_step"] == 2
+    trainer.test(model, dm, verbose=False)  # the model now holds the step-2 weights
+    again = results()
+    assert again["metrics"] == at_two["metrics"] and again["global_step"] == 2
+    other = MAML(MLP(1, [8]), task="regression", inner_lr=0.05)
+    trainer.test(other, dm, verbose=False)  # a module this trainer neither trained nor loaded
+    assert results()["global_step"] is None
+
+
+def test_throughput_monitor_leaves_checkpoint_saving_out_of_the_data_wait(tmp_path):
+    import time
+
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_meta.callbacks import ThroughputMonitor
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(2))
+
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.02)
+            return (self.w - batch[0]).pow(2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class SlowSave(Callback):  # a slow checkpoint write (large model, network file system)
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            time.sleep(0.1)
+
+    monitor = ThroughputMonitor(log_every_n_steps=6)
+    trainer = L.Trainer(max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, limit_val_batches=0,
+                        callbacks=[monitor, ModelCheckpoint(every_n_train_steps=1, save_top_k=-1), SlowSave()])
+    trainer.fit(Model(), DataLoader(TensorDataset(torch.zeros(8, 2)), batch_size=1))
+    # the saves took 5x the step: counted as waiting for data they made the fraction about 0.8
+    assert monitor.last["throughput/data_wait_frac"] < 0.4
+    assert monitor.last["throughput/step_s"] < 0.07
+    assert "save_checkpoint" not in vars(trainer)  # the timing wrapper is removed after fit
+
+
+def test_validate_runs_always_report_and_leave_the_training_count_alone(tmp_path):
+    """every_n_val throttles the validations of training; it made `validate` runs report at random."""
+    from test_callbacks import Flat, image_dm
+
+    from lightning_meta.callbacks import InnerLoopMonitor
+
+    torch.manual_seed(0)
+    model = MAML(Flat(), ways=2, inner_lr=0.5, inner_steps=1)
+    inner = InnerLoopMonitor(num_episodes=2, every_n_val=2)
+    trainer = _trainer(tmp_path, callbacks=[inner], num_sanity_val_steps=0)
+    for _ in range(3):
+        inner.last = {}
+        trainer.validate(model, datamodule=image_dm(), verbose=False)
+        assert inner.last  # reported every time (it used to report only on the 2nd)
+    assert inner.val_runs == 0
+
+
+def test_derivative_order_annealing_keeps_its_switch_step_through_a_resume(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_meta.callbacks import DerivativeOrderAnnealing
+
+    def fit(root, callbacks, ckpt_path=None):
+        torch.manual_seed(0)
+        model = MAML(MLP(1, [8]), task="regression", inner_lr=0.05, first_order=True)
+        dm = SinusoidDataModule(meta_batch_size=2, train_episodes=8, val_episodes=2, eval_meta_batch_size=2)
+        _trainer(root, max_steps=5, limit_val_batches=0, enable_checkpointing=True, callbacks=callbacks).fit(
+            model, dm, ckpt_path=ckpt_path)
+
+    full = DerivativeOrderAnnealing(first_order_steps=2, verbose=False)
+    fit(tmp_path, [full, ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1,
+                                         filename="{step}")])
+    assert full.switched_at_step == 2
+    resumed = DerivativeOrderAnnealing(first_order_steps=2, verbose=False)
+    fit(tmp_path / "b", [resumed], ckpt_path=str(tmp_path / "ck" / "step=3.ckpt"))
+    assert resumed.switched_at_step == 2  # the checkpoint's, not the resumed run's first step (3)
+    fit(tmp_path / "c", [full])  # the same callback in a new fit records that fit's switch again
+    assert full.switched_at_step == 2
