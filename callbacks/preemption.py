@@ -23,7 +23,8 @@ class PreemptionCheckpoint(Callback):
     The handler only sets a flag. At the next training-batch boundary all ranks agree (any rank
     flagged means stop; with ``accumulate_grad_batches`` the boundary waits for the batch that
     steps the optimizer, so no accumulated gradient is lost), all ranks call
-    ``trainer.save_checkpoint`` together (collective-safe for DDP and DeepSpeed), rank 0 runs ``requeue_command``, and training stops. The checkpoint is
+    ``trainer.save_checkpoint`` together (collective-safe for DDP and DeepSpeed), rank 0 runs
+    ``requeue_command``, and training stops. The checkpoint is
     written as ``hpc_ckpt_<n>.ckpt`` in ``trainer.default_root_dir``, which Lightning loads
     automatically when the requeued job starts under Slurm (or with ``--ckpt_path hpc``); the
     datamodule state inside it continues the identical episode stream.
