@@ -37,10 +37,18 @@ class _MetaBatchDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> Episode:
         epoch, indices = key
+        counter = getattr(self.source, "counter", None)  # a SampleCounter: tag the batch with what it decoded
+        before = counter.local_totals() if counter is not None else None
         batched = getattr(self.source, "episodes", None)  # optional fast path, same result as collating
-        if batched is not None:
-            return batched(self.split, epoch, indices)
-        return collate_episodes([self.source.episode(self.split, epoch, i) for i in indices])
+        if callable(batched):
+            batch = batched(self.split, epoch, indices)
+        else:
+            batch = collate_episodes([self.source.episode(self.split, epoch, i) for i in indices])
+        if before is not None:
+            after = counter.local_totals()
+            # read by the datamodule when the batch is consumed (prefetched batches are not counted)
+            batch._samples = (after[0] - before[0], after[1] - before[1])
+        return batch
 
     def __len__(self) -> int:  # only used by samplers that ask; keys are not positions
         return 0

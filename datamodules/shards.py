@@ -26,7 +26,7 @@ from lightning_meta.data.faults import DECODE_ERRORS, SampleCounter
 from lightning_meta.data.glyphs import default_glyph_shards
 from lightning_meta.data.sampling import SPLIT_CODES, FixedShape, episode_rng, sample_fixed
 from lightning_meta.data.shards import ClassEntry, IndexedReader, ShardIndex, load_index
-from lightning_meta.data.streaming import StreamingReader, load_stream_index
+from lightning_meta.data.streaming import SCAN_INDEX, StreamingReader, load_stream_index
 from lightning_meta.data.variable import VariableShape, check_variable, sample_variable, usable_groups
 from lightning_meta.datamodules.base import EpisodicDataModule
 from lightning_meta.episode import Episode
@@ -374,6 +374,11 @@ class MultiSourceEpisodes:
         """Shape ``[C, H, W]`` of the images (all sources hold one shape; checked when they are built)."""
         return self.sources[0].first_image_shape()
 
+    @property
+    def counter(self) -> SampleCounter:
+        """The corrupt-sample counter the sources share."""
+        return self.sources[0].counter
+
 
 class SkippedSamplesLogger(Callback):
     """Logs the corrupt samples the datamodule skipped (``data/skipped_samples``, ``data/skipped_fraction``).
@@ -454,6 +459,8 @@ class ShardDataModule(EpisodicDataModule):
         reader: ``indexed`` or ``streaming``.
         index: streaming: where ``index.json`` of ``shards`` is (path or URL); default: beside the
             first shard (for ``pipe:`` URLs, the command with the shard's file name replaced).
+            ``"scan"``: third-party shards (of ``shards`` or of every source) that have no index
+            are streamed once to build one; without it an index that cannot be read is an error.
         episode_shape: ``fixed`` or ``variable`` (training episodes).
         eval_episode_shape: shape of validation/test episodes (default: ``episode_shape``).
         hierarchy: variable episodes: ``auto`` (group first when every class of the split has a
@@ -544,9 +551,9 @@ class ShardDataModule(EpisodicDataModule):
                                       "as sources=[...]")
             if isinstance(sources, str) or len(sources) == 0:
                 raise MetaConfigError(f"sources={sources!r} must be a non-empty list of shard sets")
-            if index is not None:
-                raise MetaConfigError("index=... applies to shards=...; with sources, put each index.json beside "
-                                      "its shards")
+            if index is not None and index != SCAN_INDEX:
+                raise MetaConfigError(f"index={index!r} applies to shards=...; with sources, put each index.json "
+                                      f"beside its shards (index={SCAN_INDEX!r} scans every source that has none)")
         if stream_buffer < 1:
             raise MetaConfigError(f"stream_buffer={stream_buffer} must be >= 1 (samples per class stream)")
         if max_open_streams < 1:
@@ -586,6 +593,10 @@ class ShardDataModule(EpisodicDataModule):
         self._stream_readers: dict[str, StreamingReader] = {}
         self._counters: dict[str, SampleCounter] = {}
         self._restored_counts: tuple[int, int] | None = None
+        # (read, skipped) of the training batches the trainer consumed: what a checkpoint saves, so a
+        # resumed run counts like an uninterrupted one whatever the workers had prefetched
+        self._consumed = [0, 0]
+        self._tallied = False
         self._split_specs: dict[str, str] = {}
 
     # ------------------------------------------------------------ shard sets
@@ -601,8 +612,7 @@ class ShardDataModule(EpisodicDataModule):
             if spec is None:
                 continue
             if self.reader == "streaming":
-                load_stream_index(spec, self.index if spec is self.shards else None, "none", self.retries,
-                                  self.retry_delay)
+                load_stream_index(spec, self._index_of(spec), "none", self.retries, self.retry_delay)
             else:
                 load_index(spec, verify="none")
 
@@ -612,11 +622,14 @@ class ShardDataModule(EpisodicDataModule):
             self._readers[key] = IndexedReader(load_index(spec, verify=self.verify), self.invert, self.cache_mb)
         return self._readers[key]
 
+    def _index_of(self, spec: Any) -> str | None:
+        """The ``index`` argument for a shard set: ``index`` for ``shards``, ``"scan"`` for every set."""
+        return self.index if spec is self.shards or self.index == SCAN_INDEX else None
+
     def _stream_reader(self, spec: str | list[str]) -> StreamingReader:
         key = repr(spec)
         if key not in self._stream_readers:
-            index = load_stream_index(spec, self.index if spec is self.shards else None, self.verify, self.retries,
-                                      self.retry_delay)
+            index = load_stream_index(spec, self._index_of(spec), self.verify, self.retries, self.retry_delay)
             self._stream_readers[key] = StreamingReader(index, self.invert, self.stream_buffer, self.max_open_streams,
                                                         self.retries, self.retry_delay)
         return self._stream_readers[key]
@@ -624,6 +637,20 @@ class ShardDataModule(EpisodicDataModule):
     def _open(self, spec: Any) -> _ShardSet:
         r = self._stream_reader(spec) if self.reader == "streaming" else self._reader(spec)
         return _ShardSet(spec, r.index, r)
+
+    @staticmethod
+    def _check_distinct_sources(sets: list[_ShardSet]) -> None:
+        """Refuse sources that share a shard: it would be drawn twice as often, its streams read twice."""
+        owner: dict[str, int] = {}
+        for k, sset in enumerate(sets):
+            for shard in sset.index.shards:
+                first = owner.setdefault(shard, k)
+                if first != k:
+                    raise MetaConfigError(
+                        f"sources {first} ({sets[first].spec!r}) and {k} ({sset.spec!r}) both hold the shard {shard}; "
+                        "each episode comes from one source chosen uniformly, so a shard set given twice would be "
+                        "drawn twice as often. List every shard set once"
+                    )
 
     def _split_positions(self, index: ShardIndex) -> dict[str, list[int]]:
         labelled = any(c.split for c in index.classes)
@@ -721,6 +748,7 @@ class ShardDataModule(EpisodicDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Load and verify the indices, assign classes to splits and check that the episode shapes fit."""
         train_sets = [self._open(spec) for spec in self._train_specs()]
+        self._check_distinct_sources(train_sets)
         positions = [self._split_positions(s.index) for s in train_sets]
         plan: dict[str, list[tuple[_ShardSet, list[int]]]] = {
             "train": [(s, p["train"]) for s, p in zip(train_sets, positions, strict=True)]
@@ -862,12 +890,28 @@ class ShardDataModule(EpisodicDataModule):
             shape["stream_buffer"] = self.stream_buffer
         return shape
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Tally the samples a consumed training batch decoded (its ``_samples`` tag)."""
+        samples = batch.__dict__.pop("_samples", None) if isinstance(batch, Episode) else None
+        trainer = getattr(self, "trainer", None)
+        if samples is not None and trainer is not None and trainer.training:
+            self._consumed[0] += samples[0]
+            self._consumed[1] += samples[1]
+            self._tallied = True
+        return batch
+
     def state_dict(self) -> dict[str, Any]:
-        """Return the base position plus the reader, the episode shape and the corrupt-sample counts."""
+        """Return the base position plus the reader, the episode shape and the corrupt-sample counts.
+
+        The counts are those of the training batches consumed so far (decoded samples of batches
+        that dataloader workers prefetched are not in them).
+        """
         state = super().state_dict()
         state["reader"] = self.reader
         state["episode_shape"] = self.episode_shape
-        if "train" in self._counters:
+        if self._tallied:
+            state["samples_read"], state["samples_skipped"] = self._consumed
+        elif "train" in self._counters:  # no batch went through on_before_batch_transfer (a module overrides it)
             state["samples_read"], state["samples_skipped"] = self._counters["train"].totals()
         return state
 
@@ -885,6 +929,8 @@ class ShardDataModule(EpisodicDataModule):
         super().load_state_dict(state_dict)
         if "samples_read" in state_dict:
             self._restored_counts = (int(state_dict["samples_read"]), int(state_dict["samples_skipped"]))
+            self._consumed = list(self._restored_counts)
+            self._tallied = True
             if "train" in self._counters:
                 self._counters["train"].restore(*self._restored_counts)
 

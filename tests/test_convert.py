@@ -647,3 +647,69 @@ def test_a_failed_publish_puts_the_previous_output_back(tmp_path, monkeypatch):
             (tmp / "new.txt").write_text("new")
     assert (out / "keep.txt").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .partial or .old folder left
+
+
+# --------------------------------------------------------------------------- ninth-session review fixes
+def test_split_folders_refuse_a_class_in_two_splits(tmp_path):
+    tree = tmp_path / "tree"
+    for k, split in enumerate(["train", "train", "val", "test"]):
+        shutil.copytree(IMAGEFOLDER / f"class_{k}", tree / split / f"class_{k}")
+    shutil.copytree(IMAGEFOLDER / "class_0", tree / "val" / "class_0")  # also a meta-validation class
+    with pytest.raises(MetaConfigError, match=r"class 'class_0' is in the train and the val folders"):
+        convert_imagefolder(tree, tmp_path / "out", split_folders=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_input_file_is_a_clear_error(tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(IMAGEFOLDER, tree)
+    (tree / "class_1" / "zz.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link
+    with pytest.raises(MetaConfigError, match=r"cannot read .*class_1/zz\.png \(No such file or directory\)"):
+        convert_imagefolder(tree, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_sigterm_during_a_conversion_removes_the_partial_output(tmp_path):
+    """kill, timeout and Slurm send SIGTERM; it used to end the process with the .partial folder left."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from lightning_meta.data.convert import _atomic_output\n"
+        "with _atomic_output(Path(sys.argv[1]) / 'out', overwrite=False) as tmp:\n"
+        "    (tmp / 'shard-000000.tar').write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    signal.pause()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]  # SystemExit, not death by the signal
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def _png_claiming_size(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header (with a correct CRC) claims another size."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 4  # signature, chunk length
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def test_a_header_claiming_a_huge_image_is_a_decode_error():
+    from lightning_meta.data.convert import ImageRecipe
+    from lightning_meta.data.faults import DECODE_ERRORS
+
+    bomb = _png_claiming_size(60000, 60000)
+    with pytest.raises(DECODE_ERRORS):  # skipped as a corrupt sample by the readers, not the end of the run
+        decode_image(bomb, "png")
+    with pytest.raises(MetaConfigError, match="is not a readable image"):
+        ImageRecipe(mode="L")(bomb, "bomb.png")

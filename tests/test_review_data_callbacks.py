@@ -6,6 +6,7 @@ Each test here failed before its fix (checked by reverting the fix and running i
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 
 from lightning_meta.algorithms import MAML
@@ -168,3 +169,80 @@ def test_derivative_order_annealing_keeps_its_switch_step_through_a_resume(tmp_p
     assert resumed.switched_at_step == 2  # the checkpoint's, not the resumed run's first step (3)
     fit(tmp_path / "c", [full])  # the same callback in a new fit records that fit's switch again
     assert full.switched_at_step == 2
+
+
+def test_index_beside_symlinks_into_a_content_addressed_store_is_used(tmp_path):
+    """Hugging Face hub / git-annex / DVC layout: shard links whose targets are blobs named by hash.
+
+    The index beside the links used to be missed (the links were resolved first), so the shards
+    were scanned as third-party ones: class names lost, and splits drawn at random, which put
+    meta-test classes into training.
+    """
+    import hashlib
+    import os
+
+    from episode_fixtures import write_tiny_shards
+
+    from lightning_meta.data.shards import load_index
+
+    real = tmp_path / "real"
+    write_tiny_shards(real)
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "rev1"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for f in sorted(os.listdir(real)):
+        data = (real / f).read_bytes()
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / f).symlink_to(os.path.relpath(blob, snapshot))
+    reference = load_index(str(real), verify="size")
+    linked = load_index(str(snapshot), verify="size")
+    assert str(linked.path) == str(snapshot / "index.json")
+    summary = lambda ix: sorted((c.name, c.split, c.count) for c in ix.classes)  # noqa: E731
+    assert summary(linked) == summary(reference)
+
+
+@pytest.mark.parametrize("spell", ["same", "slash", "glob"])
+def test_a_shard_set_given_twice_as_sources_is_refused(tmp_path, spell):
+    from episode_fixtures import write_tiny_shards
+
+    from lightning_meta.datamodules import ShardDataModule
+    from lightning_meta.errors import MetaConfigError
+
+    write_tiny_shards(tmp_path / "a")
+    second = {"same": str(tmp_path / "a"), "slash": f"{tmp_path / 'a'}/", "glob": str(tmp_path / "a" / "*.tar")}[spell]
+    dm = ShardDataModule(sources=[str(tmp_path / "a"), second], ways=3, shots=1, queries=2, meta_batch_size=2,
+                         train_episodes=4, val_episodes=2, test_episodes=2, eval_meta_batch_size=2, verify="size")
+    with pytest.raises(MetaConfigError, match=r"sources 0 .* and 1 .* both hold the shard"):
+        dm.setup("fit")
+
+
+def test_samples_read_counts_consumed_batches_whatever_the_workers_prefetch(tmp_path):
+    """Workers decode batches ahead; the count saved in checkpoints used to include them."""
+    from episode_fixtures import write_tiny_shards
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch import nn
+
+    from lightning_meta.algorithms import ProtoNet
+    from lightning_meta.datamodules import ShardDataModule
+
+    write_tiny_shards(tmp_path / "shards")
+    per_batch = 2 * 3 * (1 + 2)  # meta-batch 2, 3 ways, 1 shot + 2 queries
+
+    def fit(root, max_steps, ckpt_path=None, every=None):
+        torch.manual_seed(0)
+        dm = ShardDataModule(shards=str(tmp_path / "shards"), ways=3, shots=1, queries=2, eval_queries=2,
+                             meta_batch_size=2, train_episodes=8, val_episodes=2, eval_meta_batch_size=2,
+                             num_workers=2, verify="size")
+        callbacks = [ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1, filename="{step}")] \
+            if every else []
+        model = ProtoNet(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 8)), ways=3)
+        _trainer(root, max_steps=max_steps, limit_val_batches=0, enable_checkpointing=bool(every),
+                 callbacks=callbacks).fit(model, dm, ckpt_path=ckpt_path)
+        return dm.state_dict()["samples_read"]
+
+    assert fit(tmp_path / "full", 6) == 6 * per_batch  # 2 workers had decoded more than that
+    fit(tmp_path / "a", 3, every=3)
+    saved = torch.load(tmp_path / "a" / "step=3.ckpt", weights_only=False)["ShardDataModule"]["samples_read"]
+    assert saved == 3 * per_batch
+    assert fit(tmp_path / "b", 6, ckpt_path=str(tmp_path / "a" / "step=3.ckpt")) == 6 * per_batch

@@ -43,7 +43,8 @@ def _shards(folder: Path, shape: tuple[int, ...], classes: tuple[int, int, int] 
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shape_shards")
     return {"gray16": _shards(root / "gray16", (16, 16)), "rgb16": _shards(root / "rgb16", (16, 16, 3)),
-            "gray32": _shards(root / "gray32", (32, 32)), "rgb32": _shards(root / "rgb32", (32, 32, 3))}
+            "gray32": _shards(root / "gray32", (32, 32)), "rgb32": _shards(root / "rgb32", (32, 32, 3)),
+            "rgb16b": _shards(root / "rgb16b", (16, 16, 3))}
 
 
 def _dm(shards, **kw) -> ShardDataModule:
@@ -117,7 +118,7 @@ def test_streaming_reader_and_multiple_sources_are_checked(data, tmp_path, kind)
     if kind == "streaming":
         dm = _dm(data["rgb16"], reader="streaming", verify="none")
     else:
-        dm = ShardDataModule(sources=[str(data["rgb16"]), str(data["rgb16"])], ways=3, shots=1, queries=1,
+        dm = ShardDataModule(sources=[str(data["rgb16"]), str(data["rgb16b"])], ways=3, shots=1, queries=1,
                              eval_queries=1, meta_batch_size=2, eval_meta_batch_size=2, train_episodes=4,
                              val_episodes=2, test_episodes=2)
     with pytest.raises(MetaConfigError, match="in_channels=1"):

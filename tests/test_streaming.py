@@ -142,8 +142,10 @@ def test_unindexed_streamed_shards_are_scanned_once(shard_set, tmp_path, monkeyp
     for p in shard_set.glob("*.tar"):  # third-party shards: the tars without index.json
         (tmp_path / p.name).write_bytes(p.read_bytes())
     urls = _pipe(tmp_path)
-    with pytest.warns(UserWarning, match=f"streaming the {len(urls)} shard"):
-        scanned = load_stream_index(urls, retries=0, retry_delay=0.0)
+    # no index.json to read: an error (a failed read must not become a random split), naming index="scan"
+    with pytest.raises(ShardError, match=rf"no readable index beside the shards.*index='scan'.*the {len(urls)} shard"):
+        load_stream_index(urls, retries=0, retry_delay=0.0)
+    scanned = load_stream_index(urls, index="scan", retries=0, retry_delay=0.0)
     ref = load_index(str(shard_set), verify="none")
     assert _located(scanned) == _located(ref)
     assert scanned.shards == urls and all(c.split is None for c in scanned.classes)
@@ -152,8 +154,7 @@ def test_unindexed_streamed_shards_are_scanned_once(shard_set, tmp_path, monkeyp
         raise AssertionError("scanned again")
 
     monkeypatch.setattr(streaming_mod, "_scan_stream", no_scan)
-    with pytest.warns(UserWarning, match="no readable index"):  # still no index.json beside them, but cached
-        again = load_stream_index(urls, retries=0, retry_delay=0.0)
+    again = load_stream_index(urls, index="scan", retries=0, retry_delay=0.0)  # cached
     assert _located(again) == _located(ref)
 
 
@@ -329,7 +330,10 @@ def test_unreachable_index_is_named(tmp_path):
         load_stream_index("pipe:cat /nonexistent/s-000.tar", index="pipe:cat /nonexistent/index.json", retries=1,
                           retry_delay=0.0)
     dm = _dm("unknownscheme://x/s-{000..001}.tar", reader="streaming", retries=0)
-    with pytest.warns(UserWarning, match="no readable index"), pytest.raises(ShardError) as info:
+    with pytest.raises(ShardError, match=r"no readable index beside the shards: cannot .*unknownscheme://x/index\.json"):
+        dm.prepare_data()
+    dm = _dm("unknownscheme://x/s-{000..001}.tar", reader="streaming", retries=0, index="scan")
+    with pytest.raises(ShardError) as info:
         dm.prepare_data()
     assert "cannot open unknownscheme://x/s-000.tar" in str(info.value) and "pipe:" in str(info.value)
 

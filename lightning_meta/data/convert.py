@@ -34,7 +34,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import zipfile
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -127,10 +129,21 @@ class SourceTree:
         self.dirs = dirs
 
     def read(self, rel: str) -> bytes:
-        """The bytes of one file."""
-        if self._zip is not None:
-            return self._zip.read(rel)
-        return (self.path / rel).read_bytes()
+        """The bytes of one file.
+
+        Raises:
+            MetaConfigError: when it cannot be read (a dangling link, no permission, an I/O error, a
+                damaged zip member), naming the file.
+
+        """
+        try:
+            if self._zip is not None:
+                return self._zip.read(rel)
+            return (self.path / rel).read_bytes()
+        except (OSError, zipfile.BadZipFile, zlib.error) as e:
+            where = f"{self.path}:{rel}" if self._zip is not None else str(self.path / rel)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise MetaConfigError(f"cannot read {where} ({why}); fix or remove the file and convert again") from e
 
     def images(self) -> list[str]:
         """Files with an image suffix."""
@@ -194,7 +207,7 @@ class ImageRecipe:
                     bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                     im = Image.alpha_composite(bg, rgba)
                 img = im.convert(self.mode)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
             raise MetaConfigError(f"{name} is not a readable image ({e}); remove or replace the file") from e
         if self.invert:
             from PIL import ImageOps
@@ -290,7 +303,8 @@ def _atomic_output(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
-        yield tmp
+        with _terminate_as_exit():
+            yield tmp
         publish_permissions(tmp)
         old = None
         if out.exists():
@@ -312,6 +326,30 @@ def _atomic_output(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, ``timeout``, Slurm) into ``SystemExit`` for the block, so cleanup runs.
+
+    Python's default for SIGTERM ends the process at once, leaving the half-written ``.partial``
+    folder behind; as an exception it unwinds through the ``finally`` blocks like Ctrl-C does.
+    Only the main thread can install signal handlers; elsewhere this does nothing.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -497,6 +535,16 @@ def convert_imagefolder(
             if bad:
                 raise MetaConfigError(f"top folder {bad[0]!r} in {tree.path} is not a split name; with --split-folders "
                                       f"the top folders must be {', '.join(SPLITS)}")
+            homes: dict[str, list[str]] = defaultdict(list)
+            for k in keys:
+                homes[k[1]].append(k[0])
+            twice = sorted(c for c, where in homes.items() if len(where) > 1)
+            if twice:
+                raise MetaConfigError(
+                    f"class {twice[0]!r} is in the {' and the '.join(homes[twice[0]])} folders of {tree.path} "
+                    f"({len(twice)} class(es) are in more than one split); meta-test classes must be unseen in "
+                    "meta-training: keep each class folder in one split"
+                )
             splits: list[str | None] = [k[0] for k in keys]
         elif split_ratios is not None:
             splits = list(_ratio_split(len(keys), split_ratios, seed))

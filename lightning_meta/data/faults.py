@@ -14,6 +14,7 @@ import warnings
 import zlib
 
 import torch
+from PIL import Image
 from torch.utils.data import get_worker_info
 
 from lightning_meta.errors import ShardError
@@ -24,8 +25,9 @@ __all__ = ["CORRUPT_FLOOR", "DECODE_ERRORS", "CorruptSampleWarning", "SampleCoun
 #: the very start of a run does not count as 100% of it
 CORRUPT_FLOOR = 100
 
-#: errors raised by the image decoders (PIL, numpy) for damaged bytes
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error)
+#: errors raised by the image decoders (PIL, numpy) for damaged bytes; a damaged header can claim
+#: a size past Pillow's limit (``DecompressionBombError``, not an ``OSError``)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, Image.DecompressionBombError)
 
 
 class CorruptSampleWarning(UserWarning):
@@ -63,6 +65,11 @@ class SampleCounter:
     def read(self, n: int = 1) -> None:
         """Count ``n`` decoded samples."""
         self.counts[self._row(), 0] += n
+
+    def local_totals(self) -> tuple[int, int]:
+        """``(read, skipped)`` counted by this process (one worker, or the main process) alone."""
+        row = self.counts[self._row()]
+        return int(row[0]), int(row[1])
 
     def totals(self) -> tuple[int, int]:
         """``(read, skipped)`` over all workers."""

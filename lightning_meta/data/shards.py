@@ -286,8 +286,13 @@ def verify_index(index: ShardIndex, verify: Verify = "sha256", only: Collection[
                 )
 
 
-def resolve_shards(shards: str | Sequence[str]) -> list[str]:
+def resolve_shards(shards: str | Sequence[str], resolve: bool = True) -> list[str]:
     """Expands a brace pattern (``data/train-{000000..000009}.tar``), a glob, a list, or a directory.
+
+    Args:
+        shards: the pattern(s), list or directory.
+        resolve: return real paths (symbolic links followed, the default) or absolute paths as
+            given (to find an ``index.json`` that sits beside symlinked shards).
 
     Raises:
         ShardError: when nothing matches, naming the pattern.
@@ -314,7 +319,7 @@ def resolve_shards(shards: str | Sequence[str]) -> list[str]:
     if missing:
         raise ShardError(f"shards={shards!r}: {missing[0]} does not exist or is not a file; restore it or "
                          "leave it out of the pattern")
-    return [str(Path(p).resolve()) for p in out]
+    return [str(Path(p).resolve()) if resolve else os.path.abspath(p) for p in out]
 
 
 def scan_tar(path: str) -> list[tuple[str, int, int]]:
@@ -425,10 +430,16 @@ def load_index(shards: str | Sequence[str], verify: Verify = "sha256") -> ShardI
         ShardError: for missing, truncated or corrupt shards and inconsistent indices.
 
     """
-    paths = resolve_shards(shards)
-    folders = {os.path.dirname(p) for p in paths}
-    candidate = Path(next(iter(folders))) / INDEX_NAME if len(folders) == 1 else None
-    if candidate is not None and candidate.exists():
+    given = resolve_shards(shards, resolve=False)
+    paths = [str(Path(p).resolve()) for p in given]
+    # the index beside the shards as given, else beside their real files: links into a
+    # content-addressed store (Hugging Face hub, git-annex, DVC) name blobs by hash in another folder
+    candidate = None
+    for folders in ({os.path.dirname(p) for p in given}, {os.path.dirname(p) for p in paths}):
+        if len(folders) == 1 and (Path(next(iter(folders))) / INDEX_NAME).exists():
+            candidate = Path(next(iter(folders))) / INDEX_NAME
+            break
+    if candidate is not None:
         index = _parse_index(candidate)
         listed = set(index.shards)
         unknown = [p for p in paths if p not in listed]

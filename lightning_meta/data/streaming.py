@@ -50,7 +50,6 @@ import posixpath
 import shlex
 import tarfile
 import time
-import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -79,6 +78,7 @@ from lightning_meta.errors import ShardError
 
 __all__ = [
     "RECENT",
+    "SCAN_INDEX",
     "StreamingReader",
     "is_local_url",
     "load_stream_index",
@@ -86,6 +86,9 @@ __all__ = [
     "sibling_url",
     "url_basename",
 ]
+
+#: ``index=`` value for third-party shards without ``index.json``: stream them once to build one
+SCAN_INDEX = "scan"
 
 #: samples a class stream keeps after yielding them (re-reads of a few positions, e.g. replacing a
 #: corrupt sample, do not reopen the stream)
@@ -365,19 +368,26 @@ def load_stream_index(
     """Load the index of a shard set given by URLs; its ``shards`` are those URLs, in the order given.
 
     Local shard sets (paths, patterns, directories) use :func:`~lightning_meta.data.shards.load_index`
-    with ``verify``. Otherwise the index is ``index`` when given, else ``index.json`` beside the
-    first shard (:func:`sibling_url`, which also rewrites ``pipe:`` commands); index shards are
-    matched to URLs by file name. Shards without an index are streamed once to build one, cached
-    under :func:`~lightning_meta.data.shards.cache_dir` (remote shards are not checksummed).
+    with ``verify`` (which scans shards that have no ``index.json`` beside them). Otherwise the
+    index is ``index`` when given, else ``index.json`` beside the first shard (:func:`sibling_url`,
+    which also rewrites ``pipe:`` commands); index shards are matched to URLs by file name.
+    Third-party shards without an index need ``index="scan"``: they are streamed once to build
+    one, cached under :func:`~lightning_meta.data.shards.cache_dir` (remote shards are not
+    checksummed). A missing index is not guessed from a failed read: a transient failure would
+    otherwise replace the index's class names and train/val/test split by a random one.
 
     Raises:
-        ShardError: unreadable index or shards (after retries), URLs missing from the index.
+        ShardError: unreadable index (after retries; the message names ``index="scan"``) or
+            shards, URLs missing from the index.
 
     """
     items = [shards] if isinstance(shards, (str, os.PathLike)) else [os.fspath(s) for s in shards]
-    if index is None and all(is_local_url(os.fspath(s)) and not os.fspath(s).startswith("file:") for s in items):
+    local = all(is_local_url(os.fspath(s)) and not os.fspath(s).startswith("file:") for s in items)
+    if local and index in (None, SCAN_INDEX):
         return load_index(shards, verify=verify)
     urls = _expand(shards)
+    if index == SCAN_INDEX:
+        return _scanned_index(urls, retries, retry_delay)
     where = index if index is not None else sibling_url(urls[0], INDEX_NAME)
     if index is not None and is_local_url(index) and not os.path.exists(_local_path(index)):
         raise ShardError(f"index={index!r} does not exist; point it at the index.json of the shards")
@@ -389,9 +399,13 @@ def load_stream_index(
     except ShardError as e:
         if index is not None:
             raise
-        warnings.warn(f"no readable index beside the shards ({e}); streaming the {len(urls)} shard(s) once to build "
-                      f"one (cached under {cache_dir() / 'indices'})", stacklevel=2)
-        return _scanned_index(urls, retries, retry_delay)
+        raise ShardError(
+            f"no readable index beside the shards: {e}. Shards written by lightning-meta have an index.json "
+            "holding their class names and train/val/test split, and a failed read must not replace it by a "
+            "random split: check the URL or credentials and retry, give its location with index=..., or, for "
+            f"third-party shards without an index, pass index={SCAN_INDEX!r} (--data.init_args.index "
+            f"{SCAN_INDEX}) to stream the {len(urls)} shard(s) once and build one"
+        ) from e
     return _index_from_raw(raw, urls, where)
 
 
