@@ -10,6 +10,7 @@ from lightning_meta.callbacks.monitors import (
     MetaOverfittingMonitor,
     ThroughputMonitor,
 )
+from lightning_meta.callbacks.predictions import PredictionWriter
 from lightning_meta.callbacks.preemption import PreemptionCheckpoint
 from lightning_meta.callbacks.progress import MetaProgressBar
 
@@ -21,6 +22,7 @@ __all__ = [
     "LearnedLRMonitor",
     "MetaOverfittingMonitor",
     "MetaProgressBar",
+    "PredictionWriter",
     "PreemptionCheckpoint",
     "TestResultWriter",
     "ThroughputMonitor",

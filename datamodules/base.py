@@ -10,6 +10,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_meta.data.faults import SampleCounter
 from lightning_meta.episode import Episode, collate_episodes
 from lightning_meta.errors import MetaConfigError
 
@@ -17,7 +18,14 @@ __all__ = ["EpisodeLoader", "EpisodeSource", "EpisodicDataModule", "MetaBatchSam
 
 
 class EpisodeSource(Protocol):
-    """Anything that makes episode ``index`` of ``(split, epoch)`` as a pure function (picklable)."""
+    """Anything that makes episode ``index`` of ``(split, epoch)`` as a pure function (picklable).
+
+    Two attribute names are read when present: a method ``episodes(split, epoch, indices)``
+    returning the collated meta-batch of those episodes (a faster path than collating
+    :meth:`episode`; it must give the same result), and ``counter``, a
+    :class:`~lightning_meta.data.faults.SampleCounter` whose decoded samples are counted per
+    consumed training batch. Other values under these names are ignored.
+    """
 
     def episode(self, split: str, epoch: int, index: int) -> Episode:
         """Make episode ``index`` of ``(split, epoch)``."""
@@ -38,6 +46,7 @@ class _MetaBatchDataset(Dataset):
     def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> Episode:
         epoch, indices = key
         counter = getattr(self.source, "counter", None)  # a SampleCounter: tag the batch with what it decoded
+        counter = counter if isinstance(counter, SampleCounter) else None
         before = counter.local_totals() if counter is not None else None
         batched = getattr(self.source, "episodes", None)  # optional fast path, same result as collating
         if callable(batched):
@@ -287,7 +296,12 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         if split not in self.sources:
-            raise RuntimeError(f"{type(self).__name__}.setup() did not create a source for split {split!r}")
+            skip = {"val": "; to train without validation pass --trainer.limit_val_batches 0 "
+                           "(Trainer(limit_val_batches=0))"}.get(split, "")
+            raise MetaConfigError(
+                f"{type(self).__name__}.setup() did not create a source for split {split!r}: set "
+                f"self.sources[{split!r}] to an EpisodeSource in setup(){skip}"
+            )
         self.check_model_inputs([split])
         rank, world = self._rank_world()
         if split == "train":

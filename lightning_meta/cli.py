@@ -218,8 +218,25 @@ class MetaCLI(LightningCLI):
     def before_test(self) -> None:  # noqa: D102
         self._check_last_checkpoint("test")
 
-    def before_predict(self) -> None:  # noqa: D102
+    def before_predict(self) -> None:
+        """Check ``--ckpt_path last``; add a :class:`~lightning_meta.callbacks.PredictionWriter` if none is set.
+
+        LightningCLI discards what ``trainer.predict`` returns, so without a writer the command
+        would compute the predictions and keep nothing.
+        """
+        from lightning.pytorch.callbacks import BasePredictionWriter
+
+        from lightning_meta.callbacks import PredictionWriter
+
         self._check_last_checkpoint("predict")
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
+
+    def after_predict(self) -> None:  # noqa: D102
+        written = [cb.path for cb in self.trainer.callbacks if isinstance(getattr(cb, "path", None), str)
+                   and type(cb).__name__ == "PredictionWriter"]
+        for path in written:
+            rank_zero_info(f"predictions written to {path}")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
         trainer = super().instantiate_trainer(**kwargs)

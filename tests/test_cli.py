@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -146,6 +147,14 @@ def test_predict_subcommand(tmp_path, monkeypatch):
     preds = cli.trainer.predict_loop.predictions
     assert preds and preds[0]["labels"].shape == (2, 75)  # 2 episodes of 5-way 15-query
     assert preds[0]["classes"].shape == (2, 75)
+    # the command keeps them: a PredictionWriter is added, one JSON line per task
+    from lightning_meta.callbacks import PredictionWriter
+
+    writer = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PredictionWriter))
+    rows = [json.loads(line) for line in open(writer.path)]
+    assert len(rows) == sum(p["labels"].shape[0] for p in preds)
+    assert rows[1]["labels"] == preds[0]["labels"][1].tolist() and rows[1]["classes"] == preds[0]["classes"][1].tolist()
+    assert (rows[1]["batch"], rows[1]["task"]) == (0, 1)
 
 
 # ---------------------------------------------------------------- review fixes (fourth session)

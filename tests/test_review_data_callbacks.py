@@ -246,3 +246,45 @@ def test_samples_read_counts_consumed_batches_whatever_the_workers_prefetch(tmp_
     saved = torch.load(tmp_path / "a" / "step=3.ckpt", weights_only=False)["ShardDataModule"]["samples_read"]
     assert saved == 3 * per_batch
     assert fit(tmp_path / "b", 6, ckpt_path=str(tmp_path / "a" / "step=3.ckpt")) == 6 * per_batch
+
+
+def test_sources_may_use_the_attribute_names_episodes_and_counter_for_other_things(tmp_path):
+    from test_callbacks import Flat, ImageSource, TinyImageDM
+
+    from lightning_meta.data.sampling import FixedShape
+
+    class Busy(ImageSource):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.episodes = []  # a user's own list, not the optional batched method
+            self.counter = 0
+
+    class DM(TinyImageDM):
+        def setup(self, stage=None):
+            super().setup(stage)
+            self.sources["train"] = Busy(FixedShape(self.ways, self.shots, self.queries), list(range(10)))
+
+    dm = DM(ways=2, shots=1, queries=2, eval_queries=3, meta_batch_size=2, eval_meta_batch_size=2,
+            train_episodes=4, val_episodes=4, test_episodes=4)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(MAML(Flat(), ways=2, inner_lr=0.5), dm)
+    assert trainer.global_step == 2
+
+
+def test_a_datamodule_without_a_validation_source_names_the_way_out(tmp_path):
+    from test_callbacks import Flat, TinyImageDM
+
+    from lightning_meta.errors import MetaConfigError
+
+    class NoVal(TinyImageDM):
+        def setup(self, stage=None):
+            super().setup(stage)
+            del self.sources["val"]
+
+    kw = dict(ways=2, shots=1, queries=2, eval_queries=3, meta_batch_size=2, eval_meta_batch_size=2,
+              train_episodes=4, val_episodes=4, test_episodes=4)
+    with pytest.raises(MetaConfigError, match=r"did not create a source for split 'val'.*limit_val_batches 0"):
+        _trainer(tmp_path, max_steps=2).fit(MAML(Flat(), ways=2, inner_lr=0.5), NoVal(**kw))
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(MAML(Flat(), ways=2, inner_lr=0.5), NoVal(**kw))
+    assert trainer.global_step == 2

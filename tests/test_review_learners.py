@@ -226,3 +226,81 @@ def test_mlp_init_head_accepts_a_linear_without_bias():
     layer = nn.Linear(8, 3, bias=False)
     mlp.init_head(layer)
     assert layer.weight.abs().max() <= 2 * mlp.init_std
+
+
+# ------------------------------------------------------------------ extension API (ninth-session review)
+@pytest.mark.parametrize("name", ["Reptile", "IMAML"])
+def test_subclasses_whose_training_ignores_adapt_are_refused(name):
+    import lightning_meta.algorithms as algorithms
+
+    base = getattr(algorithms, name)
+
+    class Custom(base):
+        def adapt(self, episode):
+            return super().adapt(episode)
+
+    with pytest.raises(MetaConfigError, match=rf"overrides adapt/predict, but {name} trains with"):
+        Custom(Conv4(1, 4, 16), ways=3)
+
+    class WithLoss(Custom):
+        def meta_loss(self, batch):
+            return super().meta_loss(batch)
+
+    WithLoss(Conv4(1, 4, 16), ways=3)  # overriding meta_loss too is allowed
+
+
+def test_overriding_a_batched_loss_alone_is_refused():
+    class OnlyBatched(ProtoNet):
+        def per_task_loss(self, outputs, targets):
+            return 10 * super().per_task_loss(outputs, targets)
+
+    with pytest.raises(MetaConfigError, match="overrides per_task_loss but not loss_fn"):
+        OnlyBatched(Conv4(1, 4, 16), ways=3)
+
+    class Both(OnlyBatched):
+        def loss_fn(self, outputs, targets):
+            return 10 * F.cross_entropy(outputs, targets)
+
+    Both(Conv4(1, 4, 16), ways=3)
+
+
+def test_a_maml_subclass_without_init_saves_its_arguments(tmp_path):
+    import lightning as L
+
+    class MyMAML(MAML):
+        pass
+
+    model = MyMAML(Conv4(1, 4, 16), ways=3, inner_lr=0.05, inner_steps=4)
+    assert model.hparams["inner_lr"] == 0.05 and model.hparams["inner_steps"] == 4
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    back = MyMAML.load_from_checkpoint(tmp_path / "m.ckpt", backbone=Conv4(1, 4, 16))
+    assert (back.inner_lr, back.inner_steps, back.ways) == (0.05, 4, 3)
+
+
+def test_a_relaxed_check_batch_reaches_mamls_batched_path():
+    class Lenient(MAML):
+        def check_batch(self, batch):
+            pass  # e.g. 3-way episodes on a 5-way head
+
+    batch = cls_batch(tasks=2, ways=3, shots=1, queries=2, size=16, dtype=torch.float32)
+    assert torch.isfinite(Lenient(Conv4(1, 4, 16), ways=5).meta_loss(batch))
+    with pytest.raises(MetaConfigError, match="3-way"):
+        MAML(Conv4(1, 4, 16), ways=5).meta_loss(batch)  # the default still refuses, also called directly
+
+
+def test_a_backbone_whose_out_features_is_wrong_is_named():
+    class Wrong(nn.Module):
+        out_features = 32
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 16))
+
+        def forward(self, x):
+            return self.net(x)
+
+    batch = cls_batch(tasks=1, ways=3, shots=1, queries=2, size=16, dtype=torch.float32)
+    with pytest.raises(MetaConfigError, match=r"returns 16 features .* declares out_features=32; set its out_features"):
+        MAML(Wrong(), ways=3).meta_loss(batch)

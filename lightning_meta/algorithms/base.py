@@ -72,6 +72,13 @@ class MetaLearner(L.LightningModule):
             raise MetaConfigError(f"task={task!r} is not supported; use 'classification' or 'regression'")
         if task == "classification" and ways < 2:
             raise MetaConfigError(f"ways={ways} is too small for classification; use ways >= 2")
+        for one, batched in (("loss_fn", "per_task_loss"), ("score_fn", "per_task_score")):
+            if self._overridden_below(batched, one):
+                raise MetaConfigError(
+                    f"{type(self).__name__} overrides {batched} but not {one}; the per-task paths (the task loop, "
+                    f"evaluation, adapt/predict overrides) call {one}, so the two would differ: override {one} (and "
+                    f"{batched} too only as a faster batched form of it)"
+                )
         require_positive("lr", lr, "typical values are 1e-3 with Adam")
         if not (math.isfinite(weight_decay) and weight_decay >= 0):
             raise MetaConfigError(f"weight_decay={weight_decay} must be a finite number >= 0")

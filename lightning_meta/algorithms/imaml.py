@@ -90,6 +90,8 @@ class IMAML(MAML):
             raise MetaConfigError(f"lam={lam} must be > 0 (the proximal regularisation; the paper uses 0.5-2)")
         if cg_steps < 1:
             raise MetaConfigError(f"cg_steps={cg_steps} must be >= 1 (the paper uses 5)")
+        self._refuse_hooks_training_ignores(IMAML, "its implicit meta-gradient (proximal inner loop and conjugate "
+                                                   "gradient)")
         self.save_hyperparameters(ignore=["backbone"])
         self.lam = lam
         self.cg_steps = cg_steps
@@ -131,7 +133,7 @@ class IMAML(MAML):
         Parameters excluded by ``adapt_filter`` receive the ordinary (first-order) gradient of the
         query loss at the adapted weights.
         """
-        self._check_ways(batch)
+        self.check_batch(batch)  # also when called directly; a subclass may relax it
         adapted, frozen = self.split_parameters()
         theta = {k: v.detach() for k, v in adapted.items()}
         frozen_d = {k: v.detach() for k, v in frozen.items()}

@@ -134,7 +134,14 @@ class BackboneWithHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         with low_precision_autocast(x):  # bf16: float32 fast weights in a bf16 module
-            return self.head(self.backbone(x))
+            features = self.backbone(x)
+            if features.shape[-1] != self.head.in_features:
+                raise MetaConfigError(
+                    f"the backbone {type(self.backbone).__name__} returns {features.shape[-1]} features per input "
+                    f"(output shape {list(features.shape)}) but declares out_features={self.head.in_features}; set "
+                    f"its out_features to {features.shape[-1]} (or make it flatten to out_features)"
+                )
+            return self.head(features)
 
 
 class MAML(MetaLearner):
@@ -246,8 +253,9 @@ class MAML(MetaLearner):
             raise MetaConfigError(
                 f"eval_report_steps={list(eval_report_steps or [])} must lie in 1..eval_inner_steps={eval_inner_steps}"
             )
-        if type(self) is MAML:
-            self.save_hyperparameters(ignore=["backbone"])
+        # every class: a subclass without its own __init__ (or one that does not call it) still saves
+        # the arguments it was built with; subclasses with their own arguments call it again
+        self.save_hyperparameters(ignore=["backbone"])
         self.model = BackboneWithHead(backbone, ways if task == "classification" else 1)
         per_step_norm: set[str] = set()
         if bn in PER_STEP_POLICIES:
@@ -419,6 +427,19 @@ class MAML(MetaLearner):
         with bn_policy(self.model, self.bn), norm_step(self.model, steps - 1):
             return functional_call(self.model, (state, self.model_buffers()), (x,))
 
+    def _refuse_hooks_training_ignores(self, owner: type, why: str) -> None:
+        """Refuse a subclass overriding adapt/predict whose training (``owner.meta_loss``) never calls them.
+
+        Evaluation goes through the overridden hooks (:meth:`evaluate`), so training and evaluation
+        would run different models.
+        """
+        if self._overrides_hooks_of(MAML) and type(self).meta_loss is owner.meta_loss:
+            raise MetaConfigError(
+                f"{type(self).__name__} overrides adapt/predict, but {owner.__name__} trains with {why}, which never "
+                "calls them (evaluation would, training would not); override meta_loss too, or subclass MAML, "
+                "whose training then goes through adapt/predict"
+            )
+
     def check_batch(self, batch: Episode) -> None:
         """Also refuses episodes with another number of ways than the task head's (see :class:`MetaLearner`)."""
         super().check_batch(batch)
@@ -467,7 +488,7 @@ class MAML(MetaLearner):
         """
         if self._overrides_hooks_of(MAML):
             return MetaLearner.meta_loss(self, batch)
-        self._check_ways(batch)
+        self.check_batch(batch)  # also when called directly; a subclass may relax it
         adapted, frozen = self.split_parameters()
         buffers = self.model_buffers()
         args = (self.inner_steps, self.first_order)
@@ -493,7 +514,7 @@ class MAML(MetaLearner):
         """
         if self._overrides_hooks_of(MAML):
             return MetaLearner.evaluate(self, batch)
-        self._check_ways(batch)
+        self.check_batch(batch)  # also when called directly; a subclass may relax it
         name = self.score_name
         results: dict[str, list[Tensor]] = {name: []}
         results.update({f"{name}_step{k}": [] for k in self.eval_report_steps})

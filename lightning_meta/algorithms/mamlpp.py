@@ -126,12 +126,7 @@ class MAMLPlusPlus(MAML):
             raise MetaConfigError(
                 f"msl_anneal_epochs={msl_anneal_epochs} and first_order_epochs={first_order_epochs} must be >= 0"
             )
-        if self._overrides_hooks_of(MAML) and type(self).meta_loss is MAMLPlusPlus.meta_loss:
-            raise MetaConfigError(
-                f"{type(self).__name__} overrides adapt/predict, but MAMLPlusPlus trains with its multi-step loss, "
-                "which runs the inner loop itself and never calls them (evaluation would, training would not); "
-                "override meta_loss too, or subclass MAML, whose training then goes through adapt/predict"
-            )
+        self._refuse_hooks_training_ignores(MAMLPlusPlus, "its multi-step loss, which runs the inner loop itself")
         self.save_hyperparameters(ignore=["backbone"])
         self.msl_anneal_epochs = msl_anneal_epochs
         self.first_order_epochs = first_order_epochs
@@ -187,7 +182,7 @@ class MAMLPlusPlus(MAML):
 
     def meta_loss(self, batch: Episode) -> Tensor:
         """Importance-weighted query losses of every inner step (MSL), or the final step's alone."""
-        self._check_ways(batch)
+        self.check_batch(batch)  # also when called directly; a subclass may relax it
         weights = self.step_weights()
         first_order = self.use_first_order()
         adapted, frozen = self.split_parameters()

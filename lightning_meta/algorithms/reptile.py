@@ -82,6 +82,7 @@ class Reptile(MAML):
             )
         if outer_optimizer not in ("sgd", "adam"):
             raise MetaConfigError(f"outer_optimizer={outer_optimizer!r} is not supported; use 'sgd' or 'adam'")
+        self._refuse_hooks_training_ignores(Reptile, "its own outer update (inner steps on support and query)")
         self.save_hyperparameters(ignore=["backbone"])
         self.outer_optimizer = outer_optimizer
 
@@ -90,7 +91,7 @@ class Reptile(MAML):
 
     def meta_loss(self, batch: Episode) -> Tensor:
         """Surrogate whose gradient is ``theta - mean_i theta'_i`` (the Reptile direction)."""
-        self._check_ways(batch)
+        self.check_batch(batch)
         adapted, frozen = self.split_parameters()
         start = {k: v.detach() for k, v in adapted.items()}
         frozen_d = {k: v.detach() for k, v in frozen.items()}
