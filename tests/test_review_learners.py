@@ -304,3 +304,26 @@ def test_a_backbone_whose_out_features_is_wrong_is_named():
     batch = cls_batch(tasks=1, ways=3, shots=1, queries=2, size=16, dtype=torch.float32)
     with pytest.raises(MetaConfigError, match=r"returns 16 features .* declares out_features=32; set its out_features"):
         MAML(Wrong(), ways=3).meta_loss(batch)
+
+
+@pytest.mark.parametrize(("size", "channels", "relation_padding", "maps", "fc_in"),
+                         [(28, 1, 1, 5, 64), (84, 3, 0, 19, 576)])
+def test_relation_network_as_in_the_authors_code(size, channels, relation_padding, maps, fc_in):
+    """Sung et al. 2018's networks: unpadded first two encoder convolutions; relation convs padded on Omniglot only."""
+    encoder = Conv4(channels, 64, size, pool_blocks=2, flatten=False, padding=[0, 0, 1, 1])
+    model = RelationNet(encoder, ways=5, relation_padding=relation_padding)
+    assert model.feature_shape == (64, maps, maps)
+    assert model.relation.fc[0].in_features == fc_in
+    # two 3x3 convolutions without bias (BatchNorm follows), two BatchNorms, 64 -> 8 -> 1 fully connected
+    expected = 128 * 64 * 9 + 128 + 64 * 64 * 9 + 128 + fc_in * 8 + 8 + 8 + 1
+    assert sum(p.numel() for p in model.relation.parameters()) == expected
+    ep = Episode(torch.randn(5, channels, size, size), torch.arange(5), torch.randn(10, channels, size, size),
+                 torch.arange(5).repeat(2), torch.arange(5))
+    assert model.predict(model.adapt(ep), ep.query_x).shape == (10, 5)
+
+
+def test_conv4_refuses_paddings_that_leave_no_pixel():
+    with pytest.raises(ValueError, match=r"image_size=8 is too small for padding=\[0, 0, 0, 0\]"):
+        Conv4(1, 8, 8, padding=0)
+    with pytest.raises(ValueError, match="padding=.* must be an int >= 0 or four of them"):
+        Conv4(1, 8, 28, padding=[1, 1])

@@ -61,34 +61,47 @@ def relation_pairs(class_maps: Tensor, query_maps: Tensor) -> Tensor:
 class RelationModule(nn.Module):
     """The learned similarity ``g_phi``: two conv blocks and two fully connected layers.
 
-    Each block is 3x3 conv (padding 1) -> BatchNorm -> ReLU -> 2x2 max-pool; then
-    ``Linear -> ReLU -> Linear(1) -> sigmoid``, a relation score in ``(0, 1)``.
+    Each block is 3x3 conv (``padding``) -> BatchNorm -> ReLU -> 2x2 max-pool; then
+    ``Linear -> ReLU -> Linear(1) -> sigmoid``, a relation score in ``(0, 1)``. The authors' code
+    pads by 1 on Omniglot (5x5 maps -> 1x1) and not at all on miniImageNet (19x19 -> 3x3).
 
     Args:
         in_channels: channels of a concatenated pair (twice the encoder's channels).
-        feature_size: side ``H = W`` of the pair's feature maps (at least 4: two 2x2 poolings).
+        feature_size: side ``H = W`` of the pair's feature maps (at least 4 with padding 1: two
+            2x2 poolings).
         channels: channels of the two conv blocks (64 in the paper).
         hidden: width of the hidden FC layer (8 in the paper).
+        padding: zero padding of the two 3x3 convolutions (1 keeps the size, 0 trims a pixel per side).
 
     Example:
         >>> RelationModule(128, feature_size=7)(torch.randn(3, 128, 7, 7)).shape
         torch.Size([3])
+        >>> RelationModule(128, feature_size=19, padding=0).fc[0].in_features  # 19 -> 17 -> 8 -> 6 -> 3
+        576
 
     """
 
-    def __init__(self, in_channels: int, feature_size: int, channels: int = 64, hidden: int = 8) -> None:
+    def __init__(self, in_channels: int, feature_size: int, channels: int = 64, hidden: int = 8,
+                 padding: int = 1) -> None:
         super().__init__()
-        side = feature_size // 2 // 2
+        if padding < 0:
+            raise MetaConfigError(f"relation_padding={padding} must be >= 0")
+        side = feature_size
+        for _ in range(2):
+            side = (side + 2 * padding - 2) // 2
+            if side < 1:
+                break
         if side < 1:
             raise MetaConfigError(
-                f"feature maps of side {feature_size} are too small for the relation module's two 2x2 poolings; "
-                "use an encoder that keeps at least 4x4 maps (e.g. Conv4(..., pool_blocks=2, flatten=False))"
+                f"feature maps of side {feature_size} are too small for the relation module's two 3x3 convolutions "
+                f"(padding {padding}) and 2x2 poolings; use an encoder that keeps larger maps (e.g. Conv4(..., "
+                "pool_blocks=2, flatten=False)) or relation_padding=1"
             )
         if channels < 1 or hidden < 1:
             raise MetaConfigError(f"relation_channels={channels} and relation_hidden={hidden} must be >= 1")
         blocks: list[nn.Module] = []
         for c_in in (in_channels, channels):
-            conv = nn.Conv2d(c_in, channels, 3, padding=1, bias=False)  # BatchNorm's shift replaces the bias
+            conv = nn.Conv2d(c_in, channels, 3, padding=padding, bias=False)  # BatchNorm's shift replaces the bias
             blocks += [conv, nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)]
         self.convs = nn.Sequential(*blocks)
         self.fc = nn.Sequential(nn.Linear(channels * side * side, hidden), nn.ReLU(), nn.Linear(hidden, 1))
@@ -124,6 +137,10 @@ class RelationNet(MetaLearner):
         aggregation: ``sum`` (the paper) or ``mean`` of the support maps of a class.
         relation_channels: channels of the relation module's conv blocks (64 in the paper).
         relation_hidden: width of its hidden FC layer (8 in the paper).
+        relation_padding: zero padding of its two convolutions (1; the authors use 0 on
+            miniImageNet). The paper's networks: encoder ``Conv4(..., pool_blocks=2,
+            flatten=False, padding=[0, 0, 1, 1])`` with ``relation_padding=1`` on 28x28 Omniglot,
+            ``relation_padding=0`` on 84x84 miniImageNet.
         ways, lr, weight_decay, per_task_backward: see :class:`MetaLearner`.
 
     Example:
@@ -144,6 +161,7 @@ class RelationNet(MetaLearner):
         aggregation: Aggregation = "sum",
         relation_channels: int = 64,
         relation_hidden: int = 8,
+        relation_padding: int = 1,
         ways: int = 5,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -182,7 +200,8 @@ class RelationNet(MetaLearner):
         self.backbone = backbone
         self.feature_shape = feature_shape
         self.aggregation = aggregation
-        self.relation = RelationModule(2 * feature_shape[0], feature_shape[1], relation_channels, relation_hidden)
+        self.relation = RelationModule(2 * feature_shape[0], feature_shape[1], relation_channels, relation_hidden,
+                                       relation_padding)
 
     # ------------------------------------------------------------ helpers
     def _encode(self, x: Tensor) -> Tensor:

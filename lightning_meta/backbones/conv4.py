@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from torch import Tensor, nn
@@ -21,7 +22,9 @@ class Conv4(nn.Module):
     and ``out_shape`` the ``(channels, height, width)`` of the feature maps before flattening.
 
     Relation Networks (Sung et al. 2018) keep feature maps: ``pool_blocks=2, flatten=False`` pools
-    only after the first two blocks and returns ``[b, hidden, image_size // 4, image_size // 4]``.
+    only after the first two blocks and returns ``[b, hidden, image_size // 4, image_size // 4]``;
+    the authors' encoder also leaves the first two convolutions unpadded,
+    ``padding=[0, 0, 1, 1]`` (28x28 -> 64x5x5, 84x84 -> 64x19x19).
 
     Args:
         in_channels: input channels (1 for glyphs/Omniglot, 3 for miniImageNet).
@@ -31,6 +34,8 @@ class Conv4(nn.Module):
             uses batch statistics, as MAML's reference code) or ``none``.
         pool_blocks: how many blocks (the first ones) end with a 2x2 max-pool; 4 is the usual Conv-4.
         flatten: return ``[b, out_features]`` (default) or the feature maps ``[b, *out_shape]``.
+        padding: zero padding of the 3x3 convolutions, one value for all four blocks or one per
+            block (1 keeps the size; 0 trims a pixel on each side).
 
     Example:
         >>> import torch
@@ -39,6 +44,8 @@ class Conv4(nn.Module):
         (torch.Size([2, 64]), 64)
         >>> Conv4(1, 64, 28, pool_blocks=2, flatten=False).out_shape
         (64, 7, 7)
+        >>> Conv4(1, 64, 84, pool_blocks=2, flatten=False, padding=[0, 0, 1, 1]).out_shape
+        (64, 19, 19)
 
     """
 
@@ -50,6 +57,7 @@ class Conv4(nn.Module):
         norm: Norm = "batch",
         pool_blocks: int = 4,
         flatten: bool = True,
+        padding: int | Sequence[int] = 1,
     ) -> None:
         super().__init__()
         if in_channels <= 0 or hidden <= 0:
@@ -58,17 +66,28 @@ class Conv4(nn.Module):
             raise ValueError(f"pool_blocks={pool_blocks} must be between 0 and 4 (Conv4 has four blocks)")
         if image_size < 1:
             raise ValueError(f"image_size={image_size} must be >= 1 (the input height and width)")
-        if image_size < 2**pool_blocks:
+        pads = [padding] * 4 if isinstance(padding, int) else [int(p) for p in padding]
+        if len(pads) != 4 or any(p < 0 for p in pads):
+            raise ValueError(f"padding={padding!r} must be an int >= 0 or four of them (one per block)")
+        if pads == [1, 1, 1, 1] and image_size < 2**pool_blocks:
             times = {4: "four times", 3: "three times", 2: "twice", 1: "once"}.get(pool_blocks)
             raise ValueError(
                 f"Conv4 halves the image {times}; image_size={image_size} is below the minimum {2**pool_blocks}"
             )
+        side = image_size
+        for block, pad in enumerate(pads):
+            side += 2 * pad - 2  # a 3x3 convolution
+            if block < pool_blocks:
+                side //= 2
+            if side < 1:
+                raise ValueError(f"image_size={image_size} is too small for padding={pads} and pool_blocks="
+                                 f"{pool_blocks}: block {block + 1} leaves no pixel; use larger images or padding 1")
         if norm not in ("batch", "batch_no_stats", "none"):
             raise ValueError(f"norm={norm!r} is not supported; use 'batch', 'batch_no_stats' or 'none'")
         layers: list[nn.Module] = []
         channels = in_channels
         for block in range(4):
-            layers.append(nn.Conv2d(channels, hidden, kernel_size=3, padding=1))
+            layers.append(nn.Conv2d(channels, hidden, kernel_size=3, padding=pads[block]))
             if norm != "none":
                 layers.append(nn.BatchNorm2d(hidden, track_running_stats=(norm == "batch")))
             layers.append(nn.ReLU(inplace=False))
@@ -76,9 +95,6 @@ class Conv4(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             channels = hidden
         self.encoder = nn.Sequential(*layers)
-        side = image_size
-        for _ in range(pool_blocks):
-            side //= 2
         self.out_shape = (hidden, side, side)
         self.out_features = hidden * side * side
         self.flatten = flatten
