@@ -57,7 +57,8 @@ class TestResultWriter(Callback):
     ``test``/``validate`` of the same trainer loaded into the same module; ``null`` when it is
     unknown (no checkpoint, another module, or a checkpoint that cannot be read).
     ``evaluation_only`` is true when the trainer trained nothing itself (an evaluation-only run),
-    ``ckpt_path`` names the checkpoint.
+    ``ckpt_path`` names the checkpoint. ``wall_time_s`` runs from the start of ``fit`` (or, in an
+    evaluation-only run, of the evaluation) to the end of the evaluation.
 
     Args:
         filename: name of the JSON file.
@@ -79,6 +80,8 @@ class TestResultWriter(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
         self._ckpt_step = None  # runs before Lightning restores a checkpoint (on_load_checkpoint below)
+        if stage != "fit" and trainer.global_step == 0:
+            self._start = time.time()  # an evaluation-only run: its own time (after a fit: from the fit's start)
 
     def on_load_checkpoint(  # noqa: D102
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]

@@ -890,15 +890,19 @@ class ShardDataModule(EpisodicDataModule):
             shape["stream_buffer"] = self.stream_buffer
         return shape
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Tally the samples a consumed training batch decoded (its ``_samples`` tag)."""
+    def consumed_batch(self, batch: Any) -> None:
+        """Count the samples a training batch decoded (its ``_samples`` tag), once the trainer uses it.
+
+        Called by the learners' ``on_train_batch_start``
+        (:class:`~lightning_meta.algorithms.MetaLearner`); a LightningModule of another kind can
+        call it there too. Without it, checkpoints save the counts of everything decoded so far,
+        prefetched batches included.
+        """
         samples = batch.__dict__.pop("_samples", None) if isinstance(batch, Episode) else None
-        trainer = getattr(self, "trainer", None)
-        if samples is not None and trainer is not None and trainer.training:
+        if samples is not None:
             self._consumed[0] += samples[0]
             self._consumed[1] += samples[1]
             self._tallied = True
-        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """Return the base position plus the reader, the episode shape and the corrupt-sample counts.
@@ -911,7 +915,7 @@ class ShardDataModule(EpisodicDataModule):
         state["episode_shape"] = self.episode_shape
         if self._tallied:
             state["samples_read"], state["samples_skipped"] = self._consumed
-        elif "train" in self._counters:  # no batch went through on_before_batch_transfer (a module overrides it)
+        elif "train" in self._counters:  # no batch was reported by consumed_batch (another kind of module)
             state["samples_read"], state["samples_skipped"] = self._counters["train"].totals()
         return state
 

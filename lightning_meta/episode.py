@@ -84,7 +84,10 @@ class Episode:
                 dev = kwargs.get("device", next((a.device if isinstance(a, Tensor) else a for a in args
                                                  if isinstance(a, (str, torch.device, Tensor))), None))
                 out[f.name] = t.to(dev) if dev is not None else t
-        return Episode(**out)
+        moved = Episode(**out)
+        if "_samples" in self.__dict__:  # a shard batch's decode counts (ShardDataModule.consumed_batch)
+            moved._samples = self._samples
+        return moved
 
     def clone(self) -> Episode:
         """A copy whose tensors are ordinary (not inference-mode) tensors."""

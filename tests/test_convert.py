@@ -713,3 +713,20 @@ def test_a_header_claiming_a_huge_image_is_a_decode_error():
         decode_image(bomb, "png")
     with pytest.raises(MetaConfigError, match="is not a readable image"):
         ImageRecipe(mode="L")(bomb, "bomb.png")
+
+
+def test_auto_channels_pick_rgb_when_any_class_starts_in_color(tmp_path):
+    tree = tmp_path / "tree"
+    for k in range(3):
+        (tree / f"c{k}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * k + i, np.uint8)).save(tree / f"c{k}" / f"{i}.png")
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tree / "c0" / "0-gray.png")  # sorted first
+    index = convert_imagefolder(tree, tmp_path / "out")
+    assert index.meta["mode"] == "RGB"
+    gray = tmp_path / "gray"
+    for k in range(3):
+        (gray / f"c{k}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * k + i, np.uint8)).save(gray / f"c{k}" / f"{i}.png")
+    assert convert_imagefolder(gray, tmp_path / "out_gray").meta["mode"] == "L"

@@ -288,3 +288,46 @@ def test_a_datamodule_without_a_validation_source_names_the_way_out(tmp_path):
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
     trainer.fit(MAML(Flat(), ways=2, inner_lr=0.5), NoVal(**kw))
     assert trainer.global_step == 2
+
+
+def test_result_writer_times_an_evaluation_only_run_from_its_start(tmp_path):
+    import json
+    import time
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_meta.callbacks import TestResultWriter
+
+    writer = TestResultWriter()
+    time.sleep(1.0)  # the callback is built long before the run (e.g. while a config is parsed)
+    dm = SinusoidDataModule(meta_batch_size=2, train_episodes=4, val_episodes=2, test_episodes=2,
+                            eval_meta_batch_size=2)
+    trainer = L.Trainer(logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[writer])
+    trainer.test(MAML(MLP(1, [8]), task="regression", inner_lr=0.01), dm, verbose=False)
+    record = json.loads((tmp_path / "lightning_logs" / "version_0" / "results.json").read_text())
+    assert record["evaluation_only"] is True and record["wall_time_s"] < 0.9
+
+
+def test_a_modules_own_batch_transfer_hook_still_runs_with_shard_data(tmp_path):
+    """The decode-count tally must not take Lightning's on_before_batch_transfer away from the module."""
+    from episode_fixtures import write_tiny_shards
+    from torch import nn
+
+    from lightning_meta.algorithms import ProtoNet
+    from lightning_meta.datamodules import ShardDataModule
+
+    calls = []
+
+    class Hooked(ProtoNet):
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            calls.append(dataloader_idx)
+            return batch
+
+    write_tiny_shards(tmp_path / "shards")
+    dm = ShardDataModule(shards=str(tmp_path / "shards"), ways=3, shots=1, queries=2, eval_queries=2,
+                         meta_batch_size=2, train_episodes=4, val_episodes=2, eval_meta_batch_size=2, verify="size")
+    _trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(Hooked(nn.Sequential(nn.Flatten(), nn.Linear(784, 8)),
+                                                                    ways=3), dm)
+    assert len(calls) == 2
+    assert dm.state_dict()["samples_read"] == 2 * 2 * 3 * 3  # still counted per consumed batch

@@ -327,3 +327,74 @@ def test_conv4_refuses_paddings_that_leave_no_pixel():
         Conv4(1, 8, 8, padding=0)
     with pytest.raises(ValueError, match="padding=.* must be an int >= 0 or four of them"):
         Conv4(1, 8, 28, padding=[1, 1])
+
+
+def test_content_addressing_of_an_empty_memory_row_is_finite_in_float16():
+    from lightning_meta.functional.sequence import cosine_read_weights
+
+    keys = torch.randn(2, 1, 8, dtype=torch.float16)
+    memory = torch.randn(2, 4, 8, dtype=torch.float16)
+    memory[:, 2] = 0  # a cleared slot
+    weights = cosine_read_weights(keys, memory)
+    assert torch.isfinite(weights).all()
+    reference = cosine_read_weights(keys.double(), memory.double())
+    torch.testing.assert_close(weights.double(), reference, atol=2e-3, rtol=0)
+
+
+def test_single_episodes_and_int32_labels_are_refused_by_the_steps():
+    model = ProtoNet(Conv4(1, 4, 16), ways=3)
+    batch = cls_batch(tasks=1, ways=3, shots=1, queries=2, size=16, dtype=torch.float32)
+    with pytest.raises(MetaConfigError, match="got a single episode; collate it"):
+        model.check_batch(batch.task(0))
+    int32 = collate_episodes([Episode(batch.support_x[0], batch.support_y[0].int(), batch.query_x[0],
+                                      batch.query_y[0], batch.classes[0])])
+    with pytest.raises(MetaConfigError, match=r"labels must be torch.long .* support_y of dtype torch.int32"):
+        model.check_batch(int32)
+
+
+# ------------------------------------------------------------------ regressions found in review of the above
+def test_a_maml_subclass_with_its_own_init_and_kwargs_still_loads(tmp_path):
+    import lightning as L
+
+    class FOMAML(MAML):
+        def __init__(self, backbone=None, **kwargs):
+            super().__init__(backbone if backbone is not None else MLP(4, [8]), first_order=True, **kwargs)
+            self.save_hyperparameters(ignore=["backbone"])
+
+    model = FOMAML(ways=3, inner_lr=0.1)
+    assert dict(model.hparams) == {"ways": 3, "inner_lr": 0.1}  # MAML's own arguments are not mixed in
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "f.ckpt")
+    back = FOMAML.load_from_checkpoint(tmp_path / "f.ckpt")
+    assert (back.ways, back.inner_lr, back.first_order) == (3, 0.1, True)
+
+
+def test_a_sequential_head_without_linear_is_stripped_whole():
+    net = nn.Module()
+    net.features = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU())
+    # SqueezeNet's layout: a convolutional classifier
+    net.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(16, 1000, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    net.forward = lambda x: net.classifier(net.features(x))
+    body = TorchvisionBackbone(net, out_features=16 * 6 * 6)
+    assert isinstance(net.classifier, nn.Identity)
+    assert body(torch.randn(2, 3, 8, 8)).shape == (2, 576)
+
+
+def test_film_follows_layernorm_subclasses_that_normalise_the_last_dimension():
+    class FP16LayerNorm(nn.LayerNorm):  # CLIP's pattern: compute in float32, return the input dtype
+        def forward(self, x):
+            return super().forward(x.float()).type(x.dtype)
+
+    net = nn.Sequential(nn.Linear(4, 6), FP16LayerNorm(6))
+    assert add_film(net) == ["1"]
+    assert net[1].modulation.channel_dim == -1
+    assert net(torch.randn(2, 5, 4)).shape == (2, 5, 6)
+
+
+def test_film_refuses_an_output_whose_channel_dimension_does_not_fit():
+    from lightning_meta.backbones import FiLM
+
+    film = FiLM(6, channel_dim=1)
+    with pytest.raises(MetaConfigError, match=r"dimension 1 does not hold 6 channels"):
+        film(torch.randn(2, 5, 6))

@@ -177,7 +177,20 @@ class MetaLearner(L.LightningModule):
                 f"{type(self).__name__} expects lightning_meta.Episode batches, got {type(batch).__name__}; "
                 "use a lightning_meta datamodule or collate_episodes"
             )
+        if not batch.is_batched:
+            raise MetaConfigError(
+                f"{type(self).__name__} takes meta-batches (a leading task axis), got a single episode; collate it "
+                "with lightning_meta.collate_episodes([episode]) (the datamodules already do)"
+            )
         is_regression = batch.ways == 0
+        if not is_regression:
+            for name in ("support_y", "query_y"):
+                y = getattr(batch, name)
+                if y.dtype != torch.long:
+                    raise MetaConfigError(
+                        f"classification labels must be torch.long (int64), got {name} of dtype {y.dtype}; convert "
+                        f"them with .long() where the episodes are built"
+                    )
         for part in ("support", "query"):
             x, y = getattr(batch, f"{part}_x"), getattr(batch, f"{part}_y")
             lead = y.dim() - 1 if is_regression else y.dim()  # regression targets end in [..., 1]
@@ -424,8 +437,14 @@ class MetaLearner(L.LightningModule):
             rank_zero_info(f"lightning-meta: {repair}")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Start recording BatchNorm running-statistics updates when training with several processes."""
+        """Count the batch's decoded samples (shard datamodules) and start recording BatchNorm statistics.
+
+        The running-statistics updates are recorded when training with several processes.
+        """
         trainer = self._trainer
+        tally = getattr(getattr(trainer, "datamodule", None), "consumed_batch", None)
+        if callable(tally):  # ShardDataModule: a checkpoint saves the samples of consumed batches only
+            tally(batch)
         wanted = self.sync_running_stats and trainer is not None and trainer.world_size > 1
         sync = self.__dict__.get("_running_stats_sync")
         if not wanted:

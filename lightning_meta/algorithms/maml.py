@@ -253,9 +253,10 @@ class MAML(MetaLearner):
             raise MetaConfigError(
                 f"eval_report_steps={list(eval_report_steps or [])} must lie in 1..eval_inner_steps={eval_inner_steps}"
             )
-        # every class: a subclass without its own __init__ (or one that does not call it) still saves
-        # the arguments it was built with; subclasses with their own arguments call it again
-        self.save_hyperparameters(ignore=["backbone"])
+        # MAML and subclasses without an __init__ of their own (which would otherwise save nothing);
+        # a subclass with its own __init__ calls it itself, with the arguments its signature takes
+        if type(self).__init__ is MAML.__init__:
+            self.save_hyperparameters(ignore=["backbone"])
         self.model = BackboneWithHead(backbone, ways if task == "classification" else 1)
         per_step_norm: set[str] = set()
         if bn in PER_STEP_POLICIES:

@@ -279,6 +279,12 @@ class FiLM(nn.Module):
             scale, shift = self.generator(self.context).chunk(2)
         else:
             scale, shift = self.film_scale, self.film_shift
+        if x.dim() < 1 or x.shape[self.channel_dim] != self.num_features:
+            raise MetaConfigError(
+                f"FiLM({self.num_features}, channel_dim={self.channel_dim}) got an output of shape {list(x.shape)}: "
+                f"dimension {self.channel_dim} does not hold {self.num_features} channels; place the modulation "
+                "after a layer whose channels are in that dimension (add_film target=...)"
+            )
         shape = [1] * x.dim()
         shape[self.channel_dim] = self.num_features
         return x * (1 + scale.view(shape)) + shift.view(shape)
@@ -300,11 +306,9 @@ def _channels(m: nn.Module) -> tuple[int, int] | None:
         shape = tuple(m.normalized_shape)
         if len(shape) != 1:  # normalised over several dimensions: none of them is known to hold channels
             return None
-        if type(m).forward is nn.LayerNorm.forward:  # nn.LayerNorm normalises the last dimension
-            return shape[0], -1
         if type(m).__name__ == "LayerNorm2d":  # torchvision's and timm's: channels-first maps, over C
             return shape[0], 1
-        return None  # a subclass with its own forward: its channel dimension is unknown
+        return shape[0], -1  # nn.LayerNorm and its subclasses (e.g. CLIP's fp16 wrapper): the last dimension
     if isinstance(m, nn.modules.conv._ConvNd):
         return m.out_channels, 1
     if isinstance(m, nn.Linear):
@@ -364,9 +368,8 @@ def add_film(module: nn.Module, target: str | None = None, context_dim: int = 0)
         )
     for name, m in chosen:  # every check before any change: a refused call leaves the module untouched
         if _channels(m) is None:
-            why = (f" (a LayerNorm over {list(m.normalized_shape)}: a LayerNorm over several dimensions, or a "
-                   "subclass with its own forward other than LayerNorm2d, does not tell which output dimension "
-                   "holds the channels)" if isinstance(m, nn.LayerNorm) else "")
+            why = (f" (a LayerNorm over {list(m.normalized_shape)}: over several dimensions, none of them is known "
+                   "to hold the channels)" if isinstance(m, nn.LayerNorm) else "")
             raise MetaConfigError(
                 f"add_film target={target!r} matches {name!r} ({type(m).__name__}), whose output channels are "
                 f"unknown{why}; match normalisation, convolution or Linear layers only (anchor the expression, "

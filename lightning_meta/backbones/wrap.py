@@ -137,8 +137,8 @@ class TorchvisionBackbone(nn.Module):
         and Flatten, MaxViT's pooling and LayerNorm), so they stay, under their original names (a
         state dict of the full model still fits them).
         """
-        if not isinstance(head, nn.Sequential):
-            return []
+        if not isinstance(head, nn.Sequential) or not any(isinstance(m, nn.Linear) for m in head.modules()):
+            return []  # no Linear (e.g. SqueezeNet's convolutional classifier): the whole head goes
         kept = []
         for child_name, layer in head.named_children():
             if any(isinstance(m, nn.Linear) for m in layer.modules()):

@@ -349,7 +349,8 @@ def _terminate_as_exit() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler installed from C, which Python cannot reinstall; the default is the closest
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -462,6 +463,23 @@ def _ratio_split(n: int, ratios: Sequence[float], seed: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------- ImageFolder
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _auto_mode(tree: SourceTree, files: Sequence[str]) -> Literal["L", "RGB"]:
+    """``RGB`` when any of ``files`` (one per class) is in color, else ``L`` (headers only are decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for f in files:
+        try:
+            with Image.open(io.BytesIO(tree.read(f))) as im:
+                if im.mode not in _GRAY_MODES:
+                    return "RGB"
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise MetaConfigError(f"{tree.path / f} is not a readable image ({e}); remove or replace the file") from e
+    return "L"
+
+
 def convert_imagefolder(
     root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -485,7 +503,9 @@ def convert_imagefolder(
             split (ShardDataModule then splits with its own ``split_ratios``).
         split_folders: the top folders are the splits (``train``, ``val``, ``test``).
         image_size: square output side; None keeps the source size (all images must then agree).
-        channels: ``1`` (grayscale), ``3`` (RGB) or ``auto`` (from the first image's mode).
+        channels: ``1`` (grayscale), ``3`` (RGB) or ``auto``: RGB when the first image of any class
+            is in color (a grayscale image that happens to come first does not make a color set
+            grayscale), else grayscale.
         fmt: ``png`` or ``npy``.
         seed: seed of the ratio split.
         overwrite: replace a non-empty ``out_dir``.
@@ -555,10 +575,7 @@ def convert_imagefolder(
         if channels not in ("auto", "1", "3"):
             raise MetaConfigError(f"channels={channels!r} is not supported; use 'auto', '1' or '3'")
         if channels == "auto":
-            from PIL import Image
-
-            with Image.open(io.BytesIO(tree.read(plans[0].files[0]))) as im:
-                mode = "L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+            mode = _auto_mode(tree, [plan.files[0] for plan in plans if plan.files])
         else:
             mode = "L" if channels == "1" else "RGB"
         size = _check_size(image_size)
@@ -843,7 +860,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="split the classes by these fractions (seeded); default: no split recorded")
     g.add_argument("--split-folders", action="store_true", help="the top folders are the splits: train, val, test")
     sp.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
-                    help="1 = grayscale, 3 = RGB, auto = from the first image (default)")
+                    help="1 = grayscale, 3 = RGB, auto = RGB if the first image of any class is in color (default)")
     sp.add_argument("--resample", choices=list(_RESAMPLE), default="lanczos", help="resize filter (default lanczos)")
     sp.add_argument("--seed", type=int, default=0, help="seed of --split-ratios")
 

@@ -121,7 +121,8 @@ def cosine_read_weights(keys: Tensor, memory: Tensor, sharpness: Tensor | float 
         keys: ``[b, heads, width]``.
         memory: ``[b, slots, width]``.
         sharpness: scalar multiplying the cosine similarities before the softmax (1 in Santoro et al.).
-        eps: guards the norms of empty (all-zero) memory rows.
+        eps: guards the norms of empty (all-zero) memory rows; raised to the smallest normal number
+            of the dtype when it would round to zero there (float16: 6.1e-5).
 
     Returns:
         ``[b, heads, slots]``, each row sums to 1.
@@ -129,6 +130,7 @@ def cosine_read_weights(keys: Tensor, memory: Tensor, sharpness: Tensor | float 
     """
     sim = torch.einsum("bhw,bsw->bhs", keys, memory)
     norms = keys.norm(dim=-1, keepdim=True) * memory.norm(dim=-1)[:, None, :]
+    eps = max(eps, torch.finfo(norms.dtype).tiny)  # 1e-8 is 0 in float16: 0 / 0 for an empty row
     return torch.softmax(sharpness * sim / norms.clamp_min(eps), dim=-1)
 
 
