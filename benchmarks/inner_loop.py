@@ -312,14 +312,17 @@ def peak_allocated(fn: Callable[[], None]) -> int | None:
 MEMORY_ROWS = ["supervised fwd+bwd", "MAML 2nd order", "MAML 2nd order, vmap over tasks",
                "MAML 2nd order, per-task backward",
                "MAML 2nd order + checkpointing", "MAML 1st order",
-               "ANIL (2nd order)", "Reptile", "iMAML (5 CG steps)"]
+               "ANIL (2nd order)", "Reptile", "Meta-SGD (2nd order)", "iMAML (5 CG steps)"]
 
 
-def measure_memory(tasks: int, steps: int) -> dict[str, int | None]:
+def measure_memory(tasks: int, steps: int, only: list[str] | None = None) -> dict[str, int | None]:
     runs, modules, peer_name = contenders(steps)
     batch, small = make_batch(tasks, seed=1), make_batch(1, seed=2)
     out = {}
-    for name in [*MEMORY_ROWS, peer_name]:
+    names = [*MEMORY_ROWS, peer_name]
+    if only:  # the supervised step always, as in the timed table
+        names = [n for n in names if n == "supervised fwd+bwd" or n in only]
+    for name in names:
         modules[name].zero_grad(set_to_none=True)
         runs[name](small)  # warm-up (first-call allocations)
         modules[name].zero_grad(set_to_none=True)
@@ -389,7 +392,8 @@ def main() -> None:
     p.add_argument("--mem-steps", type=int, nargs="*", default=[1, 5, 10], help="inner steps of the memory "
                    "table; none (a bare --mem-steps) skips it")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
-                   help="time only these learners (table names, e.g. 'MAML 2nd order'); the supervised step always")
+                   help="time (and measure the memory of) only these learners (table names, e.g. 'MAML 2nd order'); "
+                        "the supervised step always")
     p.add_argument("--mem-batch", type=int, default=4)
     p.add_argument("--flops", action="store_true", help="add the arithmetic table (FLOPs as a multiple of the "
                    "supervised step's)")
@@ -464,7 +468,7 @@ def memory_table(a: argparse.Namespace) -> list[str]:
     """The markdown lines of the memory table (``--mem-steps``, ``--mem-batch``)."""
     start = time.time()
     lines = [f"### Memory: peak bytes allocated during one meta-gradient, meta-batch {a.mem_batch} (MiB)", ""]
-    mem = {k: measure_memory(a.mem_batch, k) for k in a.mem_steps}
+    mem = {k: measure_memory(a.mem_batch, k, a.only) for k in a.mem_steps}
     print(f"memory done ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
     mem_names = list(next(iter(mem.values())))
     header = ["learner"] + [f"k={k}" for k in a.mem_steps]

@@ -15,7 +15,7 @@ from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, bn_policy
 from lightning_meta.functional.implicit import implicit_meta_gradient
-from lightning_meta.functional.inner_loop import PER_STEP_POLICIES
+from lightning_meta.functional.inner_loop import PER_STEP_POLICIES, inner_adapt
 
 __all__ = ["IMAML"]
 
@@ -115,17 +115,14 @@ class IMAML(MAML):
         """
         theta = {k: v.detach() for k, v in adapted.items()}
         frozen = {k: v.detach() for k, v in frozen.items()}
-        names, loss = self._regularised_support(theta, frozen, buffers, sx, sy)
-        phi = [theta[k].clone() for k in names]
-        for step in range(steps):
-            with torch.enable_grad():
-                cur = [t.detach().requires_grad_(True) for t in phi]
-                reg = sum(((c - theta[k]) ** 2).sum() for c, k in zip(cur, names, strict=True)) * (self.lam / 2)
-                grads = torch.autograd.grad(loss(cur) + reg, cur)
-            phi = [t.detach() - self.inner_lr * g for t, g in zip(cur, grads, strict=True)]
-            if callback is not None:
-                callback(step, dict(zip(names, phi, strict=True)))
-        return dict(zip(names, phi, strict=True))
+
+        def proximal(phi: Params) -> Tensor:
+            return sum(((phi[k] - theta[k]) ** 2).sum() for k in theta) * (self.lam / 2)
+
+        with torch.enable_grad():  # the shared inner loop; first order: no graph is kept through the steps
+            fast = inner_adapt(self.model, theta, buffers, sx, sy, self.loss_fn, self.inner_lr, steps,
+                               first_order=True, frozen=frozen, callback=callback, penalty=proximal)
+        return {k: v.detach() for k, v in fast.items()}
 
     def meta_loss(self, batch: Episode) -> Tensor:
         """Surrogate whose gradient is the mean over tasks of the implicit meta-gradient.

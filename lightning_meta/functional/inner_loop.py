@@ -358,6 +358,7 @@ def inner_adapt(
     frozen: Mapping[str, Tensor] | None = None,
     callback: Callable[[int, Params], None] | None = None,
     checkpoint: bool = False,
+    penalty: Callable[[Params], Tensor] | None = None,
 ) -> Params:
     """Run ``steps`` gradient steps of ``loss_fn(net(x), y)`` on ``params`` and return the fast weights.
 
@@ -399,6 +400,8 @@ def inner_adapt(
         callback: called as ``callback(step, params)`` after every step (monitoring), with
             :func:`norm_step` set to ``step``.
         checkpoint: non-reentrant activation checkpointing of every second-order step.
+        penalty: a term ``penalty(fast_weights)`` added to the support loss at every step (iMAML's
+            proximal regulariser ``lambda / 2 * ||phi - theta||^2``).
 
     Example:
         >>> net = nn.Linear(2, 1)
@@ -414,7 +417,8 @@ def inner_adapt(
         fixed.update(frozen)
 
     def support_loss(p: Params) -> Tensor:
-        return loss_fn(functional_call(net, (p, fixed), (x,)), y)
+        loss = loss_fn(functional_call(net, (p, fixed), (x,)), y)
+        return loss if penalty is None else loss + penalty(p)
 
     layers = per_step_layers(net)
     # DeepSpeed ZeRO-3 parameters (tagged ``ds_id``) are gathered by module hooks that must not run
