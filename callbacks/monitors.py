@@ -860,7 +860,9 @@ class ThroughputMonitor(Callback):
     arrays).
 
     Args:
-        log_every_n_steps: interval in training steps (default: the trainer's ``log_every_n_steps``).
+        log_every_n_steps: interval in optimizer steps (default: the trainer's ``log_every_n_steps``);
+            with ``accumulate_grad_batches=a`` it spans ``a`` times as many batches. ``step_s`` is
+            the time per training batch.
         prefix: metric name prefix.
 
     Example:
@@ -933,7 +935,9 @@ class ThroughputMonitor(Callback):
         self._last_end = end
         self._saving = 0.0
         every = self.log_every_n_steps or max(1, int(trainer.log_every_n_steps or 1))
-        if self._steps >= every and self._sum_step > 0:
+        # the interval counts optimizer steps: with accumulate_grad_batches one step takes several batches
+        batches = every * max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+        if self._steps >= batches and self._sum_step > 0:
             p = self.prefix
             self.last = {f"{p}/episodes_per_s": self._sum_eps / self._sum_step,
                          f"{p}/data_wait_frac": self._sum_wait / self._sum_step,

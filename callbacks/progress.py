@@ -76,6 +76,11 @@ class MetaProgressBar(TQDMProgressBar):
         return n * max(1, trainer.world_size)
 
     @override
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        self._marks.clear()  # the pause between epochs (their end, checkpoints) is not training time
+        super().on_train_epoch_start(trainer, *_)
+
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._marks.append((time.perf_counter(), self._episodes(trainer, batch)))

@@ -331,3 +331,32 @@ def test_a_modules_own_batch_transfer_hook_still_runs_with_shard_data(tmp_path):
                                                                     ways=3), dm)
     assert len(calls) == 2
     assert dm.state_dict()["samples_read"] == 2 * 2 * 3 * 3  # still counted per consumed batch
+
+
+def test_progress_bar_and_throughput_windows_follow_epochs_and_optimizer_steps(tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_meta.callbacks import MetaProgressBar, ThroughputMonitor
+
+    bar, monitor = MetaProgressBar(window=50), ThroughputMonitor(log_every_n_steps=2)
+    seen, logged = [], []
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                seen.append(len(bar._marks))  # the episodes/s window at the start of each epoch
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if monitor.last and (not logged or logged[-1][2] is not monitor.last):
+                logged.append((trainer.current_epoch, batch_idx, monitor.last))
+
+    torch.manual_seed(0)
+    dm = SinusoidDataModule(meta_batch_size=2, train_episodes=16, val_episodes=2, eval_meta_batch_size=2)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        limit_val_batches=0, accumulate_grad_batches=2, default_root_dir=tmp_path,
+                        callbacks=[bar, monitor, Watch()])
+    trainer.fit(MAML(MLP(1, [8]), task="regression", inner_lr=0.01), dm)
+    assert seen == [0, 0]  # cleared at every epoch start (the second used to start with the first's marks)
+    # 8 batches per epoch, the first of each uncounted: logged after 4 counted batches (2 optimizer steps
+    # of 2 batches), i.e. at batch 4 of epoch 0 and batch 1 of epoch 1; not after every 2 batches
+    assert [(epoch, b) for epoch, b, _ in logged] == [(0, 4), (1, 1), (1, 5)]
