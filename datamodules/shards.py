@@ -595,8 +595,7 @@ class ShardDataModule(EpisodicDataModule):
         self._restored_counts: tuple[int, int] | None = None
         # (read, skipped) of the training batches the trainer consumed: what a checkpoint saves, so a
         # resumed run counts like an uninterrupted one whatever the workers had prefetched
-        self._consumed = [0, 0]
-        self._tallied = False
+        self._consumed: list[int] | None = None
         self._split_specs: dict[str, str] = {}
 
     # ------------------------------------------------------------ shard sets
@@ -900,9 +899,8 @@ class ShardDataModule(EpisodicDataModule):
         """
         samples = batch.__dict__.pop("_samples", None) if isinstance(batch, Episode) else None
         if samples is not None:
-            self._consumed[0] += samples[0]
-            self._consumed[1] += samples[1]
-            self._tallied = True
+            read, skipped = self._consumed or (0, 0)
+            self._consumed = [read + samples[0], skipped + samples[1]]
 
     def state_dict(self) -> dict[str, Any]:
         """Return the base position plus the reader, the episode shape and the corrupt-sample counts.
@@ -913,7 +911,7 @@ class ShardDataModule(EpisodicDataModule):
         state = super().state_dict()
         state["reader"] = self.reader
         state["episode_shape"] = self.episode_shape
-        if self._tallied:
+        if self._consumed is not None:
             state["samples_read"], state["samples_skipped"] = self._consumed
         elif "train" in self._counters:  # no batch was reported by consumed_batch (another kind of module)
             state["samples_read"], state["samples_skipped"] = self._counters["train"].totals()
@@ -934,7 +932,6 @@ class ShardDataModule(EpisodicDataModule):
         if "samples_read" in state_dict:
             self._restored_counts = (int(state_dict["samples_read"]), int(state_dict["samples_skipped"]))
             self._consumed = list(self._restored_counts)
-            self._tallied = True
             if "train" in self._counters:
                 self._counters["train"].restore(*self._restored_counts)
 

@@ -233,10 +233,11 @@ class MetaCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionWriter())
 
     def after_predict(self) -> None:  # noqa: D102
-        written = [cb.path for cb in self.trainer.callbacks if isinstance(getattr(cb, "path", None), str)
-                   and type(cb).__name__ == "PredictionWriter"]
-        for path in written:
-            rank_zero_info(f"predictions written to {path}")
+        from lightning_meta.callbacks import PredictionWriter
+
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, PredictionWriter) and cb.path is not None:
+                rank_zero_info(f"predictions written to {cb.path}")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
         trainer = super().instantiate_trainer(**kwargs)

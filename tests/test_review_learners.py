@@ -12,7 +12,7 @@ from episode_fixtures import cls_batch
 from torch import nn
 
 from lightning_meta import Episode, collate_episodes
-from lightning_meta.algorithms import MAML, MatchingNet, MetaOptNet, ProtoNet, RelationNet
+from lightning_meta.algorithms import IMAML, MAML, MatchingNet, MetaOptNet, ProtoNet, RelationNet
 from lightning_meta.backbones import MLP, Conv4, TorchvisionBackbone, add_film
 from lightning_meta.errors import MetaConfigError
 
@@ -109,6 +109,7 @@ def test_matching_temperature_and_ridge_lambda_set_later_survive_a_checkpoint(tm
     lambda: MetaOptNet(Conv4(1, 8, 16), ridge_lambda=float("nan")),
     lambda: MetaOptNet(Conv4(1, 8, 16), scale=float("inf")),
     lambda: ProtoNet(Conv4(1, 8, 16), lr=float("nan")),
+    lambda: IMAML(MLP(1, [4]), task="regression", lam=float("nan")),
 ])
 def test_nan_and_inf_are_refused_where_a_positive_number_is_needed(make):
     with pytest.raises(MetaConfigError, match="must be > 0 and finite"):

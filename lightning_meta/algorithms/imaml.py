@@ -12,7 +12,7 @@ from torch.func import functional_call
 from lightning_meta.algorithms.base import TaskKind
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import MetaConfigError, require_positive
 from lightning_meta.functional import BNPolicy, Params, bn_policy
 from lightning_meta.functional.implicit import implicit_meta_gradient
 from lightning_meta.functional.inner_loop import PER_STEP_POLICIES, inner_adapt
@@ -86,8 +86,7 @@ class IMAML(MAML):
                          eval_inner_steps=eval_inner_steps, first_order=True, adapt_filter=adapt_filter,
                          task_batching="loop", bn=bn, eval_report_steps=eval_report_steps, task=task, lr=lr,
                          weight_decay=weight_decay)
-        if not lam > 0:
-            raise MetaConfigError(f"lam={lam} must be > 0 (the proximal regularisation; the paper uses 0.5-2)")
+        require_positive("lam", lam, "the proximal regularisation; the paper uses 0.5-2")
         if cg_steps < 1:
             raise MetaConfigError(f"cg_steps={cg_steps} must be >= 1 (the paper uses 5)")
         self._refuse_hooks_training_ignores(IMAML, "its implicit meta-gradient (proximal inner loop and conjugate "

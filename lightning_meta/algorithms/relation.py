@@ -87,10 +87,8 @@ class RelationModule(nn.Module):
         if padding < 0:
             raise MetaConfigError(f"relation_padding={padding} must be >= 0")
         side = feature_size
-        for _ in range(2):
+        for _ in range(2):  # a 3x3 convolution, then a 2x2 max-pool
             side = (side + 2 * padding - 2) // 2
-            if side < 1:
-                break
         if side < 1:
             raise MetaConfigError(
                 f"feature maps of side {feature_size} are too small for the relation module's two 3x3 convolutions "

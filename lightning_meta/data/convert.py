@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lightning_meta.data.faults import DECODE_ERRORS
 from lightning_meta.data.shards import INDEX_NAME, ShardIndex, ShardWriter, publish_permissions
 from lightning_meta.errors import MetaConfigError
 
@@ -189,7 +190,7 @@ class ImageRecipe:
             MetaConfigError: when the bytes are not a readable image, naming the file.
 
         """
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         try:
             with Image.open(io.BytesIO(data)) as im:
@@ -207,7 +208,7 @@ class ImageRecipe:
                     bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                     im = Image.alpha_composite(bg, rgba)
                 img = im.convert(self.mode)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        except DECODE_ERRORS as e:  # UnidentifiedImageError is an OSError
             raise MetaConfigError(f"{name} is not a readable image ({e}); remove or replace the file") from e
         if self.invert:
             from PIL import ImageOps
@@ -468,14 +469,14 @@ _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 def _auto_mode(tree: SourceTree, files: Sequence[str]) -> Literal["L", "RGB"]:
     """``RGB`` when any of ``files`` (one per class) is in color, else ``L`` (headers only are decoded)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     for f in files:
         try:
             with Image.open(io.BytesIO(tree.read(f))) as im:
                 if im.mode not in _GRAY_MODES:
                     return "RGB"
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except DECODE_ERRORS as e:
             raise MetaConfigError(f"{tree.path / f} is not a readable image ({e}); remove or replace the file") from e
     return "L"
 
