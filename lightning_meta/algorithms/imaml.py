@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -33,6 +35,12 @@ class IMAML(MAML):
     Args:
         lam: proximal regularisation strength lambda (> 0); larger keeps ``phi`` closer to ``theta``.
         cg_steps: conjugate-gradient iterations (>= 1).
+        cg_tol: the solve stops early once its residual ``||g - (I + H / lam) x||`` is ``cg_tol``
+            times ``||g||`` (1e-5 by default, so the meta-gradient is accurate to about that relative
+            error when the solve converges; 0 solves to the dtype's working precision). The mean relative residual over
+            the meta-batch's tasks is logged as ``train/cg_residual``; a solve that meets a direction
+            of non-positive curvature (``I + H / lam`` is not positive definite: the support loss
+            has curvature below ``-lam`` there) stops early with a one-time warning.
         backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, bn, eval_report_steps,
         task, lr, weight_decay: see :class:`MAML` (``inner_lr`` is the step size on the regularised loss;
         ``bn`` cannot be a per-step policy: the implicit gradient assumes one fixed inner objective).
@@ -59,6 +67,7 @@ class IMAML(MAML):
         eval_inner_steps: int | None = None,
         lam: float = 1.0,
         cg_steps: int = 5,
+        cg_tol: float = 1e-5,
         adapt_filter: str = "all",
         bn: BNPolicy = "transductive",
         eval_report_steps: Sequence[int] | None = None,
@@ -89,11 +98,18 @@ class IMAML(MAML):
         require_positive("lam", lam, "the proximal regularisation; the paper uses 0.5-2")
         if cg_steps < 1:
             raise MetaConfigError(f"cg_steps={cg_steps} must be >= 1 (the paper uses 5)")
+        if not (isinstance(cg_tol, (int, float)) and not isinstance(cg_tol, bool) and math.isfinite(cg_tol)
+                and cg_tol >= 0):
+            raise MetaConfigError(f"cg_tol={cg_tol!r} must be a finite number >= 0 (the relative residual at which "
+                                  "conjugate gradient stops; 1e-5 by default, 0 solves to working precision)")
         self._refuse_hooks_training_ignores(IMAML, "its implicit meta-gradient (proximal inner loop and conjugate "
                                                    "gradient)")
         self.save_hyperparameters(ignore=["backbone"])
         self.lam = lam
         self.cg_steps = cg_steps
+        self.cg_tol = float(cg_tol)
+        self._cg_residuals: Tensor | None = None
+        self._warned_curvature = False
 
     def _regularised_support(self, theta: Params, frozen: Params, buffers: Params, x: Tensor, y: Tensor):
         names = list(theta)
@@ -123,6 +139,13 @@ class IMAML(MAML):
                                first_order=True, frozen=frozen, callback=callback, penalty=proximal)
         return {k: v.detach() for k, v in fast.items()}
 
+    def training_step(self, batch: Episode, batch_idx: int) -> Tensor:  # noqa: D102
+        self._cg_residuals = None
+        loss = super().training_step(batch, batch_idx)
+        if self._cg_residuals is not None and len(self._cg_residuals):
+            self.log("train/cg_residual", self._cg_residuals.mean().float(), batch_size=batch.num_tasks)
+        return loss
+
     def meta_loss(self, batch: Episode) -> Tensor:
         """Surrogate whose gradient is the mean over tasks of the implicit meta-gradient.
 
@@ -137,7 +160,7 @@ class IMAML(MAML):
         names = list(adapted)
         total = [torch.zeros_like(theta[k]) for k in names]
         frozen_loss: Tensor | float = 0.0
-        losses, scores = [], []
+        losses, scores, residuals = [], [], []
         with bn_policy(self.model, self.bn):
             for ep in batch.tasks():
                 phi = self._inner_loop(adapted, frozen_d, buffers, ep.support_x, ep.support_y, self.inner_steps,
@@ -150,10 +173,22 @@ class IMAML(MAML):
                 if frozen:
                     frozen_loss = frozen_loss + q_loss / batch.num_tasks
                 _, s_loss = self._regularised_support(theta, frozen_d, buffers, ep.support_x, ep.support_y)
-                g = implicit_meta_gradient(s_loss, [phi[k] for k in names], list(q_grad), self.lam, self.cg_steps)
+                g, info = implicit_meta_gradient(s_loss, [phi[k] for k in names], list(q_grad), self.lam,
+                                                 self.cg_steps, tol=self.cg_tol, return_info=True)
+                residuals.append(info.relative_residual)
+                if info.stop == "curvature" and not self._warned_curvature:
+                    self._warned_curvature = True
+                    rank_zero_warn(
+                        f"IMAML: conjugate gradient met a direction of non-positive curvature after "
+                        f"{info.iterations} step(s) (I + H / lam is not positive definite at the adapted weights, "
+                        f"lam={self.lam}); that task's meta-gradient is the partial solve (relative residual "
+                        f"{info.relative_residual:.3g}). Raise lam, run more inner steps, or use bn='frozen' "
+                        "(batch-statistics BatchNorm makes the support loss non-convex). Warned once per model."
+                    )
                 total = [t + gi / batch.num_tasks for t, gi in zip(total, g, strict=True)]
                 losses.append(q_loss.detach())
                 scores.append(self.score_fn(out.detach(), ep.query_y))
         self._display_loss = torch.stack(losses).mean()
         self._train_scores = torch.stack(scores)
+        self._cg_residuals = torch.tensor(residuals, dtype=torch.float64)
         return sum((adapted[k] * t).sum() for k, t in zip(names, total, strict=True)) + frozen_loss

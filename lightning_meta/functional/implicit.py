@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["conjugate_gradient", "implicit_meta_gradient"]
+from lightning_meta.errors import MetaConfigError
+
+__all__ = ["CGInfo", "conjugate_gradient", "implicit_meta_gradient"]
 
 Vec = list[Tensor]
 
@@ -16,34 +20,70 @@ def _dot(a: Vec, b: Vec) -> Tensor:
     return sum((x * y).sum() for x, y in zip(a, b, strict=True))
 
 
-def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: float = 1e-10) -> Vec:
+@dataclass(frozen=True)
+class CGInfo:
+    """How a :func:`conjugate_gradient` solve ended.
+
+    Attributes:
+        iterations: matrix-vector products computed.
+        relative_residual: ``||b - A x|| / ||b||`` of the returned ``x`` (0 when ``b`` is 0).
+        stop: ``"tol"`` (the residual reached ``tol``), ``"steps"`` (the iteration budget ran out),
+            ``"curvature"`` (a direction with ``p^T A p <= 0``: ``A`` is not positive definite) or
+            ``"zero"`` (``b`` is 0).
+
+    """
+
+    iterations: int
+    relative_residual: float
+    stop: str
+
+
+def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: float = 1e-5,
+                       return_info: bool = False) -> Vec | tuple[Vec, CGInfo]:
     """Approximately solves ``A x = b`` for symmetric positive-definite ``A`` given as ``matvec``.
 
-    Starts from ``x = 0`` and stops after ``steps`` iterations, or once the squared residual has
-    fallen to ``tol`` times its starting value ``||b||^2`` (a relative test, so the solution scales
-    with ``b`` however small ``b`` is), or on a direction of non-positive curvature
-    (``p^T A p <= 0``: ``A`` is not positive definite there; the current iterate is returned).
-    Exact in at most ``dim`` iterations in exact arithmetic.
+    Starts from ``x = 0`` and stops after ``steps`` iterations, once the residual norm has fallen
+    to ``tol`` times its starting value ``||b||`` (a relative test, so the solution scales with
+    ``b`` however small ``b`` is; a ``tol`` below the dtype's machine epsilon, such as 0, means
+    that epsilon: the solve runs to working precision), or on a direction of
+    non-positive curvature (``p^T A p <= 0``: ``A`` is not positive definite there; the current
+    iterate is returned). Exact in at most ``dim`` iterations in exact arithmetic. With
+    ``return_info=True`` it returns ``(x, CGInfo)``.
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
         >>> x = conjugate_gradient(lambda v: [A @ v[0]], [torch.tensor([1.0, 2.0])], steps=2)
         >>> torch.allclose(A @ x[0], torch.tensor([1.0, 2.0]), atol=1e-5)
         True
+        >>> x, info = conjugate_gradient(lambda v: [A @ v[0]], [torch.tensor([1.0, 2.0])], steps=1, return_info=True)
+        >>> info.iterations, info.stop
+        (1, 'steps')
 
     """
+    if not (math.isfinite(tol) and tol >= 0):
+        raise MetaConfigError(f"tol={tol!r}: the relative residual tolerance must be a finite number >= 0 "
+                              "(1e-5 is the default; 0 solves to working precision)")
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
     p = [t.clone() for t in b]
     rs = _dot(r, r)
-    stop = tol * rs.item()
+    start = rs.item()
+    floor = max(tol, torch.finfo(b[0].dtype).eps) if b else tol
+    stop = floor * floor * start
+    done, reason = 0, "steps"
     for _ in range(steps):
         residual = rs.item()  # one host sync per iteration for the stopping test
-        if residual <= stop or residual == 0.0:
+        if residual == 0.0:
+            reason = "zero" if start == 0.0 else "tol"
+            break
+        if residual <= stop:
+            reason = "tol"
             break
         ap = matvec(p)
+        done += 1
         curvature = _dot(p, ap)
         if curvature.item() <= 0.0:
+            reason = "curvature"
             break
         alpha = rs / curvature
         x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
@@ -51,18 +91,26 @@ def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: fl
         rs_new = _dot(r, r)
         p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p, strict=True)]
         rs = rs_new
-    return x
+    else:
+        if steps > 0 and start > 0.0 and rs.item() <= stop:
+            reason = "tol"
+    if not return_info:
+        return x
+    relative = math.sqrt(rs.item() / start) if start > 0.0 else 0.0
+    return x, CGInfo(iterations=done, relative_residual=relative, stop=reason if start > 0.0 else "zero")
 
 
 def implicit_meta_gradient(
-    support_loss: Callable[[Vec], Tensor], adapted: Vec, query_grad: Vec, lam: float, cg_steps: int
-) -> Vec:
+    support_loss: Callable[[Vec], Tensor], adapted: Vec, query_grad: Vec, lam: float, cg_steps: int,
+    tol: float = 1e-5, return_info: bool = False,
+) -> Vec | tuple[Vec, CGInfo]:
     """``(I + H / lam)^{-1} g`` with ``H`` the Hessian of ``support_loss`` at ``adapted``, ``g = query_grad``.
 
     This is the gradient of the query loss with respect to the meta-parameters ``theta`` when
     ``adapted`` minimises ``support_loss(phi) + lam / 2 * ||phi - theta||^2`` (iMAML, eq. 6). The
     Hessian is only touched through Hessian-vector products, so memory does not grow with the
-    number of inner steps that produced ``adapted``.
+    number of inner steps that produced ``adapted``. ``tol`` and ``return_info`` are passed to
+    :func:`conjugate_gradient` (the residual is the one of ``(I + H / lam) x = g``).
     """
     phi = [a.detach().requires_grad_(True) for a in adapted]
     with torch.enable_grad():
@@ -72,4 +120,6 @@ def implicit_meta_gradient(
         hv = torch.autograd.grad(grads, phi, grad_outputs=v, retain_graph=True)
         return [vi + hvi / lam for vi, hvi in zip(v, hv, strict=True)]
 
-    return [t.detach() for t in conjugate_gradient(matvec, [g.detach() for g in query_grad], cg_steps)]
+    x, info = conjugate_gradient(matvec, [g.detach() for g in query_grad], cg_steps, tol=tol, return_info=True)
+    x = [t.detach() for t in x]
+    return (x, info) if return_info else x

@@ -1,0 +1,131 @@
+"""Regression tests for findings of the tenth session's reviews.
+
+Each test fails without its fix (checked by reverting the fix).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_meta.algorithms import IMAML
+from lightning_meta.episode import Episode, collate_episodes
+from lightning_meta.errors import MetaConfigError
+from lightning_meta.functional.implicit import CGInfo, conjugate_gradient
+
+
+class _Tanh(nn.Module):
+    """3 -> 4 -> 1 tanh network with ``out_features`` for the learner's regression head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+        self.out_features = 4
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _regression_batch(tasks=2, n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    eps = []
+    for _ in range(tasks):
+        w = torch.randn(3, 1, generator=g, dtype=torch.float64)
+        sx = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        qx = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        eps.append(Episode(sx, torch.sin(sx @ w), qx, torch.sin(qx @ w), torch.zeros(0, dtype=torch.long)))
+    return collate_episodes(eps)
+
+
+def _exact_implicit_gradient(model: IMAML, batch) -> torch.Tensor:
+    """Mean over tasks of (I + H/lam)^-1 grad L_q(phi), H from a dense Hessian; phi by a plain loop."""
+    names = [n for n, _ in model.model.named_parameters()]
+    theta = [p.detach().clone() for p in model.model.parameters()]
+    sizes = [t.numel() for t in theta]
+
+    def unflat(v):
+        return dict(zip(names, [c.view_as(t) for c, t in zip(v.split(sizes), theta, strict=True)], strict=True))
+
+    def loss(v, x, y):
+        out = torch.func.functional_call(model.model, unflat(v), (x,))
+        return ((out - y) ** 2).mean()
+
+    th = torch.cat([t.reshape(-1) for t in theta])
+    total = torch.zeros_like(th)
+    for i in range(batch.num_tasks):
+        sx, sy, qx, qy = batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i]
+        phi = th.clone()
+        for _ in range(model.inner_steps):
+            v = phi.clone().requires_grad_(True)
+            reg = loss(v, sx, sy) + model.lam / 2 * ((v - th) ** 2).sum()
+            phi = phi - model.inner_lr * torch.autograd.grad(reg, v)[0]
+        h = torch.autograd.functional.hessian(lambda v, sx=sx, sy=sy: loss(v, sx, sy), phi)
+        v = phi.clone().requires_grad_(True)
+        gq = torch.autograd.grad(loss(v, qx, qy), v)[0]
+        a = torch.eye(len(th), dtype=th.dtype) + h / model.lam
+        assert torch.linalg.eigvalsh(a).min() > 0.05  # positive definite: CG converges to the exact solve
+        total += torch.linalg.solve(a, gq) / batch.num_tasks
+    return total
+
+
+def _imaml_gradient(model: IMAML, batch) -> torch.Tensor:
+    model.zero_grad()
+    model.meta_loss(batch).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.model.parameters()])
+
+
+def test_imaml_cg_tol_zero_gives_the_exact_implicit_gradient():
+    """The solve's stopping test was fixed at a 1e-5 relative residual: no cg_steps could do better."""
+    torch.manual_seed(0)
+    model = IMAML(_Tanh(), task="regression", inner_lr=0.1, inner_steps=3, lam=2.0, cg_steps=200, cg_tol=0.0)
+    model = model.double()
+    batch = _regression_batch()
+    want = _exact_implicit_gradient(model, batch)
+    got = _imaml_gradient(model, batch)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    # the default tolerance stops at a relative residual of 1e-5 (and the logged residual says so)
+    model.cg_tol = 1e-5
+    loose = _imaml_gradient(model, batch)
+    assert 0 < float(model._cg_residuals.max()) <= 1e-5
+    torch.testing.assert_close(loose, want, rtol=1e-4, atol=1e-7)
+
+
+def test_conjugate_gradient_reports_how_it_stopped():
+    a = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    b = [torch.ones(4, dtype=torch.float64)]
+    x, info = conjugate_gradient(lambda v: [a @ v[0]], b, steps=10, tol=0.0, return_info=True)
+    assert isinstance(info, CGInfo) and info.stop == "tol" and 4 <= info.iterations <= 5
+    assert info.relative_residual < 1e-15
+    torch.testing.assert_close(x[0], 1 / torch.diag(a), rtol=1e-12, atol=0)
+    _, info = conjugate_gradient(lambda v: [a @ v[0]], b, steps=2, tol=0.0, return_info=True)
+    assert info.stop == "steps" and info.iterations == 2 and info.relative_residual > 1e-3
+    _, info = conjugate_gradient(lambda v: [a @ v[0]], b, steps=10, tol=0.5, return_info=True)
+    assert info.stop == "tol" and info.relative_residual <= 0.5
+    _, info = conjugate_gradient(lambda v: [-(a @ v[0])], b, steps=10, return_info=True)
+    assert info.stop == "curvature" and info.iterations == 1
+    _, info = conjugate_gradient(lambda v: [a @ v[0]], [torch.zeros(4)], steps=3, return_info=True)
+    assert info.stop == "zero" and info.relative_residual == 0.0
+
+
+@pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf")])
+def test_cg_tol_must_be_finite_and_non_negative(bad):
+    with pytest.raises(MetaConfigError, match="cg_tol="):
+        IMAML(_Tanh(), task="regression", cg_tol=bad)
+    with pytest.raises(MetaConfigError, match="tol="):
+        conjugate_gradient(lambda v: v, [torch.ones(2)], steps=2, tol=bad)
+
+
+def test_imaml_warns_once_when_the_solve_meets_negative_curvature():
+    """A support loss with curvature below -lam makes I + H/lam indefinite: the partial solve is named."""
+    torch.manual_seed(0)
+    model = IMAML(_Tanh(), task="regression", inner_lr=0.1, inner_steps=1, lam=1e-3, cg_steps=20).double()
+    batch = _regression_batch(seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.meta_loss(batch)
+        model.meta_loss(batch)
+    hits = [w for w in caught if "non-positive curvature" in str(w.message)]
+    assert len(hits) == 1 and "Raise lam" in str(hits[0].message)
