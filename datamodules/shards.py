@@ -30,7 +30,7 @@ from lightning_meta.data.streaming import SCAN_INDEX, StreamingReader, load_stre
 from lightning_meta.data.variable import VariableShape, check_variable, sample_variable, usable_groups
 from lightning_meta.datamodules.base import EpisodicDataModule
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError, ShardError
+from lightning_meta.errors import MetaConfigError, ShardError, require_non_negative
 
 __all__ = [
     "MultiSourceEpisodes",
@@ -42,6 +42,8 @@ __all__ = [
 
 Shape = FixedShape | VariableShape
 Plan = list[tuple[int, int, int]]  # (class position in the split, shots, queries)
+
+DEFAULT_SPLIT_RATIOS = (0.64, 0.16, 0.20)  # train/val/test fractions of an index without splits
 
 
 def _supports_variable(model: Any) -> bool:
@@ -507,7 +509,7 @@ class ShardDataModule(EpisodicDataModule):
         num_workers: int = 0,
         verify: Literal["sha256", "size", "none"] = "sha256",
         invert: bool = False,
-        split_ratios: tuple[float, float, float] = (0.64, 0.16, 0.20),
+        split_ratios: tuple[float, float, float] = DEFAULT_SPLIT_RATIOS,
         cache_mb: float = 256.0,
         reader: Literal["indexed", "streaming"] = "indexed",
         index: str | None = None,
@@ -560,8 +562,8 @@ class ShardDataModule(EpisodicDataModule):
             raise MetaConfigError(f"max_open_streams={max_open_streams} must be >= 1")
         if retries < 0:
             raise MetaConfigError(f"retries={retries} must be >= 0")
-        if retry_delay < 0:
-            raise MetaConfigError(f"retry_delay={retry_delay} must be >= 0 seconds")
+        require_non_negative("retry_delay", retry_delay, "seconds before the first streaming retry")
+        require_non_negative("cache_mb", cache_mb, "the decoded-image cache per process in MB; 0 disables it")
         if not 0.0 <= max_corrupt_fraction <= 1.0:
             raise MetaConfigError(f"max_corrupt_fraction={max_corrupt_fraction} must be in [0, 1] (0 fails on the "
                                   "first corrupt sample)")
@@ -650,6 +652,20 @@ class ShardDataModule(EpisodicDataModule):
                         "each episode comes from one source chosen uniformly, so a shard set given twice would be "
                         "drawn twice as often. List every shard set once"
                     )
+
+    def _check_split_ratios_used(self, sets: list[_ShardSet]) -> None:
+        """Refuse a non-default ``split_ratios`` that no index uses (every one assigns its own splits)."""
+        if np.allclose(self.split_ratios, DEFAULT_SPLIT_RATIOS) or not sets:
+            return
+        if all(any(c.split for c in s.index.classes) for s in sets):
+            where = (sets[0].index.path or sets[0].spec or "the embedded default") if len(sets) == 1 else \
+                f"all {len(sets)} sources"
+            raise MetaConfigError(
+                f"split_ratios={self.split_ratios} would be ignored: the index of {where} already assigns every "
+                "class to train/val/test (split_ratios only splits an index without splits). Leave split_ratios at "
+                "its default, or write the shards without splits (`lightning-meta convert` without --split-ratios "
+                "or split folders) to split them here"
+            )
 
     def _split_positions(self, index: ShardIndex) -> dict[str, list[int]]:
         labelled = any(c.split for c in index.classes)
@@ -748,6 +764,7 @@ class ShardDataModule(EpisodicDataModule):
         """Load and verify the indices, assign classes to splits and check that the episode shapes fit."""
         train_sets = [self._open(spec) for spec in self._train_specs()]
         self._check_distinct_sources(train_sets)
+        self._check_split_ratios_used(train_sets)
         positions = [self._split_positions(s.index) for s in train_sets]
         plan: dict[str, list[tuple[_ShardSet, list[int]]]] = {
             "train": [(s, p["train"]) for s, p in zip(train_sets, positions, strict=True)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -90,8 +92,8 @@ class SinusoidDataModule(EpisodicDataModule):
                          eval_meta_batch_size=eval_meta_batch_size, train_episodes=train_episodes,
                          val_episodes=val_episodes, test_episodes=test_episodes, seed=seed, num_workers=num_workers)
         for name, (lo, hi) in {"amplitude": amplitude, "phase": phase, "x_range": x_range}.items():
-            if not lo <= hi:
-                raise MetaConfigError(f"{name}={(lo, hi)} must be an interval (low <= high)")
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise MetaConfigError(f"{name}={(lo, hi)} must be a finite interval (low <= high)")
         self.ways = 0  # regression: no classes (linked to the model's ways)
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["MetaConfigError", "ShardError", "require_positive"]
+__all__ = ["MetaConfigError", "ShardError", "require_non_negative", "require_positive"]
 
 
 class MetaConfigError(ValueError):
@@ -43,4 +43,22 @@ def require_positive(name: str, value: float, why: str) -> float:
     number = float(value)
     if not (math.isfinite(number) and number > 0):
         raise MetaConfigError(f"{name}={value} must be > 0 and finite ({why})")
+    return number
+
+
+def require_non_negative(name: str, value: float, why: str) -> float:
+    """Return ``float(value)``, or raise :class:`MetaConfigError` unless it is finite and >= 0.
+
+    Example:
+        >>> require_non_negative("retry_delay", 0, "seconds before the first retry")
+        0.0
+        >>> require_non_negative("cache_mb", float("inf"), "0 disables the cache")
+        Traceback (most recent call last):
+        ...
+        lightning_meta.errors.MetaConfigError: cache_mb=inf must be >= 0 and finite (0 disables the cache)
+
+    """
+    number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise MetaConfigError(f"{name}={value} must be >= 0 and finite ({why})")
     return number

@@ -496,7 +496,7 @@ def test_sinusoid_is_deterministic():
     first = batches(3)
     _assert_same_batches(first, batches(3))
     assert not torch.equal(first[0].support_y, batches(4)[0].support_y)
-    with pytest.raises(MetaConfigError, match=r"amplitude=\(5.0, 1.0\) must be an interval"):
+    with pytest.raises(MetaConfigError, match=r"amplitude=\(5.0, 1.0\) must be a finite interval"):
         SinusoidDataModule(amplitude=(5.0, 1.0))
 
 

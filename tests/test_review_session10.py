@@ -129,3 +129,89 @@ def test_imaml_warns_once_when_the_solve_meets_negative_curvature():
         model.meta_loss(batch)
     hits = [w for w in caught if "non-positive curvature" in str(w.message)]
     assert len(hits) == 1 and "Raise lam" in str(hits[0].message)
+
+
+# ------------------------------------------------------------ bad-input review (tenth session)
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("learner", ["MAML", "ANIL", "MetaSGD", "MAMLPlusPlus", "Reptile", "IMAML"])
+def test_infinite_inner_lr_is_refused(learner):
+    """``not inner_lr > 0`` refused NaN but let inf through: the run trained to NaN and exited 0."""
+    import lightning_meta.algorithms as A
+    from lightning_meta.backbones import MLP
+
+    with pytest.raises(MetaConfigError, match="inner_lr=inf must be > 0 and finite"):
+        getattr(A, learner)(MLP(1, [4]), task="regression", inner_lr=INF)
+
+
+def test_infinite_or_nan_backbone_and_learner_constants_are_refused():
+    from lightning_meta.algorithms import MANN, MetaSGD
+    from lightning_meta.backbones import MLP, Conv4, ResNet12
+
+    with pytest.raises(MetaConfigError, match="sharpness=inf"):
+        MANN(Conv4(1, 8, 28), ways=3, sharpness=INF)
+    for bad in (INF, NAN, -0.1):
+        with pytest.raises(MetaConfigError, match="negative_slope="):
+            ResNet12(negative_slope=bad)
+    with pytest.raises(MetaConfigError, match="init_std=inf"):
+        MLP(1, [4], init="truncated_normal", init_std=INF)
+    with pytest.raises(MetaConfigError, match=r"init_range=\[0.01, inf\]"):
+        MetaSGD(MLP(1, [4]), task="regression", init_range=(0.01, INF))
+
+
+@pytest.mark.parametrize("name", ["amplitude", "phase", "x_range"])
+@pytest.mark.parametrize("interval", [(0.1, INF), (-INF, 1.0)])
+def test_sinusoid_intervals_must_be_finite(name, interval):
+    from lightning_meta.datamodules import SinusoidDataModule
+
+    with pytest.raises(MetaConfigError, match=f"{name}=.*must be a finite interval"):
+        SinusoidDataModule(**{name: interval})
+
+
+@pytest.mark.parametrize(("name", "bad"), [("cache_mb", NAN), ("cache_mb", INF), ("cache_mb", -1.0),
+                                           ("retry_delay", NAN), ("retry_delay", INF)])
+def test_shard_datamodule_numbers_must_be_finite_and_non_negative(name, bad):
+    from lightning_meta.datamodules import OmniglotRunsDataModule, ShardDataModule
+
+    with pytest.raises(MetaConfigError, match=f"{name}={bad}"):
+        ShardDataModule(**{name: bad})
+    if name == "cache_mb":
+        with pytest.raises(MetaConfigError, match=f"{name}={bad}"):
+            OmniglotRunsDataModule(runs="runs", **{name: bad})
+
+
+def test_split_ratios_that_no_index_uses_are_refused(tmp_path):
+    """An index that assigns splits ignores split_ratios; a non-default value was dropped silently."""
+    from episode_fixtures import write_tiny_shards
+
+    from lightning_meta.datamodules import ShardDataModule
+
+    write_tiny_shards(tmp_path)
+    dm = ShardDataModule(shards=str(tmp_path), ways=2, shots=1, queries=1, eval_queries=1,
+                         split_ratios=(1.0, 0.0, 0.0))
+    with pytest.raises(MetaConfigError, match=r"split_ratios=\(1.0, 0.0, 0.0\) would be ignored"):
+        dm.setup("fit")
+    ShardDataModule(shards=str(tmp_path), ways=2, shots=1, queries=1, eval_queries=1).setup("fit")  # the default is fine
+
+
+def test_maml_refuses_other_evaluation_ways_before_the_first_training_step(tmp_path):
+    """Without the sanity check the mismatch surfaced at the first validation, after training steps."""
+    import lightning as L
+    from episode_fixtures import write_tiny_shards
+
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.backbones import Conv4
+    from lightning_meta.datamodules import ShardDataModule
+
+    write_tiny_shards(tmp_path / "s")
+    dm = ShardDataModule(shards=str(tmp_path / "s"), ways=2, eval_ways=3, shots=1, queries=1, eval_queries=1,
+                         meta_batch_size=1,
+                         eval_meta_batch_size=1, train_episodes=4, val_episodes=1, test_episodes=1)
+    model = MAML(Conv4(1, 8, 28, norm="batch_no_stats"), ways=2, inner_steps=1)
+    trainer = L.Trainer(max_steps=3, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.raises(MetaConfigError, match="eval_ways=3"):
+        trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 0

@@ -13,7 +13,7 @@ from torch.func import functional_call, vmap
 
 from lightning_meta.algorithms.base import MetaLearner, TaskKind
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import MetaConfigError, require_positive
 from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
 from lightning_meta.functional.inner_loop import PER_STEP_POLICIES, PerStepBatchNorm, convert_per_step_norm, norm_step
 from lightning_meta.functional.norms import decomposed_norms, has_fused_norms
@@ -223,8 +223,7 @@ class MAML(MetaLearner):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(ways=ways, task=task, lr=lr, weight_decay=weight_decay, per_task_backward=per_task_backward)
-        if not inner_lr > 0:
-            raise MetaConfigError(f"inner_lr={inner_lr} must be > 0 (MAML uses 0.4 on Omniglot, 0.01 on sinusoid)")
+        require_positive("inner_lr", inner_lr, "MAML uses 0.4 on Omniglot, 0.01 on sinusoid")
         if inner_steps < 1:
             raise MetaConfigError(f"inner_steps={inner_steps} must be >= 1; MAML needs at least one inner step")
         eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
@@ -445,6 +444,28 @@ class MAML(MetaLearner):
         """Also refuses episodes with another number of ways than the task head's (see :class:`MetaLearner`)."""
         super().check_batch(batch)
         self._check_ways(batch)
+
+    def on_fit_start(self) -> None:
+        """Refuses a datamodule whose fixed training or evaluation ways differ from the head's, before any step.
+
+        The per-batch check (:meth:`check_batch`) would otherwise meet evaluation episodes only at the
+        first validation, after training steps (or at the test after the whole fit) when the sanity
+        check is off.
+        """
+        super().on_fit_start()
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or self.task != "classification":
+            return
+        for attr, shape_attr, which in (("ways", "episode_shape", "training"),
+                                        ("eval_ways", "eval_episode_shape", "validation/test")):
+            ways = getattr(dm, attr, None)
+            fixed = getattr(dm, shape_attr, "fixed") == "fixed"
+            if isinstance(ways, int) and not isinstance(ways, bool) and ways > 0 and fixed and ways != self.ways:
+                raise MetaConfigError(
+                    f"the datamodule's {attr}={ways} ({which} episodes are {ways}-way) but {type(self).__name__} was "
+                    f"built with ways={self.ways}; link model ways to data ways (the CLI does) and set the "
+                    "datamodule's eval_ways to the same value"
+                )
 
     def _check_ways(self, batch: Episode) -> None:
         if batch.ways and batch.ways != self.ways:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lightning_meta.algorithms._sequence import SequenceLearner, SupportOrder
 from lightning_meta.algorithms.base import TaskKind
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import MetaConfigError, require_positive
 from lightning_meta.functional.sequence import cosine_read_weights, least_used
 
 __all__ = ["MANN", "MemoryState"]
@@ -128,8 +128,7 @@ class MANN(SequenceLearner):
             )
         if not 0.0 <= usage_decay <= 1.0:
             raise MetaConfigError(f"usage_decay={usage_decay} must lie in [0, 1] (0.95 is typical)")
-        if not sharpness > 0:
-            raise MetaConfigError(f"sharpness={sharpness} must be > 0 (1 reproduces the paper's plain cosine softmax)")
+        require_positive("sharpness", sharpness, "1 reproduces the paper's plain cosine softmax")
         self.save_hyperparameters(ignore=["backbone"])
         self.hidden_size = hidden_size
         self.memory_slots = memory_slots

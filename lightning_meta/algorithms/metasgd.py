@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -64,7 +65,7 @@ class MetaSGD(MAML):
                          per_task_backward=per_task_backward, activation_checkpointing=activation_checkpointing)
         if init_range is not None:
             bounds = list(init_range)
-            if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1]:
+            if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1] < math.inf:
                 raise MetaConfigError(
                     f"init_range={bounds} must be two numbers [low, high] with 0 <= low < high (the Meta-SGD paper "
                     "draws the rates from [0.005, 0.1]); or leave it null to start every rate at inner_lr"

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_meta.errors import require_positive
+
 __all__ = ["MLP"]
 
 
@@ -45,8 +47,7 @@ class MLP(nn.Module):
             )
         if init not in ("default", "truncated_normal"):
             raise ValueError(f"init={init!r} is not supported; use 'default' or 'truncated_normal'")
-        if not init_std > 0:
-            raise ValueError(f"init_std={init_std} must be > 0 (the MAML reference code uses 0.01)")
+        require_positive("init_std", init_std, "the MAML reference code uses 0.01")
         self.init = init
         self.init_std = init_std
         layers: list[nn.Module] = []

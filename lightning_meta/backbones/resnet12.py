@@ -8,6 +8,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from lightning_meta.backbones._shapes import flatten_checked
+from lightning_meta.errors import require_non_negative
 
 __all__ = ["ResNet12", "ResNet12Block"]
 
@@ -107,8 +108,7 @@ class ResNet12(nn.Module):
             raise ValueError(f"ResNet12 halves the image four times; image_size={image_size} is below the minimum 16")
         if norm not in ("batch", "batch_no_stats", "none"):
             raise ValueError(f"norm={norm!r} is not supported; use 'batch', 'batch_no_stats' or 'none'")
-        if negative_slope < 0:
-            raise ValueError(f"negative_slope={negative_slope} must be >= 0")
+        require_non_negative("negative_slope", negative_slope, "the leaky ReLUs' slope; MetaOptNet uses 0.1")
         blocks = []
         prev = in_channels
         for c in channels:
