@@ -1,6 +1,6 @@
 """Episodic LightningDataModules (installed as ``lightning_meta.datamodules``)."""
 
-from lightning_meta.datamodules.base import EpisodeSource, EpisodicDataModule, MetaBatchSampler
+from lightning_meta.datamodules.base import EpisodeLoader, EpisodeSource, EpisodicDataModule, MetaBatchSampler
 from lightning_meta.datamodules.omniglot_runs import OmniglotRunsDataModule, OmniglotRunsError, OmniglotRunsSource
 from lightning_meta.datamodules.shards import (
     MultiSourceEpisodes,
@@ -12,6 +12,7 @@ from lightning_meta.datamodules.shards import (
 from lightning_meta.datamodules.sinusoid import SinusoidDataModule, SinusoidSource
 
 __all__ = [
+    "EpisodeLoader",
     "EpisodeSource",
     "EpisodicDataModule",
     "MetaBatchSampler",

@@ -89,6 +89,21 @@ class MetaBatchSampler(DistributedSampler):
 
     It subclasses :class:`~torch.utils.data.DistributedSampler` only so that Lightning does not
     wrap it in another distributed sampler: the partitioning here is already per rank.
+
+    Args:
+        num_episodes: episodes per training epoch, or the length of the fixed evaluation list.
+        batch_size: training: the global meta-batch (divisible by ``world_size``); evaluation:
+            episodes per step on each rank.
+        rank: this process's rank.
+        world_size: number of ranks.
+        train: training keys (epoch-dependent meta-batches) or evaluation keys (the fixed list).
+        resume: ``(epoch, meta-batches already consumed in it)`` to continue a stream mid-epoch.
+
+    Example:
+        >>> s = MetaBatchSampler(num_episodes=8, batch_size=4, rank=1, world_size=2)
+        >>> list(s)
+        [(0, (2, 3)), (0, (6, 7))]
+
     """
 
     def __init__(
@@ -160,13 +175,18 @@ class EpisodicDataModule(L.LightningDataModule):
     (DESIGN §2) and saves its position in the Lightning checkpoint for exact resume.
 
     Args:
-        ways, shots, queries: training episode shape (N-way K-shot, Q queries per class).
-        eval_ways, eval_shots, eval_queries: validation/test shape (default: ways, shots, 15).
+        ways: classes per training episode (N-way).
+        shots: support examples per class in a training episode (K-shot).
+        queries: query examples per class in a training episode.
+        eval_ways: classes per validation/test episode (default: ``ways``).
+        eval_shots: support examples per class at validation/test (default: ``shots``).
+        eval_queries: query examples per class at validation/test.
         meta_batch_size: episodes per optimizer step, global over all devices.
         eval_meta_batch_size: episodes per validation/test step on each device.
         train_episodes: training episodes per epoch (global); an epoch runs
             ``train_episodes // meta_batch_size`` whole meta-batches (a remainder is unused, with a warning).
-        val_episodes, test_episodes: size of the fixed validation/test lists.
+        val_episodes: number of episodes in the fixed validation list.
+        test_episodes: number of episodes in the fixed test list.
         seed: the data seed; episodes are a pure function of (seed, split, epoch, index).
         num_workers: dataloader worker processes (episodes do not depend on it).
 

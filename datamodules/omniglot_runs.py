@@ -132,7 +132,12 @@ def load_omniglot_runs(path: str | os.PathLike, image_size: int | None = 28) -> 
 
 
 class OmniglotRunsSource:
-    """Episode source whose episode ``i`` (any split, any epoch) is run ``i``: support = one drawing per class."""
+    """Episode source whose episode ``i`` (any split, any epoch) is run ``i``: support = one drawing per class.
+
+    Args:
+        runs: the parsed runs (:func:`load_omniglot_runs`).
+
+    """
 
     def __init__(self, runs: Sequence[OmniglotRun]) -> None:
         self.runs = list(runs)
@@ -212,7 +217,8 @@ class OmniglotRunsDataModule(ShardDataModule):
     Test episodes are the runs, in order (``test_episodes`` = number of runs, 20). Validation
     episodes (when there are validation alphabets) are ``eval_ways``-way ``eval_shots``-shot
     within one alphabet, like the runs. ``test/error`` is logged by :class:`OmniglotRunsError`,
-    which this datamodule adds to the trainer.
+    which this datamodule adds to the trainer. The other arguments are
+    :class:`~lightning_meta.datamodules.ShardDataModule`'s (described there).
 
     Args:
         runs: ``all_runs.zip`` or the folder holding ``run01`` ... ``run20``.
@@ -223,14 +229,15 @@ class OmniglotRunsDataModule(ShardDataModule):
         val_alphabets: background alphabets held out for validation (names).
         val_fraction: or a seeded fraction of the background alphabets for validation.
         within_alphabet: draw each *training* episode from one alphabet (like the runs).
-        affine_degrees, affine_translate, affine_scale, affine_shear: per-image random affine
-            augmentation of training episodes (see :func:`~lightning_meta.data.augment.random_affine`),
-            a pure function of the episode key; zeros disable it.
+        affine_degrees: per-image random rotation ``U(-d, d)`` degrees of training episodes (0 disables
+            it; see :func:`~lightning_meta.data.augment.random_affine`; a pure function of the episode key).
+        affine_translate: random shift ``U(-t, t)`` of the image side on both axes (0 disables it).
+        affine_scale: random per-axis scale ``U(1 - s, 1 + s)`` (0 disables it).
+        affine_shear: random shears ``U(-s, s)`` degrees on both axes (0 disables it).
         format: storage of the converted cache (``npy`` decodes fastest).
-        ways, shots, queries, eval_ways, eval_shots, eval_queries, meta_batch_size,
-        eval_meta_batch_size, train_episodes, val_episodes, seed, num_workers, verify, cache_mb:
-            see :class:`~lightning_meta.datamodules.ShardDataModule`; the ``eval_*`` shape applies to
-            validation only (the runs fix the test shape).
+        eval_ways: classes per validation episode (the runs fix the test shape).
+        eval_shots: support examples per class in a validation episode.
+        eval_queries: query examples per class in a validation episode.
 
     Example:
         >>> dm = OmniglotRunsDataModule("all_runs.zip", background="images_background_small1.zip")  # doctest: +SKIP

@@ -444,15 +444,16 @@ class ShardDataModule(EpisodicDataModule):
     ``data/skipped_samples``), and the run stops with a :class:`~lightning_meta.errors.ShardError`
     once more than ``max_corrupt_fraction`` of the samples read were skipped.
 
+    The episode shape, meta-batch, episode count, seed and worker arguments are
+    :class:`~lightning_meta.datamodules.EpisodicDataModule`'s (described there).
+
     Args:
         shards: brace pattern (``data/train-{000000..000009}.tar``), glob, list, directory, or (streaming)
             URLs; ``None`` for the embedded default.
-        val_shards, test_shards: separate shard sets for validation/test: their classes labelled with
-            that split when their index has such labels, else all their classes. A class that
-            would also be used by another split is refused.
-        ways, shots, queries, eval_ways, eval_shots, eval_queries, meta_batch_size,
-        eval_meta_batch_size, train_episodes, val_episodes, test_episodes, seed, num_workers:
-            see :class:`~lightning_meta.datamodules.EpisodicDataModule`.
+        val_shards: a separate shard set for validation: its classes labelled ``val`` when its index
+            has such labels, else all its classes. A class that would also be used by another split
+            is refused.
+        test_shards: the same for the test split.
         verify: shard check before training: ``sha256`` (memoised per file), ``size``, or ``none``
             (local shards; remote streamed shards cannot be checked before they are read).
         invert: use ``255 - pixel`` (for black-ink-on-white images such as Omniglot).
@@ -469,8 +470,11 @@ class ShardDataModule(EpisodicDataModule):
             ``group`` in the index and every group has at least ``min_ways`` classes, as Omniglot
             alphabets do), ``group`` (group first; smaller groups are never drawn, with a warning),
             ``none`` (classes drawn from the whole split).
-        min_ways, max_ways, max_queries, max_support, max_support_per_class: variable episode bounds
-            (defaults: Meta-Dataset's 5, 50, 10, 500, 100).
+        min_ways: variable episodes: fewest classes per episode (Meta-Dataset: 5).
+        max_ways: variable episodes: most classes per episode (Meta-Dataset: 50).
+        max_queries: variable episodes: most query examples per class (Meta-Dataset: 10).
+        max_support: variable episodes: most support examples per episode (Meta-Dataset: 500).
+        max_support_per_class: variable episodes: most support examples per class (Meta-Dataset: 100).
         sources: several shard sets to mix (instead of ``shards``).
         stream_buffer: streaming: shuffle buffer per class stream, in samples.
         max_open_streams: streaming: class streams open at once per process.

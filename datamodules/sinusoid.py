@@ -16,7 +16,23 @@ __all__ = ["SinusoidDataModule", "SinusoidSource"]
 
 
 class SinusoidSource:
-    """Tasks ``y = A sin(x - phase)``, ``A ~ U[amplitude]``, ``phase ~ U[phase]``, ``x ~ U[x_range]``."""
+    """Tasks ``y = A sin(x - phase)``, ``A ~ U[amplitude]``, ``phase ~ U[phase]``, ``x ~ U[x_range]``.
+
+    Args:
+        shots: support points per task.
+        queries: query points per task.
+        seed: the data seed; a task is a pure function of (seed, split, epoch, index).
+        amplitude: ``(low, high)`` of the amplitude.
+        phase: ``(low, high)`` of the phase.
+        x_range: ``(low, high)`` of the inputs.
+
+    Example:
+        >>> src = SinusoidSource(5, 10, seed=0, amplitude=(0.1, 5.0), phase=(0.0, 3.14), x_range=(-5.0, 5.0))
+        >>> ep = src.episode("train", 0, 3)
+        >>> ep.support_x.shape, ep.query_y.shape
+        (torch.Size([5, 1]), torch.Size([10, 1]))
+
+    """
 
     def __init__(self, shots: int, queries: int, seed: int, amplitude: tuple[float, float],
                  phase: tuple[float, float], x_range: tuple[float, float]) -> None:
@@ -49,16 +65,18 @@ class SinusoidDataModule(EpisodicDataModule):
 
     The defaults follow the MAML paper: amplitude in [0.1, 5.0], phase in [0, pi], x in [-5, 5],
     K = 10 support points during meta-training, meta-batch 25. Evaluation uses ``eval_shots``
-    support points (K = 5 or 10 in the paper's Table 2) and ``eval_queries`` fresh points.
+    support points (K = 5 or 10 in the paper's Table 2) and ``eval_queries`` fresh points. The
+    meta-batch, episode count, seed and worker arguments are
+    :class:`~lightning_meta.datamodules.EpisodicDataModule`'s (described there).
 
     Args:
         shots: support points per training task (K).
         queries: query points per training task.
         eval_shots: support points at validation/test (default: ``shots``).
         eval_queries: query points at validation/test.
-        amplitude, phase, x_range: the task distribution.
-        meta_batch_size, eval_meta_batch_size, train_episodes, val_episodes, test_episodes, seed,
-        num_workers: see :class:`~lightning_meta.datamodules.EpisodicDataModule`.
+        amplitude: ``(low, high)`` of the uniform amplitude ``A``.
+        phase: ``(low, high)`` of the uniform phase.
+        x_range: ``(low, high)`` of the uniform inputs ``x``.
 
     Example:
         >>> dm = SinusoidDataModule(); dm.setup("fit")

@@ -192,7 +192,7 @@ def test_split_ratios_that_no_index_uses_are_refused(tmp_path):
                          split_ratios=(1.0, 0.0, 0.0))
     with pytest.raises(MetaConfigError, match=r"split_ratios=\(1.0, 0.0, 0.0\) would be ignored"):
         dm.setup("fit")
-    ShardDataModule(shards=str(tmp_path), ways=2, shots=1, queries=1, eval_queries=1).setup("fit")  # the default is fine
+    ShardDataModule(shards=str(tmp_path), ways=2, shots=1, queries=1, eval_queries=1).setup("fit")  # default: fine
 
 
 def test_maml_refuses_other_evaluation_ways_before_the_first_training_step(tmp_path):

@@ -84,7 +84,6 @@ class SequenceLearner(MetaLearner):
             are refused with a :class:`~lightning_meta.errors.MetaConfigError`.
         ways: classes per episode; sizes the label one-hot and the output (classification).
             Episodes with fewer classes use the first outputs; episodes with more are refused.
-        task, lr, weight_decay, per_task_backward: see :class:`~lightning_meta.algorithms.MetaLearner`.
         support_order: ``given`` reads the support examples in the episode's order (the datamodules
             give them grouped by class in label order, so an order-dependent model can learn
             "position i has label i" and ignore the labels); ``shuffled`` (classification) first

@@ -31,11 +31,12 @@ class ANIL(MAML):
     without randomness: with dropout in the body, ANIL draws one mask per task (the features are
     computed once) where ``MAML(adapt_filter="head")`` draws one per inner step.
 
+    The arguments are :class:`MAML`'s (described there), less ``adapt_filter`` (always the head).
+
     Args:
-        backbone, ways, inner_lr, inner_steps, eval_inner_steps, first_order, task_batching,
-        vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay, per_task_backward,
-        activation_checkpointing: see :class:`MAML` (``bn`` cannot be a per-step policy: the body
-        runs once per task, outside the inner loop; checkpointing only covers the head's steps).
+        bn: as in :class:`MAML`, but not a per-step policy: the body runs once per task, outside
+            the inner loop.
+        activation_checkpointing: as in :class:`MAML`; it covers only the head's inner steps.
 
     Example:
         >>> from lightning_meta.backbones import Conv4

@@ -32,6 +32,10 @@ class IMAML(MAML):
     It is applied as the gradient of a surrogate loss (averaged over tasks and, under DDP, ranks).
     The logged ``train/loss`` is the mean query loss at the adapted weights.
 
+    The other arguments are :class:`MAML`'s (described there). iMAML has no
+    ``activation_checkpointing``: its inner loop keeps no graph, so its memory is already flat in
+    ``inner_steps``.
+
     Args:
         lam: proximal regularisation strength lambda (> 0); larger keeps ``phi`` closer to ``theta``.
         cg_steps: conjugate-gradient iterations (>= 1).
@@ -41,11 +45,9 @@ class IMAML(MAML):
             the meta-batch's tasks is logged as ``train/cg_residual``; a solve that meets a direction
             of non-positive curvature (``I + H / lam`` is not positive definite: the support loss
             has curvature below ``-lam`` there) stops early with a one-time warning.
-        backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, bn, eval_report_steps,
-        task, lr, weight_decay: see :class:`MAML` (``inner_lr`` is the step size on the regularised loss;
-        ``bn`` cannot be a per-step policy: the implicit gradient assumes one fixed inner objective).
-        iMAML has no ``activation_checkpointing``: its inner loop keeps no graph, so its memory is
-        already flat in ``inner_steps``.
+        inner_lr: step size of the inner gradient descent on the regularised support loss.
+        bn: as in :class:`MAML`, but not a per-step policy: the implicit gradient assumes one fixed
+            inner objective.
         task_batching: ``loop`` only (the conjugate-gradient solve runs task by task).
         first_order: must stay ``False``; iMAML has no first-order variant, ``True`` is refused with
             a message naming the alternatives.

@@ -180,7 +180,6 @@ class MAML(MetaLearner):
             evaluation (logged as ``{split}/{acc|mse}_step{k}``); the largest must not exceed
             ``eval_inner_steps``.
         task: ``classification`` or ``regression``.
-        lr, weight_decay: outer Adam settings.
         per_task_backward: one backward per task (memory flat in the meta-batch size), see
             :class:`~lightning_meta.algorithms.MetaLearner`.
         activation_checkpointing: non-reentrant activation checkpointing of every second-order

@@ -79,14 +79,14 @@ class MAMLPlusPlus(MAML):
     of epochs the trainer will run, or ``first_order_epochs`` (when > 0) not below it, is refused
     (the number of epochs comes from ``max_epochs`` and/or ``max_steps`` and the epoch length).
 
+    The other arguments are :class:`MAML`'s (described there).
+
     Args:
         msl_anneal_epochs: epochs of multi-step loss (0 disables MSL).
         first_order_epochs: epochs trained first-order before switching to second order.
         learn_inner_lrs: learn the per-layer per-step rates (LSLR); otherwise they stay at ``inner_lr``.
-        backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, task_batching,
-        vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay, per_task_backward,
-        activation_checkpointing: see :class:`MAML` (with checkpointing, the per-step query
-        forwards of the multi-step loss are checkpointed as well).
+        activation_checkpointing: as in :class:`MAML`; the per-step query forwards of the
+            multi-step loss are checkpointed as well.
 
     Example:
         >>> from lightning_meta.backbones import MLP

@@ -80,7 +80,6 @@ class MANN(SequenceLearner):
         usage_decay: ``gamma`` in ``[0, 1]``.
         sharpness: initial multiplier of the cosine similarities (> 0).
         label_offset: present the label of step ``t`` with input ``t + 1`` (see above).
-        lr, weight_decay: outer Adam settings.
         per_task_backward: one backward per task, see :class:`~lightning_meta.algorithms.MetaLearner`.
         support_order: ``shuffled`` (default; classification) reads each support set sorted by label
             and then permuted by the episode's class ids, so that positions carry no label

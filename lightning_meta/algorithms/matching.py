@@ -161,7 +161,6 @@ class MatchingNet(MetaLearner):
         fce_steps: processing steps ``K`` of the attention LSTM (with ``fce``).
         embedding_dim: ``d``, needed by ``fce``; ``None`` reads the backbone's ``out_features``.
         temperature: cosine similarities are divided by it before the softmax (1 in the paper); > 0.
-        ways, lr, weight_decay, per_task_backward: see :class:`MetaLearner`.
 
     Example:
         >>> from lightning_meta.backbones import Conv4

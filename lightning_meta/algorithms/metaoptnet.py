@@ -43,7 +43,6 @@ class MetaOptNet(MetaLearner):
         ridge_lambda: the ridge penalty ``lambda > 0`` (50 in the authors' code, for ResNet-12).
         scale: initial value of the logit scale.
         learn_scale: learn the scale with the other weights (the paper does).
-        ways, lr, weight_decay, per_task_backward: see :class:`MetaLearner`.
 
     Example:
         >>> from lightning_meta.backbones import Conv4

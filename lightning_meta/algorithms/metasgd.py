@@ -24,11 +24,10 @@ class MetaSGD(MAML):
     ``init_range`` when given, as in the paper's [0.005, 0.1]) and is meta-learned with the
     initialisation by the outer optimiser. It is unconstrained, as in the paper.
 
+    The other arguments are :class:`MAML`'s (described there).
+
     Args:
         init_range: optional ``(low, high)`` for a uniform initialisation of ``alpha``.
-        backbone, ways, inner_lr, inner_steps, eval_inner_steps, first_order, adapt_filter,
-        task_batching, vmap_chunk_size, bn, eval_report_steps, task, lr, weight_decay, per_task_backward,
-        activation_checkpointing: see :class:`MAML`.
 
     Example:
         >>> from lightning_meta.backbones import MLP

@@ -30,7 +30,6 @@ class ProtoNet(MetaLearner):
         learn_temperature: learn the temperature with the other weights (useful with ``cosine``,
             whose distances lie in ``[0, 2]``). It is stored as its logarithm
             (``log_temperature``), so it stays > 0 whatever the optimizer does.
-        ways, lr, weight_decay, per_task_backward: see :class:`MetaLearner`.
 
     The number of shots may differ between training and evaluation as well: prototypes are
     means, so they do not depend on how many examples each class has.

@@ -139,7 +139,6 @@ class RelationNet(MetaLearner):
             miniImageNet). The paper's networks: encoder ``Conv4(..., pool_blocks=2,
             flatten=False, padding=[0, 0, 1, 1])`` with ``relation_padding=1`` on 28x28 Omniglot,
             ``relation_padding=0`` on 84x84 miniImageNet.
-        ways, lr, weight_decay, per_task_backward: see :class:`MetaLearner`.
 
     Example:
         >>> from lightning_meta.backbones import Conv4

@@ -30,13 +30,15 @@ class Reptile(MAML):
     on all query examples of the meta-batch, pooled, of the task-averaged adapted weights
     ``mean_i theta'_i`` (BatchNorm batch statistics are then pooled over the tasks as well).
 
+    The other arguments are :class:`MAML`'s (described there). Reptile has no
+    ``activation_checkpointing``: its inner steps are first order and keep no graph.
+
     Args:
         outer_optimizer: ``sgd`` (the paper's update, ``lr`` = epsilon) or ``adam`` on the Reptile direction.
-        backbone, ways, inner_lr, inner_steps, eval_inner_steps, adapt_filter, task_batching,
-        vmap_chunk_size, bn, task, lr, weight_decay: see :class:`MAML` (``bn`` cannot be a per-step
-        policy: the Reptile direction never reaches outer-only per-step BatchNorm weights; for the
-        same reason ``adapt_filter`` must cover every trainable weight).
-        Reptile has no ``activation_checkpointing``: its inner steps are first order and keep no graph.
+        bn: as in :class:`MAML`, but not a per-step policy: the Reptile direction never reaches
+            outer-only per-step BatchNorm weights.
+        adapt_filter: as in :class:`MAML`, but it must cover every trainable weight (the others would
+            never train).
 
     Example:
         >>> from lightning_meta.backbones import MLP

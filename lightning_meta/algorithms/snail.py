@@ -124,7 +124,6 @@ class SNAIL(SequenceLearner):
         tc_filters: filters per dense block (128 in the paper).
         attention: ``(key_size, value_size)`` per attention block; the paper's Omniglot model is
             ``[[64, 32], [256, 128], [512, 256]]`` with a TC block between consecutive ones.
-        lr, weight_decay: outer Adam settings.
         per_task_backward: one backward per task, see :class:`~lightning_meta.algorithms.MetaLearner`.
         support_order: ``shuffled`` (default; classification) reads each support set sorted by label
             and then permuted by the episode's class ids, so that positions carry no label

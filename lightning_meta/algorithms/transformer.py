@@ -43,7 +43,6 @@ class TransformerICL(SequenceLearner):
         num_layers: encoder layers.
         dim_feedforward: hidden width of each layer's feed-forward block.
         dropout: dropout inside the encoder layers.
-        lr, weight_decay: outer Adam settings.
         per_task_backward: one backward per task, see :class:`~lightning_meta.algorithms.MetaLearner`.
 
     Example:

@@ -46,6 +46,14 @@ class LoRAFactors(nn.Module):
     and partition the base weight (see :func:`~lightning_meta.strategies.check_zero3_compatible`).
     ``A`` (``[rank, in]``) starts Kaiming-uniform and ``B`` (``[out, rank]``) at zero.
 
+    Args:
+        in_features: input size of the adapted Linear layer.
+        out_features: output size of the adapted Linear layer.
+        rank: rank of the update.
+        scaling: the update's multiplier (``alpha / rank`` in :class:`LoRALinear`).
+        device: where to create the factors.
+        dtype: the factors' dtype.
+
     Example:
         >>> f = LoRAFactors(8, 4, rank=2, scaling=0.5)
         >>> f(torch.randn(3, 8)).abs().max().item(), [n for n, _ in f.named_parameters()]
@@ -78,10 +86,14 @@ class LoRALinear(nn.Linear):
     ``lora`` preset of ``adapt_filter`` selects the factors (names containing ``lora_``).
 
     Args:
-        in_features, out_features, bias: as :class:`torch.nn.Linear`.
+        in_features: input size (as :class:`torch.nn.Linear`).
+        out_features: output size (as :class:`torch.nn.Linear`).
+        bias: whether the base layer has a bias (as :class:`torch.nn.Linear`).
         rank: rank of the update (>= 1).
         alpha: scale numerator; the update is multiplied by ``alpha / rank`` (default ``alpha = rank``).
         freeze_base: set ``requires_grad=False`` on ``weight`` and ``bias``.
+        device: where to create the layer and its factors (as :class:`torch.nn.Linear`).
+        dtype: their dtype (as :class:`torch.nn.Linear`).
 
     Raises:
         MetaConfigError: ``rank < 1`` or ``alpha <= 0``.
@@ -421,7 +433,8 @@ class LoRABackbone(nn.Module):
 
     Args:
         backbone: the body to adapt (must have ``out_features``).
-        rank, alpha: see :class:`LoRALinear`.
+        rank: rank of every adapter (>= 1; see :class:`LoRALinear`).
+        alpha: scale numerator of every adapter; updates are multiplied by ``alpha / rank``.
         target: which Linear layers get adapters (regular expression on qualified names; ``None`` = all).
         freeze: ``wrapped`` freezes the weights of the wrapped Linear layers (LoRA's usual setting),
             ``all`` freezes every non-LoRA parameter of the backbone (a pre-trained body), ``none``
