@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_meta.data.shards import atomic_write_bytes
+from lightning_meta.errors import require_file_name
 
 __all__ = ["TestResultWriter"]
 
@@ -69,8 +70,7 @@ class TestResultWriter(Callback):
     """
 
     def __init__(self, filename: str = "results.json") -> None:
-        if not filename or os.sep in filename:
-            raise ValueError(f"filename={filename!r} must be a plain file name such as 'results.json'")
+        require_file_name("filename", filename, "results.json")
         self.filename = filename
         self._start = time.time()
         self._ckpt_step: int | None = None

@@ -43,7 +43,7 @@ from lightning_meta.callbacks._common import (
     val_episodes_per_run,
 )
 from lightning_meta.episode import Episode, collate_episodes
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import MetaConfigError, require_non_negative
 from lightning_meta.functional import bn_policy, mean_ci95_from_stats
 
 __all__ = [
@@ -585,8 +585,7 @@ class MetaOverfittingMonitor(Callback):
         _positive("every_n_val", every_n_val)
         if mode not in (None, "max", "min"):
             raise MetaConfigError(f"mode={mode!r} is not supported; use 'max', 'min' or null (from the model's task)")
-        if not min_delta >= 0:
-            raise MetaConfigError(f"min_delta={min_delta} must be >= 0")
+        require_non_negative("min_delta", min_delta, "the smallest change counted as an improvement")
         self.episodes = episodes
         self.monitor = monitor
         self.mode = mode

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lightning_meta.data.shards import atomic_write_bytes
+from lightning_meta.errors import require_file_name
 
 __all__ = ["PredictionWriter"]
 
@@ -38,8 +39,7 @@ class PredictionWriter(BasePredictionWriter):
     """
 
     def __init__(self, filename: str = "predictions.jsonl") -> None:
-        if not filename or os.sep in filename or (os.altsep and os.altsep in filename):
-            raise ValueError(f"filename={filename!r} must be a plain file name such as 'predictions.jsonl'")
+        require_file_name("filename", filename, "predictions.jsonl")
         super().__init__(write_interval="epoch")
         self.filename = filename
         self.path: str | None = None

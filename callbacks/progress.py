@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import MetaConfigError, require_int
 from lightning_meta.functional import mean_ci95_from_stats
 
 __all__ = ["MetaProgressBar", "format_score"]
@@ -66,6 +66,8 @@ class MetaProgressBar(TQDMProgressBar):
                  window: int = 20) -> None:
         if not isinstance(window, int) or window < 2:
             raise MetaConfigError(f"window={window!r} must be an integer >= 2 (steps averaged for episodes/s)")
+        require_int("refresh_rate", refresh_rate, 0, "batches between bar updates; 0 disables the bars")
+        require_int("process_position", process_position, 0, "the bar offset")
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         self.window = window
         self.episodes_per_s: float | None = None

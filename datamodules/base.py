@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_meta.data.faults import SampleCounter
 from lightning_meta.episode import Episode, collate_episodes
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import MetaConfigError, require_int
 
 __all__ = ["EpisodeLoader", "EpisodeSource", "EpisodicDataModule", "MetaBatchSampler"]
 
@@ -215,21 +215,18 @@ class EpisodicDataModule(L.LightningDataModule):
                   "meta_batch_size": meta_batch_size, "eval_meta_batch_size": eval_meta_batch_size,
                   "train_episodes": train_episodes, "val_episodes": val_episodes, "test_episodes": test_episodes}
         for name, value in checks.items():
-            if value < 1:
-                raise MetaConfigError(f"{name}={value} must be >= 1")
-        if eval_ways is not None and eval_ways < 1:
-            raise MetaConfigError(f"eval_ways={eval_ways} must be >= 1 or null (same as ways)")
-        if eval_shots is not None and eval_shots < 1:
-            raise MetaConfigError(f"eval_shots={eval_shots} must be >= 1 or null (same as shots)")
+            require_int(name, value, 1)
+        if eval_ways is not None:
+            require_int("eval_ways", eval_ways, 1, "or null: the same as ways")
+        if eval_shots is not None:
+            require_int("eval_shots", eval_shots, 1, "or null: the same as shots")
         if train_episodes < meta_batch_size:
             raise MetaConfigError(
                 f"train_episodes={train_episodes} is smaller than meta_batch_size={meta_batch_size}; "
                 "an epoch needs at least one meta-batch"
             )
-        if num_workers < 0:
-            raise MetaConfigError(f"num_workers={num_workers} must be >= 0")
-        if seed < 0:
-            raise MetaConfigError(f"seed={seed} must be >= 0 (episodes are drawn from seed, split, epoch and index)")
+        require_int("num_workers", num_workers, 0)
+        require_int("seed", seed, 0, "episodes are drawn from seed, split, epoch and index")
         if train_episodes % meta_batch_size:
             whole = train_episodes // meta_batch_size
             rank_zero_warn(

@@ -165,7 +165,8 @@ class MetaCLI(LightningCLI):
 
     def _subcommand_config(self):
         """The parsed configuration of the running subcommand (the whole one without subcommands)."""
-        return self.config.get(self.subcommand, {}) if self.subcommand else self.config
+        subcommand = getattr(self, "subcommand", None) or self.config.get("subcommand")  # set after parsing
+        return self.config.get(subcommand, {}) if subcommand else self.config
 
     def before_instantiate_classes(self) -> None:  # noqa: D102
         check_slurm_settings()  # before Lightning's SLURMEnvironment raises its own --ntasks error as a traceback
@@ -209,13 +210,61 @@ class MetaCLI(LightningCLI):
             "--ckpt_path to start a new run"
         )
 
+    def _check_checkpoint_file(self) -> None:
+        """Refuse a local ``--ckpt_path`` that is a folder or not a checkpoint archive, before any work.
+
+        ``torch.save`` writes a zip archive; a truncated copy (no central directory), a text file or
+        a folder otherwise end in unpickler or zip tracebacks that name neither the argument nor the fix.
+        """
+        cfg = self._subcommand_config()
+        path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
+        if not isinstance(path, (str, os.PathLike)) or str(path) in ("last", "best", "hpc", "registry"):
+            return
+        if "://" in str(path) or not os.path.exists(path):
+            return  # remote paths are Lightning's to read; a missing file has Lightning's own message
+        if os.path.isdir(path):
+            raise MetaConfigError(f"--ckpt_path {path} is a folder; pass a checkpoint file in it (e.g. "
+                                  f"{os.path.join(path, 'last.ckpt')}), or 'last'")
+        import zipfile
+
+        if not zipfile.is_zipfile(path):
+            raise MetaConfigError(f"--ckpt_path {path} is not a readable checkpoint (a torch.save archive): it is "
+                                  "truncated (a copy or a save that did not finish), corrupt, or another kind of "
+                                  "file; pass another checkpoint (the run's checkpoints/ folder holds the others)")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` first: Lightning (>= 2.5) loads its hyperparameters right after parsing."""
+        self._check_checkpoint_file()
+        parent = getattr(super(), "_parse_ckpt_path", None)
+        if parent is not None:
+            parent()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Name the checkpoint and the fix when its weights do not fit the configured model."""
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as e:
+            cfg = self._subcommand_config()
+            path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
+            if path is None or "Error(s) in loading state_dict" not in str(e):
+                raise
+            first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")
+            raise MetaConfigError(
+                f"--ckpt_path {path} holds weights of another model than this configuration builds ({first}); "
+                "evaluate a checkpoint with the configuration it was trained with: --config <run folder>/config.yaml "
+                "(saved beside the checkpoints' folder)"
+            ) from e
+
     def before_fit(self) -> None:  # noqa: D102
+        self._check_checkpoint_file()
         self._check_last_checkpoint("fit")
 
     def before_validate(self) -> None:  # noqa: D102
+        self._check_checkpoint_file()
         self._check_last_checkpoint("validate")
 
     def before_test(self) -> None:  # noqa: D102
+        self._check_checkpoint_file()
         self._check_last_checkpoint("test")
 
     def before_predict(self) -> None:
@@ -228,6 +277,7 @@ class MetaCLI(LightningCLI):
 
         from lightning_meta.callbacks import PredictionWriter
 
+        self._check_checkpoint_file()
         self._check_last_checkpoint("predict")
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())
@@ -307,6 +357,9 @@ def index_main(argv: list[str]) -> None:
     try:
         paths = resolve_shards(a.shards)
         out = a.output or os.path.join(os.path.dirname(paths[0]), INDEX_NAME)
+        if os.path.isdir(out):
+            raise MetaConfigError(f"--output {out} is a folder; give the index file's path, e.g. "
+                                  f"{os.path.join(out, INDEX_NAME)}")
         old = {}
         if os.path.exists(out):  # keep names/splits of an index written by the converter
             from lightning_meta.data.shards import _parse_index
@@ -330,6 +383,10 @@ def index_main(argv: list[str]) -> None:
         index.save(out)
     except MetaConfigError as e:
         print(f"lightning-meta index: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:
+        print(f"lightning-meta index: error: {e.strerror or e} ({e.filename}); --output must be a file path you can "
+              "write to (default: index.json beside the shards)", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"wrote {out}: {len(index.classes)} classes in {len(paths)} shard(s)")
 

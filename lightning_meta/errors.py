@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import math
+import numbers
+import os
 
-__all__ = ["MetaConfigError", "ShardError", "require_non_negative", "require_positive"]
+__all__ = [
+    "MetaConfigError",
+    "ShardError",
+    "require_file_name",
+    "require_int",
+    "require_non_negative",
+    "require_number",
+    "require_positive",
+]
 
 
 class MetaConfigError(ValueError):
@@ -40,7 +50,7 @@ def require_positive(name: str, value: float, why: str) -> float:
         lightning_meta.errors.MetaConfigError: temperature=nan must be > 0 and finite (logits are divided by it)
 
     """
-    number = float(value)
+    number = require_number(name, value, why)
     if not (math.isfinite(number) and number > 0):
         raise MetaConfigError(f"{name}={value} must be > 0 and finite ({why})")
     return number
@@ -58,7 +68,67 @@ def require_non_negative(name: str, value: float, why: str) -> float:
         lightning_meta.errors.MetaConfigError: cache_mb=inf must be >= 0 and finite (0 disables the cache)
 
     """
-    number = float(value)
+    number = require_number(name, value, why)
     if not (math.isfinite(number) and number >= 0):
         raise MetaConfigError(f"{name}={value} must be >= 0 and finite ({why})")
     return number
+
+
+def require_number(name: str, value: object, why: str) -> float:
+    """Return ``float(value)`` for a real number; refuse strings, booleans and other objects.
+
+    ``float("0.1")`` and ``float(True)`` succeed, so a string or a boolean given from Python would
+    otherwise pass a range check and fail (or silently mean 1) deep inside training.
+
+    Example:
+        >>> require_number("lr", 1e-3, "the outer learning rate")
+        0.001
+        >>> require_number("lr", "1e-3", "the outer learning rate")
+        Traceback (most recent call last):
+        ...
+        lightning_meta.errors.MetaConfigError: lr='1e-3' must be a number, not str (the outer learning rate)
+
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MetaConfigError(f"{name}={value!r} must be a number, not {type(value).__name__} ({why})")
+    return float(value)
+
+
+def require_int(name: str, value: object, minimum: int, why: str = "") -> int:
+    """Return ``int(value)`` for an integer ``>= minimum``; refuse floats, strings and booleans.
+
+    Example:
+        >>> require_int("shots", 5, 1)
+        5
+        >>> require_int("shots", 1.5, 1, "support examples per class")
+        Traceback (most recent call last):
+        ...
+        lightning_meta.errors.MetaConfigError: shots=1.5 must be an integer >= 1, not float (support examples per class)
+
+    """
+    note = f" ({why})" if why else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise MetaConfigError(f"{name}={value!r} must be an integer >= {minimum}, not {type(value).__name__}{note}")
+    if value < minimum:
+        raise MetaConfigError(f"{name}={value} must be >= {minimum}{note}")
+    return int(value)
+
+
+def require_file_name(name: str, value: object, example: str) -> str:
+    """Return ``value`` if it is a plain file name (no folder part, not ``.``/``..``), else refuse it.
+
+    Example:
+        >>> require_file_name("filename", "results.json", "results.json")
+        'results.json'
+        >>> require_file_name("filename", "..", "results.json")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_meta.errors.MetaConfigError: filename='..' must be a plain file name such as 'results.json' ...
+
+    """
+    seps = [s for s in (os.sep, os.altsep, "/") if s]
+    if not isinstance(value, str) or value in ("", ".", "..") or any(s in value for s in seps):
+        raise MetaConfigError(
+            f"{name}={value!r} must be a plain file name such as {example!r} (no folder part, not '.' or '..')"
+        )
+    return value

@@ -215,3 +215,166 @@ def test_maml_refuses_other_evaluation_ways_before_the_first_training_step(tmp_p
     with pytest.raises(MetaConfigError, match="eval_ways=3"):
         trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 0
+
+
+# ------------------------------------------------------------ bad-input review, round 2
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"inner_steps": 2.5}, "inner_steps=2.5 must be an integer"),
+    ({"inner_steps": True}, "inner_steps=True must be an integer"),
+    ({"eval_inner_steps": 1.5}, "eval_inner_steps=1.5 must be an integer"),
+    ({"eval_inner_steps": 2, "eval_report_steps": [1.5]}, r"eval_report_steps=1.5 must be an integer"),
+    ({"eval_inner_steps": 2, "eval_report_steps": [True]}, r"eval_report_steps=True must be an integer"),
+    ({"inner_lr": "0.1"}, "inner_lr='0.1' must be a number"),
+    ({"inner_lr": True}, "inner_lr=True must be a number"),
+    ({"lr": "1e-3"}, "lr='1e-3' must be a number"),
+    ({"ways": 2.5}, "ways=2.5 must be an integer"),
+    ({"vmap_chunk_size": 1.5}, "vmap_chunk_size=1.5 must be an integer"),
+])
+def test_maml_refuses_arguments_of_the_wrong_type(kwargs, match):
+    """Floats, strings and booleans passed range checks and failed (or meant 1) deep inside training."""
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.backbones import MLP
+
+    with pytest.raises(MetaConfigError, match=match):
+        MAML(MLP(2, [4]), **kwargs)
+
+
+def test_maml_stores_the_inner_rate_as_a_float():
+    from lightning_meta.algorithms import MAML, ProtoNet
+    from lightning_meta.backbones import MLP
+
+    assert type(MAML(MLP(2, [4]), inner_lr=1).inner_lr) is float
+    with pytest.raises(MetaConfigError, match="lr='1e-3' must be a number"):
+        ProtoNet(MLP(2, [4]), lr="1e-3")
+
+
+@pytest.mark.parametrize(("name", "bad"), [
+    ("shots", 1.5), ("ways", 3.0), ("eval_ways", 2.5), ("train_episodes", 10.5), ("num_workers", 1.5),
+    ("eval_meta_batch_size", 2.5), ("meta_batch_size", True), ("val_episodes", True), ("seed", 1.5),
+    ("queries", "5"), ("test_episodes", "600"),
+])
+def test_datamodule_integer_arguments_must_be_integers(name, bad):
+    from lightning_meta.datamodules import ShardDataModule
+
+    with pytest.raises(MetaConfigError, match=f"{name}={bad!r} must be an integer"):
+        ShardDataModule(**{name: bad})
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"hidden": 8.0}, "hidden=8.0 must be an integer"),
+    ({"hidden": "8"}, "hidden='8' must be an integer"),
+    ({"in_channels": 1.5}, "in_channels=1.5 must be an integer"),
+    ({"image_size": 28.5}, "image_size=28.5 must be an integer"),
+    ({"padding": [0, 0, 1]}, r"padding=\[0, 0, 1\] must be an int >= 0 or four of them"),
+    ({"padding": [0, 0, 1, 1.5]}, "must be an int >= 0 or four of them"),
+])
+def test_conv4_arguments_are_refused_as_configuration_errors(kwargs, match):
+    """A ValueError became a two-traceback crash in the CLI; MetaConfigError is printed as one line."""
+    from lightning_meta.backbones import Conv4
+
+    with pytest.raises(MetaConfigError, match=match):
+        Conv4(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [".", "..", 3, "", "a/b"])
+def test_result_writers_refuse_names_that_are_not_plain_file_names(bad):
+    """filename='.' wrote the results over the run folder's own path."""
+    from lightning_meta.callbacks import PredictionWriter, TestResultWriter
+
+    for cls in (TestResultWriter, PredictionWriter):
+        with pytest.raises(MetaConfigError, match="must be a plain file name"):
+            cls(filename=bad)
+
+
+@pytest.mark.parametrize(("command", "match"), [
+    ("", "is empty"), ("   ", "is empty"), ('scontrol requeue "{job_id}', "not a valid template"),
+    (None, "not a valid template"),
+])
+def test_preemption_requeue_command_is_checked_at_construction(command, match):
+    """An empty or unbalanced command crashed the job at preemption, after the save."""
+    from lightning_meta.callbacks import PreemptionCheckpoint
+
+    with pytest.raises(ValueError, match=match):
+        PreemptionCheckpoint(requeue_command=command)
+
+
+def test_callback_numbers_are_checked():
+    from lightning_meta.callbacks import MetaOverfittingMonitor, MetaProgressBar
+
+    for bad, match in (("0.1", "must be a number"), (INF, "must be >= 0 and finite"), (True, "must be a number")):
+        with pytest.raises(MetaConfigError, match=f"min_delta=.*{match}"):
+            MetaOverfittingMonitor(min_delta=bad)
+    for kwargs in ({"refresh_rate": -1}, {"refresh_rate": 1.5}, {"process_position": -1}):
+        with pytest.raises(MetaConfigError, match=next(iter(kwargs))):
+            MetaProgressBar(**kwargs)
+
+
+def test_convert_rotation_splits_without_rotations_is_refused(tmp_path, capsys):
+    from lightning_meta.data.convert import main as convert_main
+
+    with pytest.raises(SystemExit) as e:
+        convert_main(["omniglot", str(tmp_path / "in"), str(tmp_path / "out"), "--rotation-splits", "val"])
+    assert e.value.code == 2 and "has no effect without --rotations" in capsys.readouterr().err
+
+
+def test_convert_and_index_report_unwritable_outputs_in_one_line(tmp_path, capsys):
+    import numpy as np
+    from episode_fixtures import write_tiny_shards
+    from PIL import Image
+
+    from lightning_meta.cli import console_main
+
+    root = tmp_path / "imgs"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * i + c, np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        console_main(["convert", "imagefolder", str(root), str(blocker / "sub"), "--image-size", "8"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot write the output" in err and "Traceback" not in err
+    write_tiny_shards(tmp_path / "shards")
+    for out in (tmp_path / "shards", blocker / "index.json"):
+        with pytest.raises(SystemExit) as e:
+            console_main(["index", str(tmp_path / "shards"), "--output", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "lightning-meta index: error:" in err and "Traceback" not in err
+
+
+def test_bad_checkpoint_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    """A folder, a text file or a truncated checkpoint ended in unpickler/zip tracebacks."""
+    from lightning_meta.cli import main
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    quick = str(root / "configs" / "quickstart.yaml")
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    (tmp_path / "folder").mkdir()
+    for path, match in ((text, "is not a readable checkpoint"), (tmp_path / "folder", "is a folder")):
+        with pytest.raises(SystemExit) as e:
+            main(["test", "--config", quick, "--ckpt_path", str(path), "--trainer.logger", "false"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and match in err and "Traceback" not in err
+
+
+def test_a_checkpoint_of_another_model_names_the_fix(tmp_path, monkeypatch, capsys):
+    from lightning_meta.cli import main
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    quick = str(root / "configs" / "quickstart.yaml")
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--data.init_args.meta_batch_size", "2", "--data.init_args.eval_meta_batch_size", "2",
+            "--data.init_args.test_episodes", "2", "--trainer.limit_val_batches", "0",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), "--test_after_fit", "false"]
+    cli = main(["fit", "--config", quick, "--trainer.max_steps", "1", "--model.init_args.backbone.init_args.hidden",
+                "8", *tiny])
+    ckpt = tmp_path / "hidden8.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    with pytest.raises(SystemExit) as e:
+        main(["test", "--config", quick, "--ckpt_path", str(ckpt), *tiny])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "holds weights of another model" in err and "config.yaml" in err

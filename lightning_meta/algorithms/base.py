@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError, require_positive
+from lightning_meta.errors import MetaConfigError, require_int, require_non_negative, require_number, require_positive
 from lightning_meta.fit_progress import repair_fit_progress
 from lightning_meta.functional.bn_sync import RunningStatsSync
 from lightning_meta.metrics import EpisodicMean
@@ -70,8 +70,10 @@ class MetaLearner(L.LightningModule):
         super().__init__()
         if task not in ("classification", "regression"):
             raise MetaConfigError(f"task={task!r} is not supported; use 'classification' or 'regression'")
-        if task == "classification" and ways < 2:
-            raise MetaConfigError(f"ways={ways} is too small for classification; use ways >= 2")
+        if task == "classification":
+            require_int("ways", ways, 2, "classification needs at least two classes")
+        elif ways is not None:
+            require_int("ways", ways, 0, "unused by regression")
         for one, batched in (("loss_fn", "per_task_loss"), ("score_fn", "per_task_score")):
             if self._overridden_below(batched, one):
                 raise MetaConfigError(
@@ -80,11 +82,10 @@ class MetaLearner(L.LightningModule):
                     f"{batched} too only as a faster batched form of it)"
                 )
         require_positive("lr", lr, "typical values are 1e-3 with Adam")
-        if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise MetaConfigError(f"weight_decay={weight_decay} must be a finite number >= 0")
+        weight_decay = require_non_negative("weight_decay", weight_decay, "Adam weight decay; 0 disables it")
         self.ways = ways
         self.task = task
-        self.lr = lr
+        self.lr = require_number("lr", lr, "the outer learning rate")
         self.weight_decay = weight_decay
         self.score_name = "acc" if task == "classification" else "mse"
         self.per_task_backward = per_task_backward

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -13,7 +14,7 @@ from torch.func import functional_call, vmap
 
 from lightning_meta.algorithms.base import MetaLearner, TaskKind
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError, require_positive
+from lightning_meta.errors import MetaConfigError, require_int, require_positive
 from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
 from lightning_meta.functional.inner_loop import PER_STEP_POLICIES, PerStepBatchNorm, convert_per_step_norm, norm_step
 from lightning_meta.functional.norms import decomposed_norms, has_fused_norms
@@ -222,16 +223,14 @@ class MAML(MetaLearner):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(ways=ways, task=task, lr=lr, weight_decay=weight_decay, per_task_backward=per_task_backward)
-        require_positive("inner_lr", inner_lr, "MAML uses 0.4 on Omniglot, 0.01 on sinusoid")
-        if inner_steps < 1:
-            raise MetaConfigError(f"inner_steps={inner_steps} must be >= 1; MAML needs at least one inner step")
+        inner_lr = require_positive("inner_lr", inner_lr, "MAML uses 0.4 on Omniglot, 0.01 on sinusoid")
+        require_int("inner_steps", inner_steps, 1, "MAML needs at least one inner step")
         eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
-        if eval_inner_steps < 1:
-            raise MetaConfigError(f"eval_inner_steps={eval_inner_steps} must be >= 1")
+        require_int("eval_inner_steps", eval_inner_steps, 1)
         if task_batching not in ("loop", "vmap"):
             raise MetaConfigError(f"task_batching={task_batching!r} is not supported; use 'loop' or 'vmap'")
-        if vmap_chunk_size is not None and vmap_chunk_size < 1:
-            raise MetaConfigError(f"vmap_chunk_size={vmap_chunk_size} must be >= 1 or null")
+        if vmap_chunk_size is not None:
+            require_int("vmap_chunk_size", vmap_chunk_size, 1, "or null: all tasks at once")
         if bn not in ("transductive", "frozen", *PER_STEP_POLICIES):
             raise MetaConfigError(
                 f"bn={bn!r} is not supported; use 'transductive', 'frozen', 'per_step' or 'per_step_transductive'"
@@ -246,6 +245,10 @@ class MAML(MetaLearner):
                 "activation_checkpointing=True does not compose with task_batching='vmap' (torch.func transforms "
                 "refuse the saved-tensor hooks checkpointing uses); use task_batching='loop' with checkpointing"
             )
+        for s in eval_report_steps or []:
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+                raise MetaConfigError(f"eval_report_steps={s!r} must be an integer, not {type(s).__name__} (each an "
+                                      f"inner step from 1 to eval_inner_steps={eval_inner_steps})")
         report = sorted({int(s) for s in (eval_report_steps or [])})
         if report and (report[0] < 1 or report[-1] > eval_inner_steps):
             raise MetaConfigError(

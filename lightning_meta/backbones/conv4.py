@@ -8,6 +8,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from lightning_meta.backbones._shapes import flatten_checked
+from lightning_meta.errors import MetaConfigError, require_int
 
 __all__ = ["Conv4"]
 
@@ -60,18 +61,20 @@ class Conv4(nn.Module):
         padding: int | Sequence[int] = 1,
     ) -> None:
         super().__init__()
-        if in_channels <= 0 or hidden <= 0:
-            raise ValueError(f"Conv4 needs positive in_channels and hidden, got {in_channels} and {hidden}")
+        require_int("in_channels", in_channels, 1, "image channels: 1 for Omniglot, 3 for RGB")
+        require_int("hidden", hidden, 1, "channels of every block; 64 in MAML/ProtoNet")
+        require_int("image_size", image_size, 1, "the input height and width")
+        require_int("pool_blocks", pool_blocks, 0, "blocks that end with a 2x2 max-pool, at most 4")
         if not 0 <= pool_blocks <= 4:
-            raise ValueError(f"pool_blocks={pool_blocks} must be between 0 and 4 (Conv4 has four blocks)")
+            raise MetaConfigError(f"pool_blocks={pool_blocks} must be between 0 and 4 (Conv4 has four blocks)")
         if image_size < 1:
-            raise ValueError(f"image_size={image_size} must be >= 1 (the input height and width)")
-        pads = [padding] * 4 if isinstance(padding, int) else [int(p) for p in padding]
-        if len(pads) != 4 or any(p < 0 for p in pads):
-            raise ValueError(f"padding={padding!r} must be an int >= 0 or four of them (one per block)")
+            raise MetaConfigError(f"image_size={image_size} must be >= 1 (the input height and width)")
+        pads = [padding] * 4 if isinstance(padding, int) else list(padding)
+        if len(pads) != 4 or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in pads):
+            raise MetaConfigError(f"padding={padding!r} must be an int >= 0 or four of them (one per block)")
         if pads == [1, 1, 1, 1] and image_size < 2**pool_blocks:
             times = {4: "four times", 3: "three times", 2: "twice", 1: "once"}.get(pool_blocks)
-            raise ValueError(
+            raise MetaConfigError(
                 f"Conv4 halves the image {times}; image_size={image_size} is below the minimum {2**pool_blocks}"
             )
         side = image_size
@@ -80,10 +83,10 @@ class Conv4(nn.Module):
             if block < pool_blocks:
                 side //= 2
             if side < 1:
-                raise ValueError(f"image_size={image_size} is too small for padding={pads} and pool_blocks="
+                raise MetaConfigError(f"image_size={image_size} is too small for padding={pads} and pool_blocks="
                                  f"{pool_blocks}: block {block + 1} leaves no pixel; use larger images or padding 1")
         if norm not in ("batch", "batch_no_stats", "none"):
-            raise ValueError(f"norm={norm!r} is not supported; use 'batch', 'batch_no_stats' or 'none'")
+            raise MetaConfigError(f"norm={norm!r} is not supported; use 'batch', 'batch_no_stats' or 'none'")
         layers: list[nn.Module] = []
         channels = in_channels
         for block in range(4):

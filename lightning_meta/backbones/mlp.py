@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.errors import require_positive
+from lightning_meta.errors import MetaConfigError, require_positive
 
 __all__ = ["MLP"]
 
@@ -42,11 +42,11 @@ class MLP(nn.Module):
         super().__init__()
         hidden = list(hidden)
         if in_features <= 0 or not hidden or any(h <= 0 for h in hidden):
-            raise ValueError(
+            raise MetaConfigError(
                 f"MLP needs in_features > 0 and a non-empty list of positive hidden sizes, got {in_features}, {hidden}"
             )
         if init not in ("default", "truncated_normal"):
-            raise ValueError(f"init={init!r} is not supported; use 'default' or 'truncated_normal'")
+            raise MetaConfigError(f"init={init!r} is not supported; use 'default' or 'truncated_normal'")
         require_positive("init_std", init_std, "the MAML reference code uses 0.01")
         self.init = init
         self.init_std = init_std

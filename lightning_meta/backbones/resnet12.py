@@ -8,7 +8,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from lightning_meta.backbones._shapes import flatten_checked
-from lightning_meta.errors import require_non_negative
+from lightning_meta.errors import MetaConfigError, require_non_negative
 
 __all__ = ["ResNet12", "ResNet12Block"]
 
@@ -100,14 +100,16 @@ class ResNet12(nn.Module):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if len(channels) != 4 or min(channels) < 1 or in_channels < 1:
-            raise ValueError(
+            raise MetaConfigError(
                 f"ResNet12 needs in_channels >= 1 and four positive block widths, got in_channels={in_channels}, "
                 f"channels={channels}"
             )
         if image_size < 16:
-            raise ValueError(f"ResNet12 halves the image four times; image_size={image_size} is below the minimum 16")
+            raise MetaConfigError(
+                f"ResNet12 halves the image four times; image_size={image_size} is below the minimum 16"
+            )
         if norm not in ("batch", "batch_no_stats", "none"):
-            raise ValueError(f"norm={norm!r} is not supported; use 'batch', 'batch_no_stats' or 'none'")
+            raise MetaConfigError(f"norm={norm!r} is not supported; use 'batch', 'batch_no_stats' or 'none'")
         require_non_negative("negative_slope", negative_slope, "the leaky ReLUs' slope; MetaOptNet uses 0.1")
         blocks = []
         prev = in_channels

@@ -870,8 +870,8 @@ def _parser() -> argparse.ArgumentParser:
     common(sp, 28, "square output side (default 28; 0 keeps 105x105)")
     sp.add_argument("--rotations", action="store_true",
                     help="x4 classes: add every character rotated by 90, 180 and 270 degrees as new classes")
-    sp.add_argument("--rotation-splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
-                    help="splits expanded by --rotations (default: all)")
+    sp.add_argument("--rotation-splits", nargs="+", choices=list(SPLITS), default=None,
+                    help="splits expanded by --rotations (default: all); needs --rotations")
     sp.add_argument("--val-alphabets", nargs="+", metavar="NAME", help="alphabets of the validation split")
     sp.add_argument("--test-alphabets", nargs="+", metavar="NAME", help="alphabets of the test split")
     sp.add_argument("--val-fraction", type=float, default=0.0, help="seeded fraction of alphabets for validation")
@@ -887,7 +887,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """``lightning-meta convert LAYOUT INPUT OUTPUT [options]``; errors print as one line (exit status 2)."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.layout == "omniglot" and args.rotation_splits is not None and not args.rotations:
+        parser.error(f"--rotation-splits {' '.join(args.rotation_splits)} has no effect without --rotations; "
+                     "add --rotations (x4 classes by rotation) or drop --rotation-splits")
     common = {"fmt": args.format, "overwrite": args.overwrite, "max_samples": args.max_samples, "workers": args.workers}
     try:
         if args.layout == "imagefolder":
@@ -896,7 +900,7 @@ def main(argv: list[str] | None = None) -> None:
                                         channels=args.channels, seed=args.seed, resample=args.resample, **common)
         elif args.layout == "omniglot":
             index = convert_omniglot(args.source, args.output, image_size=args.image_size or None,
-                                     rotations=args.rotations, rotation_splits=args.rotation_splits,
+                                     rotations=args.rotations, rotation_splits=args.rotation_splits or list(SPLITS),
                                      val_alphabets=args.val_alphabets, test_alphabets=args.test_alphabets,
                                      val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                                      seed=args.seed, **common)
@@ -907,6 +911,12 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("LIGHTNING_META_DEBUG"):
             raise
         print(f"lightning-meta convert: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:  # the output cannot be created or written (read errors of inputs are named above)
+        if os.environ.get("LIGHTNING_META_DEBUG"):
+            raise
+        print(f"lightning-meta convert: error: cannot write the output {args.output!r}: {e.strerror or e} "
+              f"({e.filename}); choose a folder you can write to", file=sys.stderr)
         raise SystemExit(2) from None
     counts = defaultdict(int)
     images = 0
