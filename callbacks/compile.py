@@ -31,7 +31,12 @@ class CompileMetaLoss(Callback):
         dynamic: passed to ``torch.compile``; null lets it decide after the first shape change.
         fullgraph: fail instead of splitting the graph where tracing stops.
 
-    Example (YAML)::
+    Example:
+        >>> callback = CompileMetaLoss(backend="eager")  # fitting then trains through torch.compile
+        >>> callback.backend
+        'eager'
+
+    In a config (YAML)::
 
         trainer:
           callbacks:

@@ -65,7 +65,7 @@ class TestResultWriter(Callback):
         filename: name of the JSON file.
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[TestResultWriter()])  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[TestResultWriter()])
 
     """
 

@@ -292,7 +292,7 @@ class EpisodeGallery(_EpisodeCapture):
     Example:
         >>> from lightning.pytorch.loggers import TensorBoardLogger
         >>> trainer = L.Trainer(logger=TensorBoardLogger("logs"),
-        ...                     callbacks=[EpisodeGallery(num_episodes=2, every_n_val=5)])  # doctest: +SKIP
+        ...                     callbacks=[EpisodeGallery(num_episodes=2, every_n_val=5)])
 
         In YAML: ``- class_path: lightning_meta.callbacks.EpisodeGallery`` with
         ``init_args: {num_episodes: 2, every_n_val: 5}``.
@@ -392,7 +392,7 @@ class InnerLoopMonitor(_EpisodeCapture):
             learned rate, as its evaluation does.)
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[InnerLoopMonitor(num_episodes=8, steps=10)])  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[InnerLoopMonitor(num_episodes=8, steps=10)])
 
         In YAML: ``- class_path: lightning_meta.callbacks.InnerLoopMonitor`` with
         ``init_args: {num_episodes: 8, steps: 10}``.
@@ -570,7 +570,7 @@ class MetaOverfittingMonitor(Callback):
 
     Example:
         >>> trainer = L.Trainer(callbacks=[MetaOverfittingMonitor(episodes=100, early_stopping=True,
-        ...                                                       patience=3)])  # doctest: +SKIP
+        ...                                                       patience=3)])
 
         In YAML: ``- class_path: lightning_meta.callbacks.MetaOverfittingMonitor`` with
         ``init_args: {episodes: 100, early_stopping: true, patience: 3}``.
@@ -748,7 +748,7 @@ class DerivativeOrderAnnealing(Callback):
             use its ``first_order_epochs``).
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[DerivativeOrderAnnealing(first_order_epochs=50)])  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[DerivativeOrderAnnealing(first_order_epochs=50)])
 
         In YAML: ``- class_path: lightning_meta.callbacks.DerivativeOrderAnnealing`` with
         ``init_args: {first_order_epochs: 50}``.
@@ -865,7 +865,7 @@ class ThroughputMonitor(Callback):
         prefix: metric name prefix.
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[ThroughputMonitor(log_every_n_steps=20)])  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[ThroughputMonitor(log_every_n_steps=20)])
 
         In YAML: ``- class_path: lightning_meta.callbacks.ThroughputMonitor`` with
         ``init_args: {log_every_n_steps: 20}``.
@@ -999,7 +999,7 @@ class LearnedLRMonitor(Callback):
             ``MAMLPlusPlus(learn_inner_lrs=False)``, metric-based learners).
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[LearnedLRMonitor(every_n_steps=100)])  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[LearnedLRMonitor(every_n_steps=100)])
 
         In YAML: ``- class_path: lightning_meta.callbacks.LearnedLRMonitor`` with
         ``init_args: {every_n_steps: 100}``.

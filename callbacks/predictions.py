@@ -33,7 +33,7 @@ class PredictionWriter(BasePredictionWriter):
         filename: name of the file (a plain name, no folder).
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[PredictionWriter()])  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[PredictionWriter()])
         >>> trainer.predict(model, datamodule=dm)                # doctest: +SKIP
 
     """

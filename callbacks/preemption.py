@@ -42,7 +42,7 @@ class PreemptionCheckpoint(Callback):
             with another placeholder than ``{job_id}``.
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[PreemptionCheckpoint()])  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[PreemptionCheckpoint()])
 
     """
 

@@ -56,7 +56,7 @@ class MetaProgressBar(TQDMProgressBar):
         window: training steps averaged for ``eps/s``.
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[MetaProgressBar(window=50)])  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[MetaProgressBar(window=50)])
 
         In YAML: ``- class_path: lightning_meta.callbacks.MetaProgressBar``.
 

@@ -190,6 +190,23 @@ class EpisodicDataModule(L.LightningDataModule):
         seed: the data seed; episodes are a pure function of (seed, split, epoch, index).
         num_workers: dataloader worker processes (episodes do not depend on it).
 
+
+    Example:
+        >>> import torch
+        >>> class Shifted:  # an EpisodeSource: episode ``index`` puts its two classes at index and index + 10
+        ...     def episode(self, split, epoch, index):
+        ...         x = torch.tensor([[float(index)], [index + 10.0]])
+        ...         return Episode(x, torch.arange(2), x + 0.5, torch.arange(2), torch.tensor([0, 1]))
+        >>> class ShiftedData(EpisodicDataModule):
+        ...     def setup(self, stage=None):
+        ...         for split in ("train", "val", "test"):
+        ...             self.sources[split] = Shifted()
+        >>> dm = ShiftedData(ways=2, shots=1, queries=1, meta_batch_size=2, train_episodes=4)
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> batch.support_x.shape, batch.support_x[:, 0, 0].tolist()
+        (torch.Size([2, 2, 1]), [0.0, 1.0])
+
     """
 
     task = "classification"

@@ -25,6 +25,13 @@ class Episode:
     ``classes`` of shape ``[0]``. A meta-batch built by :func:`collate_episodes` prepends ``B``
     to every shape. The dataclass is not frozen so that Lightning can move it between devices.
 
+    Args:
+        support_x: the support inputs.
+        support_y: their labels (``0..N-1``, long) or regression targets.
+        query_x: the query inputs.
+        query_y: their labels or targets.
+        classes: the original class id of each label (``[0]`` for regression).
+
     Example:
         >>> ep = Episode(torch.zeros(5, 1, 28, 28), torch.arange(5), torch.zeros(10, 1, 28, 28),
         ...              torch.arange(5).repeat(2), torch.tensor([3, 9, 4, 1, 7]))
@@ -100,8 +107,18 @@ def collate_episodes(episodes: Sequence[Episode]) -> Episode:
     All episodes must have the same shapes (same way, shot and query counts); variable-way
     episodes are consumed one at a time instead.
 
+    Args:
+        episodes: single (unbatched) episodes of one shape.
+
     Raises:
         ValueError: for an empty list, an already batched episode, or mismatched shapes.
+
+    Example:
+        >>> ep = Episode(torch.zeros(2, 3), torch.arange(2), torch.zeros(4, 3), torch.arange(2).repeat(2),
+        ...              torch.tensor([7, 1]))
+        >>> batch = collate_episodes([ep, ep, ep])
+        >>> batch.query_x.shape, batch.classes.tolist()
+        (torch.Size([3, 4, 3]), [[7, 1], [7, 1], [7, 1]])
 
     """
     if len(episodes) == 0:

@@ -60,6 +60,20 @@ class MetaLearner(L.LightningModule):
             (whose monitor Lightning drops under manual optimisation),
             ``Trainer(gradient_clip_val=...)`` and ``accumulate_grad_batches`` are refused.
 
+
+    Example:
+        >>> from lightning_meta import Episode
+        >>> class NearestMean(MetaLearner):  # a learner without weights: class means of the support set
+        ...     def adapt(self, episode):
+        ...         return torch.stack([episode.support_x[episode.support_y == c].mean(0) for c in range(self.ways)])
+        ...     def predict(self, state, x):
+        ...         return -torch.cdist(x, state)
+        >>> ep = Episode(torch.tensor([[0.0], [10.0]]), torch.tensor([0, 1]), torch.tensor([[9.0], [1.0]]),
+        ...              torch.tensor([1, 0]), torch.tensor([4, 2]))
+        >>> model = NearestMean(ways=2)
+        >>> model.predict(model.adapt(ep), ep.query_x).argmax(1)
+        tensor([1, 0])
+
     """
 
     #: synchronise BatchNorm running statistics across ranks after every training step (see above)

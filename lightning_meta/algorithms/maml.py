@@ -117,6 +117,12 @@ class BackboneWithHead(nn.Module):
             If it has a method ``init_head(linear)``, the head is initialised with it.
         out_features: head outputs (the way for classification, the target size for regression).
 
+    Example:
+        >>> from lightning_meta.backbones import MLP
+        >>> net = BackboneWithHead(MLP(1, [40, 40]), out_features=1)
+        >>> net(torch.zeros(10, 1)).shape, [n for n, _ in net.head.named_parameters()]
+        (torch.Size([10, 1]), ['weight', 'bias'])
+
     """
 
     def __init__(self, backbone: nn.Module, out_features: int) -> None:

@@ -50,6 +50,13 @@ def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: fl
     iterate is returned). Exact in at most ``dim`` iterations in exact arithmetic. With
     ``return_info=True`` it returns ``(x, CGInfo)``.
 
+    Args:
+        matvec: ``v -> A v`` on lists of tensors.
+        b: the right-hand side, a list of tensors.
+        steps: the most iterations (each one ``matvec`` call).
+        tol: relative residual norm at which to stop.
+        return_info: also return a :class:`CGInfo`.
+
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
         >>> x = conjugate_gradient(lambda v: [A @ v[0]], [torch.tensor([1.0, 2.0])], steps=2)
@@ -109,8 +116,26 @@ def implicit_meta_gradient(
     This is the gradient of the query loss with respect to the meta-parameters ``theta`` when
     ``adapted`` minimises ``support_loss(phi) + lam / 2 * ||phi - theta||^2`` (iMAML, eq. 6). The
     Hessian is only touched through Hessian-vector products, so memory does not grow with the
-    number of inner steps that produced ``adapted``. ``tol`` and ``return_info`` are passed to
-    :func:`conjugate_gradient` (the residual is the one of ``(I + H / lam) x = g``).
+    number of inner steps that produced ``adapted``.
+
+    Args:
+        support_loss: the (unregularised) support loss as a function of the adapted tensors.
+        adapted: the adapted tensors ``phi``.
+        query_grad: ``g``, the gradient of the query loss at ``phi`` (one tensor per entry of ``adapted``).
+        lam: the proximal strength lambda.
+        cg_steps: conjugate-gradient iterations.
+        tol: relative residual of ``(I + H / lam) x = g`` at which the solve stops (see
+            :func:`conjugate_gradient`).
+        return_info: also return the solve's :class:`CGInfo`.
+
+    Example:
+        >>> a = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)  # H of 0.5 p^T A p
+        >>> g = [torch.tensor([1.0, -1.0], dtype=torch.float64)]
+        >>> x = implicit_meta_gradient(lambda p: 0.5 * p[0] @ a @ p[0], [torch.zeros(2, dtype=torch.float64)], g,
+        ...                            lam=1.0, cg_steps=2, tol=0.0)
+        >>> torch.allclose(x[0], torch.linalg.solve(torch.eye(2, dtype=torch.float64) + a, g[0]))
+        True
+
     """
     phi = [a.detach().requires_grad_(True) for a in adapted]
     with torch.enable_grad():
