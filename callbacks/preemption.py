@@ -53,13 +53,14 @@ class PreemptionCheckpoint(Callback):
             raise ValueError(f"signal_name={signal_name!r} is not a signal this process can catch; use e.g. 'SIGUSR1' "
                              "(SIGKILL and SIGSTOP cannot be caught)")
         fix = "the only placeholder is {job_id}, e.g. 'scontrol requeue {job_id}'"
-        try:
-            words = shlex.split(requeue_command.format(job_id="0"))
-        except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise ValueError(f"requeue_command={requeue_command!r} is not a valid template ({type(e).__name__}: {e}); "
-                             f"{fix}") from e
-        if not words:
-            raise ValueError(f"requeue_command={requeue_command!r} is empty; {fix} (or requeue=False)")
+        if requeue:  # the command runs only then
+            try:
+                words = shlex.split(requeue_command.format(job_id="0"))
+            except (KeyError, IndexError, ValueError, AttributeError) as e:
+                raise ValueError(f"requeue_command={requeue_command!r} is not a valid template ({type(e).__name__}: "
+                                 f"{e}); {fix}") from e
+            if not words:
+                raise ValueError(f"requeue_command={requeue_command!r} is empty; {fix} (or requeue=False)")
         self.signal_name = signal_name
         self.requeue = requeue
         self.requeue_command = requeue_command

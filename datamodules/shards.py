@@ -462,8 +462,10 @@ class ShardDataModule(EpisodicDataModule):
         reader: ``indexed`` or ``streaming``.
         index: streaming: where ``index.json`` of ``shards`` is (path or URL); default: beside the
             first shard (for ``pipe:`` URLs, the command with the shard's file name replaced).
-            ``"scan"``: third-party shards (of ``shards`` or of every source) that have no index
-            are streamed once to build one; without it an index that cannot be read is an error.
+            ``"scan"``: third-party remote shards (of ``shards`` or of every source) that have no
+            index are streamed once to build one (cached by URL list); without it a remote index
+            that cannot be read is an error. Local shards without an index are indexed as by the
+            indexed reader, with or without ``"scan"``.
         episode_shape: ``fixed`` or ``variable`` (training episodes).
         eval_episode_shape: shape of validation/test episodes (default: ``episode_shape``).
         hierarchy: variable episodes: ``auto`` (group first when every class of the split has a
@@ -474,14 +476,15 @@ class ShardDataModule(EpisodicDataModule):
         max_ways: variable episodes: most classes per episode (Meta-Dataset: 50).
         max_queries: variable episodes: most query examples per class (Meta-Dataset: 10).
         max_support: variable episodes: most support examples per episode (Meta-Dataset: 500).
-        max_support_per_class: variable episodes: most support examples per class (Meta-Dataset: 100).
+        max_support_per_class: variable episodes: the most one class adds to the draw of the support-set
+            size (Meta-Dataset: 100; not a cap on the shots of a class).
         sources: several shard sets to mix (instead of ``shards``).
         stream_buffer: streaming: shuffle buffer per class stream, in samples.
         max_open_streams: streaming: class streams open at once per process.
         retries: streaming: retries of a shard that fails to open or read, then the error names its URL.
         retry_delay: streaming: seconds before the first retry (doubled for each further one).
-        max_corrupt_fraction: fail once more than this fraction of the samples read were corrupt
-            (counted over at least 100 samples); 0 fails on the first one.
+        max_corrupt_fraction: fail once more than this fraction of the samples read so far were corrupt
+            (of at least 100 samples while fewer were read; checked at each skip); 0 fails on the first one.
 
     Example:
         >>> dm = ShardDataModule(ways=5, shots=1, queries=15)  # doctest: +SKIP

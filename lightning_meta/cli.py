@@ -223,14 +223,23 @@ class MetaCLI(LightningCLI):
         if "://" in str(path) or not os.path.exists(path):
             return  # remote paths are Lightning's to read; a missing file has Lightning's own message
         if os.path.isdir(path):
-            raise MetaConfigError(f"--ckpt_path {path} is a folder; pass a checkpoint file in it (e.g. "
-                                  f"{os.path.join(path, 'last.ckpt')}), or 'last'")
+            if os.path.isfile(os.path.join(path, "latest")) or os.path.isdir(os.path.join(path, "checkpoint")):
+                return  # a DeepSpeed checkpoint (a folder), read by the DeepSpeed strategies
+            raise MetaConfigError(f"--ckpt_path {path} is a folder but not a DeepSpeed checkpoint; pass a checkpoint "
+                                  f"file in it (e.g. {os.path.join(path, 'last.ckpt')}), or 'last'")
         import zipfile
 
-        if not zipfile.is_zipfile(path):
-            raise MetaConfigError(f"--ckpt_path {path} is not a readable checkpoint (a torch.save archive): it is "
+        if zipfile.is_zipfile(path):
+            return
+        import torch
+
+        try:  # torch.save's legacy (non-zip) format still loads; anything else is not a checkpoint
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure to read means the same to the user
+            raise MetaConfigError(f"--ckpt_path {path} is not a readable checkpoint ({type(e).__name__}): it is "
                                   "truncated (a copy or a save that did not finish), corrupt, or another kind of "
-                                  "file; pass another checkpoint (the run's checkpoints/ folder holds the others)")
+                                  "file; pass another checkpoint (the run's checkpoints/ folder holds the others)"
+                                  ) from None
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first: Lightning (>= 2.5) loads its hyperparameters right after parsing."""

@@ -89,6 +89,8 @@ def require_number(name: str, value: object, why: str) -> float:
         lightning_meta.errors.MetaConfigError: lr='1e-3' must be a number, not str (the outer learning rate)
 
     """
+    if _is_scalar_tensor(value) and not value.dtype.is_complex and value.dtype != _torch().bool:
+        return float(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise MetaConfigError(f"{name}={value!r} must be a number, not {type(value).__name__} ({why})")
     return float(value)
@@ -107,6 +109,9 @@ def require_int(name: str, value: object, minimum: int, why: str = "") -> int:
 
     """
     note = f" ({why})" if why else ""
+    if _is_scalar_tensor(value) and not value.is_floating_point() and not value.is_complex() \
+            and value.dtype != _torch().bool:
+        value = int(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise MetaConfigError(f"{name}={value!r} must be an integer >= {minimum}, not {type(value).__name__}{note}")
     if value < minimum:
@@ -132,3 +137,14 @@ def require_file_name(name: str, value: object, example: str) -> str:
             f"{name}={value!r} must be a plain file name such as {example!r} (no folder part, not '.' or '..')"
         )
     return value
+
+
+def _torch():
+    import torch  # imported on use: this module stays importable without loading torch
+
+    return torch
+
+
+def _is_scalar_tensor(value: object) -> bool:
+    """A one-element tensor (``torch.tensor(0.4)``), read as the number it holds."""
+    return type(value).__module__.startswith("torch") and hasattr(value, "numel") and value.numel() == 1

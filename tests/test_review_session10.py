@@ -378,3 +378,122 @@ def test_a_checkpoint_of_another_model_names_the_fix(tmp_path, monkeypatch, caps
         main(["test", "--config", quick, "--ckpt_path", str(ckpt), *tiny])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "holds weights of another model" in err and "config.yaml" in err
+
+
+# ------------------------------------------------------------ review of this session's own changes
+def test_ckpt_check_accepts_deepspeed_folders_and_legacy_checkpoints(tmp_path):
+    """A DeepSpeed checkpoint is a folder; torch.save's legacy format is not a zip but loads."""
+    import torch
+
+    from lightning_meta.cli import MetaCLI
+
+    ds = tmp_path / "ds.ckpt"
+    (ds / "checkpoint").mkdir(parents=True)
+    (ds / "latest").write_text("checkpoint")
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, legacy, _use_new_zipfile_serialization=False)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+
+    class Fake:  # only what _check_checkpoint_file reads
+        _subcommand_config = MetaCLI._subcommand_config
+        _check_checkpoint_file = MetaCLI._check_checkpoint_file
+
+        def __init__(self, path):
+            self.subcommand = "validate"
+            self.config = {"validate": {"ckpt_path": str(path)}}
+
+    Fake(ds)._check_checkpoint_file()
+    Fake(legacy)._check_checkpoint_file()
+    with pytest.raises(MetaConfigError, match="is a folder but not a DeepSpeed checkpoint"):
+        Fake(plain)._check_checkpoint_file()
+
+
+def test_validators_accept_numpy_and_one_element_tensors():
+    import numpy as np
+    import torch
+
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.backbones import MLP, Conv4
+
+    Conv4(padding=np.array([1, 1, 1, 1]))
+    m = MAML(MLP(2, [4]), ways=torch.tensor(5), inner_lr=torch.tensor(0.4), lr=np.float32(1e-3))
+    assert m.inner_lr == pytest.approx(0.4) and type(m.inner_lr) is float
+    assert IMAML(_Tanh(), task="regression", cg_tol=np.float32(1e-6)).cg_tol == pytest.approx(1e-6)
+    with pytest.raises(MetaConfigError, match="must be an integer"):
+        MAML(MLP(2, [4]), inner_steps=torch.tensor(1.5))
+
+
+def test_preemption_command_is_not_parsed_without_requeue():
+    from lightning_meta.callbacks import PreemptionCheckpoint
+
+    PreemptionCheckpoint(requeue=False, requeue_command="")
+
+
+def test_conjugate_gradient_with_an_integer_right_hand_side():
+    a = torch.diag(torch.tensor([2.0, 4.0]))
+    x = conjugate_gradient(lambda v: [a @ v[0].float()], [torch.tensor([1, 4])], steps=2)[0]
+    torch.testing.assert_close(x.float(), torch.tensor([0.5, 1.0]))
+
+
+def test_imaml_logs_the_cg_residual_on_logging_steps_only(tmp_path):
+    """``self.log`` costs about a millisecond: like train/loss, the residual is logged on logging steps only."""
+    import lightning as L
+
+    from lightning_meta.backbones import MLP
+    from lightning_meta.datamodules import SinusoidDataModule
+
+    dm = SinusoidDataModule(shots=4, queries=4, meta_batch_size=2, train_episodes=12, val_episodes=2)
+    model = IMAML(MLP(1, [8]), task="regression", inner_lr=0.05, inner_steps=2, cg_steps=3)
+    logged = []
+    original = model.log
+
+    def spy(name, *args, **kwargs):
+        logged.append((name, model.global_step))
+        return original(name, *args, **kwargs)
+
+    model.log = spy
+    trainer = L.Trainer(max_steps=6, log_every_n_steps=3, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    steps = [step for name, step in logged if name == "train/cg_residual"]
+    loss_steps = [step for name, step in logged if name == "train/loss"]
+    assert steps == loss_steps and len(steps) == 3  # steps 0, 2 and 5 of 6 (first step, every third)
+
+
+# ------------------------------------------------------------ streaming walkthrough findings
+def test_scanning_a_truncated_streamed_shard_is_an_error(tmp_path):
+    """tarfile stops silently at a missing header: the scan indexed only the classes before the cut."""
+    from episode_fixtures import write_tiny_shards
+
+    from lightning_meta.data.streaming import load_stream_index
+    from lightning_meta.errors import ShardError
+
+    write_tiny_shards(tmp_path / "s")
+    shards = sorted((tmp_path / "s").glob("*.tar"))
+    urls = [f"pipe:cat {p}" for p in shards]
+    whole = load_stream_index(urls, index="scan", retries=0, retry_delay=0.0)
+    data = shards[0].read_bytes()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for p in shards:
+        (cut / p.name).write_bytes(p.read_bytes())
+    (cut / shards[0].name).write_bytes(data[: len(data) // 2 // 512 * 512])  # ends at a header boundary
+    cut_urls = [f"pipe:cat {cut / p.name}" for p in shards]
+    with pytest.raises(ShardError, match="before the tar end-of-archive marker"):
+        load_stream_index(cut_urls, index="scan", retries=0, retry_delay=0.0)
+    assert sum(c.count for c in whole.classes) == 12 * 8  # the complete set scans whole
+
+
+def test_the_corrupt_sample_stop_message_states_the_rule_it_applied():
+    from lightning_meta.data.faults import SampleCounter
+    from lightning_meta.errors import ShardError
+
+    counter = SampleCounter(max_fraction=0.0)
+    counter.read(6)
+    with warnings.catch_warnings(), pytest.raises(ShardError) as err:
+        warnings.simplefilter("ignore")
+        counter.skip("x", ValueError("bad"))
+    assert "max_corrupt_fraction=0.0 (stop at the first one)" in str(err.value)
+    assert "at least 100" not in str(err.value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -14,7 +13,7 @@ from torch.func import functional_call
 from lightning_meta.algorithms.base import TaskKind
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError, require_positive
+from lightning_meta.errors import MetaConfigError, require_non_negative, require_positive
 from lightning_meta.functional import BNPolicy, Params, bn_policy
 from lightning_meta.functional.implicit import implicit_meta_gradient
 from lightning_meta.functional.inner_loop import PER_STEP_POLICIES, inner_adapt
@@ -100,10 +99,8 @@ class IMAML(MAML):
         require_positive("lam", lam, "the proximal regularisation; the paper uses 0.5-2")
         if cg_steps < 1:
             raise MetaConfigError(f"cg_steps={cg_steps} must be >= 1 (the paper uses 5)")
-        if not (isinstance(cg_tol, (int, float)) and not isinstance(cg_tol, bool) and math.isfinite(cg_tol)
-                and cg_tol >= 0):
-            raise MetaConfigError(f"cg_tol={cg_tol!r} must be a finite number >= 0 (the relative residual at which "
-                                  "conjugate gradient stops; 1e-5 by default, 0 solves to working precision)")
+        cg_tol = require_non_negative("cg_tol", cg_tol, "the relative residual at which conjugate gradient stops; "
+                                      "1e-5 by default, 0 solves to working precision")
         self._refuse_hooks_training_ignores(IMAML, "its implicit meta-gradient (proximal inner loop and conjugate "
                                                    "gradient)")
         self.save_hyperparameters(ignore=["backbone"])
@@ -143,8 +140,9 @@ class IMAML(MAML):
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:  # noqa: D102
         self._cg_residuals = None
+        log_now = self._log_this_step()  # before the step moves global_step (as the base does)
         loss = super().training_step(batch, batch_idx)
-        if self._cg_residuals is not None and len(self._cg_residuals):
+        if log_now and self._cg_residuals is not None and len(self._cg_residuals):
             self.log("train/cg_residual", self._cg_residuals.mean().float(), batch_size=batch.num_tasks)
         return loss
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -69,8 +70,8 @@ class Conv4(nn.Module):
             raise MetaConfigError(f"pool_blocks={pool_blocks} must be between 0 and 4 (Conv4 has four blocks)")
         if image_size < 1:
             raise MetaConfigError(f"image_size={image_size} must be >= 1 (the input height and width)")
-        pads = [padding] * 4 if isinstance(padding, int) else list(padding)
-        if len(pads) != 4 or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in pads):
+        pads = [padding] * 4 if isinstance(padding, numbers.Integral) else list(padding)
+        if len(pads) != 4 or any(isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 0 for p in pads):
             raise MetaConfigError(f"padding={padding!r} must be an int >= 0 or four of them (one per block)")
         if pads == [1, 1, 1, 1] and image_size < 2**pool_blocks:
             times = {4: "four times", 3: "three times", 2: "twice", 1: "once"}.get(pool_blocks)

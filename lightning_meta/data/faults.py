@@ -94,9 +94,15 @@ class SampleCounter:
                       stacklevel=3)
         read, skipped = self.totals()
         if skipped > self.max_fraction * max(read, CORRUPT_FLOOR):
+            if self.max_fraction == 0:
+                rule = f"max_corrupt_fraction={self.max_fraction} (stop at the first one)"
+            elif read < CORRUPT_FLOOR:
+                rule = (f"max_corrupt_fraction={self.max_fraction} of at least {CORRUPT_FLOOR} samples (fewer were "
+                        "read so far)")
+            else:
+                rule = f"max_corrupt_fraction={self.max_fraction} of the samples read"
             raise ShardError(
                 f"{skipped} corrupt sample(s) skipped out of {read} read in {self.where} (last: {what}), more than "
-                f"max_corrupt_fraction={self.max_fraction} (counted over at least {CORRUPT_FLOOR} samples); the "
-                "shards are damaged: re-create them (`lightning-meta convert`), or raise max_corrupt_fraction to "
-                "train on what is left"
+                f"{rule}; the shards are damaged: re-create them (`lightning-meta convert`), or raise "
+                "max_corrupt_fraction to train on what is left"
             )

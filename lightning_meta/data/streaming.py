@@ -58,6 +58,7 @@ from urllib.request import url2pathname
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_meta.data.shards import (
@@ -286,14 +287,33 @@ def _index_from_raw(raw: dict[str, Any], urls: list[str], where: str) -> ShardIn
     return ShardIndex(list(urls), sizes, digests, classes, raw.get("meta", {}), where)
 
 
+class _CountingReader:
+    """A read-only stream that counts the bytes read through it (for the end-of-archive check)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.total = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.total += len(data)
+        return data
+
+
 def _scan_stream(url: str, retries: int, retry_delay: float) -> list[tuple[int, int, int, str]]:
-    """``(class id, image offset, image size, ext)`` of every labelled sample of a (third-party) shard."""
+    """``(class id, image offset, image size, ext)`` of every labelled sample of a (third-party) shard.
+
+    A stream that ends before the tar end-of-archive marker (a truncated file or transfer) raises
+    :class:`tarfile.ReadError`, which is retried and then reported with the URL: ``tarfile``
+    itself stops silently at a missing header, which would index only the classes before the cut.
+    """
 
     def attempt() -> list[tuple[int, int, int, str]]:
         stream = _gopen(url)
         try:
             samples: OrderedDict[str, dict[str, Any]] = OrderedDict()
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
+            counted = _CountingReader(stream)
+            with tarfile.open(fileobj=counted, mode="r|") as tar:
                 for info in tar:
                     if not info.isfile():
                         continue
@@ -308,6 +328,12 @@ def _scan_stream(url: str, retries: int, retry_delay: float) -> list[tuple[int, 
                         entry["cls"] = tar.extractfile(info).read()
                     elif ext in IMAGE_EXTS:
                         entry.setdefault("img", (info.offset_data, info.size, ext))
+                end = tar.offset  # where the next header (the end-of-archive marker) starts
+            while counted.read(1 << 16):
+                pass  # the rest: the marker and the record padding of a complete tar
+            if counted.total < end + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"the stream ends at byte {counted.total}, before the tar end-of-archive "
+                                        f"marker at byte {end}: the shard or its transfer is truncated")
         finally:
             _quiet_close(stream)
         out = []
@@ -332,9 +358,13 @@ def _scanned_index(urls: list[str], retries: int, retry_delay: float) -> ShardIn
     cached = cache_dir() / "indices" / f"stream-{stamp}.json"
     if cached.exists():
         try:
-            return _index_from_raw(json.loads(cached.read_text()), urls, str(cached))
+            index = _index_from_raw(json.loads(cached.read_text()), urls, str(cached))
         except (OSError, json.JSONDecodeError, ShardError):
             pass  # rebuild below
+        else:
+            rank_zero_info(f"index='scan': using the index scanned earlier, cached at {cached} (delete it to scan "
+                           "again after the shards change)")
+            return index
     members: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
     exts: dict[int, str] = {}
     for u, url in enumerate(urls):

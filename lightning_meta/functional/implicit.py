@@ -75,7 +75,7 @@ def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: fl
     p = [t.clone() for t in b]
     rs = _dot(r, r)
     start = rs.item()
-    floor = max(tol, torch.finfo(b[0].dtype).eps) if b else tol
+    floor = max(tol, torch.finfo(b[0].dtype).eps) if b and b[0].is_floating_point() else tol
     stop = floor * floor * start
     done, reason = 0, "steps"
     for _ in range(steps):
