@@ -324,6 +324,8 @@ class MetaLearner(L.LightningModule):
         log_now = self._log_this_step()  # before the per-task path's optimizer step moves global_step
         if self.per_task_backward:
             loss = self._per_task_step(batch)
+        elif self._splits_tasks(batch):
+            loss = self._task_split_loss(batch)
         else:
             loss = self.meta_loss(batch)
         if log_now:
@@ -351,6 +353,64 @@ class MetaLearner(L.LightningModule):
         sync = self.__dict__.get("_running_stats_sync")
         if sync is not None and sync.active:
             sync.sync(self.all_gather)
+
+    #: Learners whose meta-loss is the mean of independent per-task terms set this: their default
+    #: training step then takes each task's gradient on its own (see :meth:`_task_split_loss`).
+    _split_tasks_in_training = False
+
+    def _splits_tasks(self, batch: Episode) -> bool:
+        """Whether this training step takes the meta-gradient task by task (:meth:`_task_split_loss`).
+
+        Only for learners that declare their meta-loss a mean of per-task terms, with the library's
+        own ``meta_loss`` (a subclass's override may couple the tasks), more than one task, and a
+        strategy and precision under which the returned loss is backpropagated as is: not DeepSpeed
+        (its engine runs the backward and partitions weights) and no gradient scaler (fp16).
+        """
+        if not self._split_tasks_in_training or batch.num_tasks < 2:
+            return False
+        if not type(self).meta_loss.__module__.startswith("lightning_meta."):
+            return False
+        trainer = self._trainer
+        if trainer is not None:
+            if "deepspeed" in type(trainer.strategy).__name__.lower():
+                return False
+            if getattr(trainer.precision_plugin, "scaler", None) is not None:
+                return False
+        return True
+
+    def _task_split_loss(self, batch: Episode) -> Tensor:
+        """The meta-loss, with its gradient computed one task at a time.
+
+        Each task's share ``meta_loss(task) / B`` is differentiated with ``torch.autograd.grad``
+        right away, so only one task's graph (its inner loop and query forward) is held at a time,
+        as with ``per_task_backward`` but under automatic optimisation. The returned tensor has
+        the meta-loss as its value and the summed gradients as its gradient (``sum(p * g)``), so
+        Lightning's backward, DDP's gradient averaging, gradient accumulation and clipping apply
+        to it unchanged. On a CPU this is faster than one backward over the whole meta-batch's
+        graph (whose activations all stay allocated; ``benchmarks/inner_loop.md``) and holds
+        about ``1/B`` of its activation memory.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        grads: list[Tensor | None] = [None] * len(params)
+        total = torch.zeros((), device=self.device)
+        scores, shown = [], []
+        for i in range(batch.num_tasks):
+            self._train_scores, self._display_loss = None, None
+            loss = self.meta_loss(batch.select(i)) / batch.num_tasks
+            got = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
+            for k, g in enumerate(got):
+                if g is not None:
+                    grads[k] = g if grads[k] is None else grads[k] + g
+            total = total + loss.detach()
+            if self._train_scores is not None:
+                scores.append(self._train_scores)
+            if self._display_loss is not None:
+                shown.append(self._display_loss)
+        self._train_scores = torch.cat(scores) if scores else None
+        self._display_loss = torch.stack(shown).mean() if shown else None
+        surrogate = sum(((p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None),
+                        torch.zeros((), device=self.device))
+        return surrogate - surrogate.detach() + total
 
     def _per_task_step(self, batch: Episode) -> Tensor:
         """One optimizer step with a backward per task; returns the (detached) meta-loss."""

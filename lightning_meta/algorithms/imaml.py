@@ -59,6 +59,9 @@ class IMAML(MAML):
 
     """
 
+    # its meta-loss already runs task by task without holding a graph across tasks
+    _split_tasks_in_training = False
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -209,6 +209,12 @@ class MAML(MetaLearner):
 
     """
 
+    _split_tasks_in_training = True  # the meta-loss is the mean of per-task query losses
+
+    def _splits_tasks(self, batch: Episode) -> bool:
+        """The per-task loop only: ``vmap`` batches the tasks on purpose (one graph for all)."""
+        return self.task_batching == "loop" and super()._splits_tasks(batch)
+
     def __init__(
         self,
         backbone: nn.Module,

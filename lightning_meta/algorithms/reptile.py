@@ -48,6 +48,9 @@ class Reptile(MAML):
 
     """
 
+    # its meta-loss keeps no graph through the inner steps and reports a pooled loss: one call per batch
+    _split_tasks_in_training = False
+
     def __init__(
         self,
         backbone: nn.Module,
