@@ -8,7 +8,7 @@ Conv-4-64 (BatchNorm with batch statistics, as MAML's reference code), 28x28x1 i
     python benchmarks/inner_loop.py --device cuda --meta-batch 8 32 --rounds 3 3 --out benchmarks/inner_loop_gpu.md
 
 **Speed.** For meta-batch 8 and 32 and 1 and 5 inner steps: episodes/s of one meta-gradient
-(``meta_loss`` + ``backward``, no optimizer step) for MAML (second and first order, and second
+(as the default ``training_step`` computes it, no optimizer step) for MAML (second and first order, and second
 order with activation checkpointing, and second order with ``vmap`` over tasks), ANIL, Reptile,
 Meta-SGD and iMAML, of the same second-order MAML written with ``higher`` (its canonical
 ``innerloop_ctx`` loop; a hand-written ``torch.autograd.grad`` loop when ``higher`` is missing or
@@ -85,6 +85,9 @@ def body() -> Conv4:
     return Conv4(1, 64, SIZE, norm="batch_no_stats").to(DEVICE)
 
 
+ONE_BACKWARD = "MAML 2nd order, one backward over the meta-batch"
+
+
 def learners(steps: int) -> dict[str, torch.nn.Module]:
     """The meta-learners, all on a freshly initialised (identical) Conv-4-64."""
     common = {"ways": WAYS, "inner_steps": steps}
@@ -92,6 +95,7 @@ def learners(steps: int) -> dict[str, torch.nn.Module]:
         "MAML 2nd order": MAML(body(), inner_lr=INNER_LR, **common),
         "MAML 2nd order, vmap over tasks": MAML(body(), inner_lr=INNER_LR, task_batching="vmap", **common),
         "MAML 2nd order, per-task backward": MAML(body(), inner_lr=INNER_LR, per_task_backward=True, **common),
+        ONE_BACKWARD: MAML(body(), inner_lr=INNER_LR, **common),
         "MAML 2nd order + checkpointing": MAML(body(), inner_lr=INNER_LR, activation_checkpointing=True, **common),
         "MAML 1st order": MAML(body(), inner_lr=INNER_LR, first_order=True, **common),
         "ANIL (2nd order)": ANIL(body(), inner_lr=INNER_LR, **common),
@@ -140,8 +144,23 @@ def autograd_step(net: torch.nn.Module, steps: int) -> Callable[[Episode], None]
     return run
 
 
-def whole_batch_step(learner: torch.nn.Module) -> Callable[[Episode], None]:
-    """One meta-gradient as our ``training_step`` computes it by default: one graph, one backward."""
+def default_step(learner: torch.nn.Module) -> Callable[[Episode], None]:
+    """One meta-gradient as our ``training_step`` computes it by default.
+
+    The MAML family's per-task loop differentiates each task's share as soon as it is computed
+    (``MetaLearner._task_split_loss``); the others (and ``vmap``) build the meta-batch's graph
+    and run one backward.
+    """
+
+    def run(batch: Episode) -> None:
+        loss = learner._task_split_loss(batch) if learner._splits_tasks(batch) else learner.meta_loss(batch)
+        loss.backward()
+
+    return run
+
+
+def one_backward_step(learner: torch.nn.Module) -> Callable[[Episode], None]:
+    """One graph over the whole meta-batch, one backward (the MAML family's default before 2026-11-27)."""
     return lambda batch: learner.meta_loss(batch).backward()
 
 
@@ -173,7 +192,10 @@ def contenders(steps: int) -> tuple[dict[str, Callable[[Episode], None]], dict[s
     sup = MAML(body(), ways=WAYS).model.to(DEVICE)  # the head is created on the CPU
     runs["supervised fwd+bwd"] = supervised_step(sup)
     for name, m in models.items():
-        runs[name] = (per_task_step if m.per_task_backward else whole_batch_step)(m)
+        if name == ONE_BACKWARD:
+            runs[name] = one_backward_step(m)
+        else:
+            runs[name] = (per_task_step if m.per_task_backward else default_step)(m)
     peer_net = MAML(body(), ways=WAYS).model.to(DEVICE)
     peer = higher_step(peer_net, steps)
     peer_name = "higher, MAML 2nd order"
@@ -310,7 +332,7 @@ def peak_allocated(fn: Callable[[], None]) -> int | None:
 
 
 MEMORY_ROWS = ["supervised fwd+bwd", "MAML 2nd order", "MAML 2nd order, vmap over tasks",
-               "MAML 2nd order, per-task backward",
+               "MAML 2nd order, per-task backward", ONE_BACKWARD,
                "MAML 2nd order + checkpointing", "MAML 1st order",
                "ANIL (2nd order)", "Reptile", "Meta-SGD (2nd order)", "iMAML (5 CG steps)"]
 
@@ -363,12 +385,15 @@ divided by; each timed call is bracketed by `torch.cuda.synchronize`. Memory is
 
 NOTES = """Notes on the method:
 
-- Our learners build the whole meta-batch's graph and run one backward (the default). The
-  ``per-task backward`` row is the same MAML with ``per_task_backward=True``, timed as its
-  ``training_step`` computes the meta-gradient: each task's loss divided by the meta-batch size,
-  then its backward, so only one task's graph is held at a time. The ``higher`` column uses its
-  documented MAML loop, which also runs one backward per task: compare its per-step memory slope
-  with the per-task row, or with the default row divided by the meta-batch size.
+- Each learner is timed as its default ``training_step`` computes the meta-gradient. For the
+  MAML family's per-task loop (MAML, ANIL, Meta-SGD) that is task by task: each task's share of
+  the meta-loss is differentiated right after its forward, so one task's graph is held at a time
+  (``MetaLearner._task_split_loss``, the default since 2026-11-27). The ``one backward over the
+  meta-batch`` row is the same MAML computed the way that default was before: the whole
+  meta-batch's graph, then one backward. The ``per-task backward`` row is MAML with
+  ``per_task_backward=True`` (manual optimisation: each task's loss divided by the meta-batch
+  size, then its backward). The ``higher`` column uses its documented MAML loop, one backward per
+  task. ``vmap``, Reptile and iMAML compute one meta-loss for the whole meta-batch.
 - Checkpointing re-runs each inner step (forward, inner backward) in the outer backward.
 - Reptile adapts on support + query (80 images per step), so its cost grows with k like k
   supervised steps; iMAML's inner steps keep no graph and its 5 conjugate-gradient steps are

@@ -69,8 +69,10 @@ def test_per_task_step_gives_the_whole_batch_meta_gradient(bench):
         Episode(torch.randn(6, 4, generator=g), torch.arange(3).repeat(2), torch.randn(9, 4, generator=g),
                 torch.arange(3).repeat(3), torch.arange(3))
         for _ in range(3)]).to(torch.float64)
-    whole, per_task = make(False), make(True)
-    bench.whole_batch_step(whole)(batch)
+    whole, per_task, default = make(False), make(True), make(False)
+    bench.one_backward_step(whole)(batch)
     bench.per_task_step(per_task)(batch)
-    for a, b in zip(whole.parameters(), per_task.parameters(), strict=True):
+    bench.default_step(default)(batch)  # the task-by-task gradient of the default training step
+    for a, b, c in zip(whole.parameters(), per_task.parameters(), default.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-10, atol=1e-12)
