@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--rows", type=int, default=15, help="operators listed per profile")
+    p.add_argument("--layouts", action="store_true",
+                   help="also compare the (operator, input shapes, strides, dtypes) both run, on a 2-task batch")
     a = p.parse_args()
     torch.set_num_threads(1)
     runs, modules, peer = inner_loop.contenders(a.steps)
@@ -65,6 +67,41 @@ def main() -> None:
               f"self CPU total {total / 1e3:.0f} ms")
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: a.rows]:
             print(f"  {e.key:45s} {e.count:6d} calls  {e.self_cpu_time_total / 1e3:8.1f} ms")
+    if a.layouts:
+        small = inner_loop.make_batch(2, seed=1)
+        seen = {name: operator_layouts(lambda n=name: runs[n](small)) for name in names}
+        ours, theirs = seen[names[0]], seen[names[1]]
+        print(f"\nlayouts (convolution, ReLU, pooling, BatchNorm inputs and outputs, meta-batch 2): "
+              f"{len(ours)} distinct in ours, {len(theirs)} in {names[1]}; only ours: {len(set(ours) - set(theirs))}, "
+              f"only theirs: {len(set(theirs) - set(ours))}, different counts: "
+              f"{sum(ours[k] != theirs[k] for k in set(ours) & set(theirs))}")
+
+
+def operator_layouts(fn) -> dict[tuple, int]:
+    """How often each (operator, input shapes/strides/dtypes) of the heavy kernels runs during ``fn()``."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    heavy = ("conv", "relu", "clamp", "max_pool", "batch_norm")
+
+    class Log(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            out = func(*args, **(kwargs or {}))
+            if any(h in name for h in heavy):
+                tensors = [t for t in (*args, out) if isinstance(t, torch.Tensor)]
+                self.seen[(name, tuple((tuple(t.shape), t.stride(), str(t.dtype)) for t in tensors))] += 1
+            return out
+
+    log = Log()
+    with log:
+        fn()
+    return dict(log.seen)
 
 
 if __name__ == "__main__":
