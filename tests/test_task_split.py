@@ -138,3 +138,18 @@ def test_the_split_holds_less_memory_than_one_backward(load_benchmark):
         model.zero_grad(set_to_none=True)
         peaks[name] = peak_allocated(lambda fn=fn: fn(batch).backward())
     assert peaks["split"] < 0.5 * peaks["whole"], peaks
+
+
+def test_the_split_is_used_only_under_strategies_that_backpropagate_the_returned_loss():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    batch = _Data(1).batches[0]
+    model = _learner(MAML)
+    plain = SimpleNamespace(precision_plugin=SimpleNamespace())
+    for strategy, expected in ((SingleDeviceStrategy(), True), (DDPStrategy(), True), (object(), False)):
+        model._trainer = SimpleNamespace(strategy=strategy, **vars(plain))
+        assert model._splits_tasks(batch) is expected, type(strategy).__name__
+    model._trainer = SimpleNamespace(strategy=SingleDeviceStrategy(), precision_plugin=SimpleNamespace(scaler=object()))
+    assert not model._splits_tasks(batch)  # fp16 gradient scaling

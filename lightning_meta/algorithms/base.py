@@ -363,8 +363,9 @@ class MetaLearner(L.LightningModule):
 
         Only for learners that declare their meta-loss a mean of per-task terms, with the library's
         own ``meta_loss`` (a subclass's override may couple the tasks), more than one task, and a
-        strategy and precision under which the returned loss is backpropagated as is: not DeepSpeed
-        (its engine runs the backward and partitions weights) and no gradient scaler (fp16).
+        strategy and precision under which the returned loss is backpropagated as is: one device or
+        DDP, not DeepSpeed (its engine runs the backward and partitions weights) and no gradient
+        scaler (fp16).
         """
         if not self._split_tasks_in_training or batch.num_tasks < 2:
             return False
@@ -372,8 +373,13 @@ class MetaLearner(L.LightningModule):
             return False
         trainer = self._trainer
         if trainer is not None:
-            if "deepspeed" in type(trainer.strategy).__name__.lower():
+            from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+            strategy = trainer.strategy
+            if "deepspeed" in type(strategy).__name__.lower():
                 return False
+            if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+                return False  # e.g. FSDP shards the parameters this differentiates against
             if getattr(trainer.precision_plugin, "scaler", None) is not None:
                 return False
         return True
