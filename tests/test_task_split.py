@@ -153,3 +153,18 @@ def test_the_split_is_used_only_under_strategies_that_backpropagate_the_returned
         assert model._splits_tasks(batch) is expected, type(strategy).__name__
     model._trainer = SimpleNamespace(strategy=SingleDeviceStrategy(), precision_plugin=SimpleNamespace(scaler=object()))
     assert not model._splits_tasks(batch)  # fp16 gradient scaling
+
+
+def test_a_parameter_gradient_hook_sees_the_meta_gradient_once(tmp_path):
+    """register_hook ran on each task's gradient and again on their sum: a halving hook halved twice."""
+    grads = {}
+    for split in (False, True):
+        model = _learner(MAML)
+        model._split_tasks_in_training = split
+        model.model.head.weight.register_hook(lambda g: g * 0.5)
+        batch = _Data(1).batches[0]
+        assert not model._splits_tasks(batch)
+        model.zero_grad()
+        model.training_step(batch, 0).backward()
+        grads[split] = model.model.head.weight.grad.clone()
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-12, atol=0)

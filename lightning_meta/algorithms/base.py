@@ -362,7 +362,9 @@ class MetaLearner(L.LightningModule):
         """Whether this training step takes the meta-gradient task by task (:meth:`_task_split_loss`).
 
         Only for learners that declare their meta-loss a mean of per-task terms, with the library's
-        own ``meta_loss`` (a subclass's override may couple the tasks), more than one task, and a
+        own ``meta_loss`` (a subclass's override may couple the tasks), no gradient hook on a
+        parameter (``register_hook``: it would see each task's gradient and then their sum), more
+        than one task, and a
         strategy and precision under which the returned loss is backpropagated as is: one device or
         DDP, not DeepSpeed (its engine runs the backward and partitions weights) and no gradient
         scaler (fp16).
@@ -371,6 +373,8 @@ class MetaLearner(L.LightningModule):
             return False
         if not type(self).meta_loss.__module__.startswith("lightning_meta."):
             return False
+        if any(getattr(p, "_backward_hooks", None) for p in self.parameters() if p.requires_grad):
+            return False  # a tensor hook would run on every task's gradient and again on their sum
         trainer = self._trainer
         if trainer is not None:
             from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
