@@ -264,9 +264,13 @@ class MetaCLI(LightningCLI):
                 "(saved beside the checkpoints' folder)"
             ) from e
 
-    def before_fit(self) -> None:  # noqa: D102
+    def before_fit(self) -> None:
+        """Check ``--ckpt_path``, and a learner's schedule against the run length before the data is set up."""
         self._check_checkpoint_file()
         self._check_last_checkpoint("fit")
+        check = getattr(self.model, "check_schedule_before_fit", None)
+        if callable(check):
+            check(self.trainer, self.datamodule)
 
     def before_validate(self) -> None:  # noqa: D102
         self._check_checkpoint_file()

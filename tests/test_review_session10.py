@@ -497,3 +497,27 @@ def test_the_corrupt_sample_stop_message_states_the_rule_it_applied():
         counter.skip("x", ValueError("bad"))
     assert "max_corrupt_fraction=0.0 (stop at the first one)" in str(err.value)
     assert "at least 100" not in str(err.value)
+
+
+def test_mamlpp_schedule_longer_than_the_run_is_refused_before_the_data_is_set_up(tmp_path, monkeypatch, capsys):
+    """The check ran at on_train_start, after the shard indices were loaded and verified."""
+    from lightning_meta.cli import main
+    from lightning_meta.datamodules import ShardDataModule
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+
+    def no_setup(self, stage=None):
+        raise AssertionError("the datamodule was set up before the schedule check")
+
+    monkeypatch.setattr(ShardDataModule, "setup", no_setup)
+    # 1600 episodes / meta-batch 8 = 200 batches an epoch; 600 steps = 3 epochs < 5
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(root / "configs" / "mamlpp_glyphs.yaml"),
+              "--model.init_args.msl_anneal_epochs", "5", "--trainer.logger", "false"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "msl_anneal_epochs=5 is longer than the 3 epoch(s)" in err
+    with pytest.raises(SystemExit) as e:  # limit_train_batches shortens the epochs: 600 steps = 6 epochs of 100
+        main(["fit", "--config", str(root / "configs" / "mamlpp_glyphs.yaml"), "--trainer.limit_train_batches", "100",
+              "--model.init_args.first_order_epochs", "6", "--trainer.logger", "false"])
+    assert e.value.code == 2 and "first_order_epochs=6 covers all 6 epoch(s)" in capsys.readouterr().err

@@ -75,9 +75,11 @@ class MAMLPlusPlus(MAML):
       The support forward of step ``s`` and the query forward after it use row ``s``; during
       training both update it (query forwards are run only for steps whose MSL weight is non-zero).
 
-    Schedules must fit the run: at the start of training, ``msl_anneal_epochs`` above the number
-    of epochs the trainer will run, or ``first_order_epochs`` (when > 0) not below it, is refused
-    (the number of epochs comes from ``max_epochs`` and/or ``max_steps`` and the epoch length).
+    Schedules must fit the run: ``msl_anneal_epochs`` above the number of epochs the trainer will
+    run, or ``first_order_epochs`` (when > 0) not below it, is refused (the number of epochs comes
+    from ``max_epochs`` and/or ``max_steps`` and the epoch length): by ``lightning-meta fit``
+    before the data is set up (:meth:`check_schedule_before_fit`, for episodic datamodules), and
+    in any case at the start of training.
 
     The other arguments are :class:`MAML`'s (described there).
 
@@ -224,25 +226,49 @@ class MAMLPlusPlus(MAML):
                     if torch.is_tensor(value) and value.dim() == 1 and value.shape[0] > self.inner_steps:
                         state[key] = value[: self.inner_steps]
 
-    def training_epochs(self) -> int | None:
-        """Epochs the attached trainer will run (from ``max_epochs`` and ``max_steps``), or ``None`` if unbounded."""
-        trainer = self._trainer
+    def training_epochs(self, trainer: Any = None, batches: float | None = None) -> int | None:
+        """Epochs ``trainer`` (default: the attached one) will run, or ``None`` if unbounded.
+
+        From ``max_epochs`` and ``max_steps`` with ``batches`` training batches per epoch (default:
+        the trainer's ``num_training_batches``, known once the dataloader exists).
+        """
+        trainer = self._trainer if trainer is None else trainer
         if trainer is None:
             return None
         bounds = []
         if trainer.max_epochs is not None and trainer.max_epochs >= 0:
             bounds.append(int(trainer.max_epochs))
-        batches = trainer.num_training_batches
+        batches = trainer.num_training_batches if batches is None else batches
         if trainer.max_steps is not None and trainer.max_steps > 0 and 0 < batches < math.inf:
             per_epoch = batches if self.per_task_backward else math.ceil(batches / trainer.accumulate_grad_batches)
             bounds.append(math.ceil(trainer.max_steps / per_epoch))
         return min(bounds) if bounds else None
 
+    def check_schedule_before_fit(self, trainer: Any, datamodule: Any) -> None:
+        """The schedule check of :meth:`on_train_start`, made before the data is set up (``lightning-meta fit``).
+
+        The epoch length is ``train_episodes // meta_batch_size`` meta-batches of an
+        :class:`~lightning_meta.datamodules.EpisodicDataModule` (cut by ``limit_train_batches``);
+        other datamodules are left to :meth:`on_train_start`.
+        """
+        episodes, size = getattr(datamodule, "train_episodes", None), getattr(datamodule, "meta_batch_size", None)
+        if trainer.fast_dev_run or not isinstance(episodes, int) or not isinstance(size, int) or size < 1:
+            return
+        batches: float = episodes // size
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            batches = min(batches, limit)
+        elif isinstance(limit, float):
+            batches = int(batches * limit)
+        self._check_schedule(self.training_epochs(trainer, batches))
+
     def on_train_start(self) -> None:
         """Refuses MSL / derivative-order schedules longer than the run (skipped under ``fast_dev_run``)."""
         if self.trainer.fast_dev_run:
             return
-        epochs = self.training_epochs()
+        self._check_schedule(self.training_epochs())
+
+    def _check_schedule(self, epochs: int | None) -> None:
         if epochs is None:
             return
         if self.msl_anneal_epochs > epochs:
