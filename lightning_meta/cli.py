@@ -220,6 +220,9 @@ class MetaCLI(LightningCLI):
         path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
         if not isinstance(path, (str, os.PathLike)) or str(path) in ("last", "best", "hpc", "registry"):
             return
+        if self.__dict__.get("_checked_ckpt") == path:
+            return  # checked after parsing already (Lightning >= 2.5); the before_* hooks cover older ones
+        self._checked_ckpt = path
         if "://" in str(path) or not os.path.exists(path):
             return  # remote paths are Lightning's to read; a missing file has Lightning's own message
         if os.path.isdir(path):

@@ -6,9 +6,12 @@ import math
 import numbers
 import os
 
+import torch
+
 __all__ = [
     "MetaConfigError",
     "ShardError",
+    "as_integer",
     "require_file_name",
     "require_int",
     "require_non_negative",
@@ -89,7 +92,7 @@ def require_number(name: str, value: object, why: str) -> float:
         lightning_meta.errors.MetaConfigError: lr='1e-3' must be a number, not str (the outer learning rate)
 
     """
-    if _is_scalar_tensor(value) and not value.dtype.is_complex and value.dtype != _torch().bool:
+    if _is_one_element(value) and not value.dtype.is_complex and value.dtype != torch.bool:
         return float(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise MetaConfigError(f"{name}={value!r} must be a number, not {type(value).__name__} ({why})")
@@ -109,13 +112,28 @@ def require_int(name: str, value: object, minimum: int, why: str = "") -> int:
 
     """
     note = f" ({why})" if why else ""
-    if _is_scalar_tensor(value) and not value.is_floating_point() and not value.is_complex() \
-            and value.dtype != _torch().bool:
-        value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    number = as_integer(value)
+    if number is None:
         raise MetaConfigError(f"{name}={value!r} must be an integer >= {minimum}, not {type(value).__name__}{note}")
-    if value < minimum:
+    if number < minimum:
         raise MetaConfigError(f"{name}={value} must be >= {minimum}{note}")
+    return number
+
+
+def as_integer(value: object) -> int | None:
+    """``int(value)`` for an integer (Python, numpy, or a one-element integer tensor), else ``None``.
+
+    Booleans, floats (even ``2.0``) and strings are not integers here.
+
+    Example:
+        >>> as_integer(3), as_integer(torch.tensor(4)), as_integer(2.0), as_integer(True)
+        (3, 4, None, None)
+
+    """
+    if _is_one_element(value) and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
     return int(value)
 
 
@@ -139,12 +157,7 @@ def require_file_name(name: str, value: object, example: str) -> str:
     return value
 
 
-def _torch():
-    import torch  # imported on use: this module stays importable without loading torch
 
-    return torch
-
-
-def _is_scalar_tensor(value: object) -> bool:
+def _is_one_element(value: object) -> bool:
     """A one-element tensor (``torch.tensor(0.4)``), read as the number it holds."""
-    return type(value).__module__.startswith("torch") and hasattr(value, "numel") and value.numel() == 1
+    return isinstance(value, torch.Tensor) and value.numel() == 1

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError, require_int, require_non_negative, require_number, require_positive
+from lightning_meta.errors import MetaConfigError, require_int, require_non_negative, require_positive
 from lightning_meta.fit_progress import repair_fit_progress
 from lightning_meta.functional.bn_sync import RunningStatsSync
 from lightning_meta.metrics import EpisodicMean
@@ -95,11 +95,11 @@ class MetaLearner(L.LightningModule):
                     f"evaluation, adapt/predict overrides) call {one}, so the two would differ: override {one} (and "
                     f"{batched} too only as a faster batched form of it)"
                 )
-        require_positive("lr", lr, "typical values are 1e-3 with Adam")
+        lr = require_positive("lr", lr, "typical values are 1e-3 with Adam")
         weight_decay = require_non_negative("weight_decay", weight_decay, "Adam weight decay; 0 disables it")
         self.ways = ways
         self.task = task
-        self.lr = require_number("lr", lr, "the outer learning rate")
+        self.lr = lr
         self.weight_decay = weight_decay
         self.score_name = "acc" if task == "classification" else "mse"
         self.per_task_backward = per_task_backward

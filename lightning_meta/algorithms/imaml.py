@@ -13,7 +13,7 @@ from torch.func import functional_call
 from lightning_meta.algorithms.base import TaskKind
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError, require_non_negative, require_positive
+from lightning_meta.errors import MetaConfigError, require_int, require_non_negative, require_positive
 from lightning_meta.functional import BNPolicy, Params, bn_policy
 from lightning_meta.functional.implicit import implicit_meta_gradient
 from lightning_meta.functional.inner_loop import PER_STEP_POLICIES, inner_adapt
@@ -100,8 +100,7 @@ class IMAML(MAML):
                          task_batching="loop", bn=bn, eval_report_steps=eval_report_steps, task=task, lr=lr,
                          weight_decay=weight_decay)
         require_positive("lam", lam, "the proximal regularisation; the paper uses 0.5-2")
-        if cg_steps < 1:
-            raise MetaConfigError(f"cg_steps={cg_steps} must be >= 1 (the paper uses 5)")
+        require_int("cg_steps", cg_steps, 1, "the paper uses 5")
         cg_tol = require_non_negative("cg_tol", cg_tol, "the relative residual at which conjugate gradient stops; "
                                       "1e-5 by default, 0 solves to working precision")
         self._refuse_hooks_training_ignores(IMAML, "its implicit meta-gradient (proximal inner loop and conjugate "
@@ -109,8 +108,8 @@ class IMAML(MAML):
         self.save_hyperparameters(ignore=["backbone"])
         self.lam = lam
         self.cg_steps = cg_steps
-        self.cg_tol = float(cg_tol)
-        self._cg_residuals: Tensor | None = None
+        self.cg_tol = cg_tol
+        self._cg_residuals: list[float] = []  # relative residual of each solve of the last meta_loss
         self._warned_curvature = False
 
     def _regularised_support(self, theta: Params, frozen: Params, buffers: Params, x: Tensor, y: Tensor):
@@ -142,11 +141,12 @@ class IMAML(MAML):
         return {k: v.detach() for k, v in fast.items()}
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:  # noqa: D102
-        self._cg_residuals = None
+        self._cg_residuals = []
         log_now = self._log_this_step()  # before the step moves global_step (as the base does)
         loss = super().training_step(batch, batch_idx)
-        if log_now and self._cg_residuals is not None and len(self._cg_residuals):
-            self.log("train/cg_residual", self._cg_residuals.mean().float(), batch_size=batch.num_tasks)
+        if log_now and self._cg_residuals:
+            mean = sum(self._cg_residuals) / len(self._cg_residuals)
+            self.log("train/cg_residual", mean, batch_size=batch.num_tasks)
         return loss
 
     def meta_loss(self, batch: Episode) -> Tensor:
@@ -193,5 +193,5 @@ class IMAML(MAML):
                 scores.append(self.score_fn(out.detach(), ep.query_y))
         self._display_loss = torch.stack(losses).mean()
         self._train_scores = torch.stack(scores)
-        self._cg_residuals = torch.tensor(residuals, dtype=torch.float64)
+        self._cg_residuals = residuals
         return sum((adapted[k] * t).sum() for k, t in zip(names, total, strict=True)) + frozen_loss

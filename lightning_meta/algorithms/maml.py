@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import numbers
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -14,7 +13,7 @@ from torch.func import functional_call, vmap
 
 from lightning_meta.algorithms.base import MetaLearner, TaskKind
 from lightning_meta.episode import Episode
-from lightning_meta.errors import MetaConfigError, require_int, require_positive
+from lightning_meta.errors import MetaConfigError, as_integer, require_int, require_positive
 from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
 from lightning_meta.functional.inner_loop import PER_STEP_POLICIES, PerStepBatchNorm, convert_per_step_norm, norm_step
 from lightning_meta.functional.norms import decomposed_norms, has_fused_norms
@@ -258,10 +257,10 @@ class MAML(MetaLearner):
                 "refuse the saved-tensor hooks checkpointing uses); use task_batching='loop' with checkpointing"
             )
         for s in eval_report_steps or []:
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            if as_integer(s) is None:
                 raise MetaConfigError(f"eval_report_steps={s!r} must be an integer, not {type(s).__name__} (each an "
                                       f"inner step from 1 to eval_inner_steps={eval_inner_steps})")
-        report = sorted({int(s) for s in (eval_report_steps or [])})
+        report = sorted({as_integer(s) for s in (eval_report_steps or [])})
         if report and (report[0] < 1 or report[-1] > eval_inner_steps):
             raise MetaConfigError(
                 f"eval_report_steps={list(eval_report_steps or [])} must lie in 1..eval_inner_steps={eval_inner_steps}"

@@ -254,7 +254,7 @@ class MAMLPlusPlus(MAML):
         episodes, size = getattr(datamodule, "train_episodes", None), getattr(datamodule, "meta_batch_size", None)
         if trainer.fast_dev_run or not isinstance(episodes, int) or not isinstance(size, int) or size < 1:
             return
-        batches: float = episodes // size
+        batches = episodes // size
         limit = trainer.limit_train_batches
         if isinstance(limit, int) and not isinstance(limit, bool):
             batches = min(batches, limit)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Literal
 
 from torch import Tensor, nn
 
 from lightning_meta.backbones._shapes import flatten_checked
-from lightning_meta.errors import MetaConfigError, require_int
+from lightning_meta.errors import MetaConfigError, as_integer, require_int
 
 __all__ = ["Conv4"]
 
@@ -70,9 +69,10 @@ class Conv4(nn.Module):
             raise MetaConfigError(f"pool_blocks={pool_blocks} must be between 0 and 4 (Conv4 has four blocks)")
         if image_size < 1:
             raise MetaConfigError(f"image_size={image_size} must be >= 1 (the input height and width)")
-        pads = [padding] * 4 if isinstance(padding, numbers.Integral) else list(padding)
-        if len(pads) != 4 or any(isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 0 for p in pads):
+        pads = [padding] * 4 if as_integer(padding) is not None else list(padding)
+        if len(pads) != 4 or any(as_integer(p) is None or p < 0 for p in pads):
             raise MetaConfigError(f"padding={padding!r} must be an int >= 0 or four of them (one per block)")
+        pads = [as_integer(p) for p in pads]
         if pads == [1, 1, 1, 1] and image_size < 2**pool_blocks:
             times = {4: "four times", 3: "three times", 2: "twice", 1: "once"}.get(pool_blocks)
             raise MetaConfigError(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import require_non_negative
 
 __all__ = ["CGInfo", "conjugate_gradient", "implicit_meta_gradient"]
 
@@ -67,44 +67,37 @@ def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: fl
         (1, 'steps')
 
     """
-    if not (math.isfinite(tol) and tol >= 0):
-        raise MetaConfigError(f"tol={tol!r}: the relative residual tolerance must be a finite number >= 0 "
-                              "(1e-5 is the default; 0 solves to working precision)")
+    tol = require_non_negative("tol", tol, "the relative residual at which to stop; 0 solves to working precision")
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
     p = [t.clone() for t in b]
     rs = _dot(r, r)
     start = rs.item()
-    floor = max(tol, torch.finfo(b[0].dtype).eps) if b and b[0].is_floating_point() else tol
+    floor = max(tol, torch.finfo(b[0].dtype).eps) if b[0].is_floating_point() else tol
     stop = floor * floor * start
-    done, reason = 0, "steps"
-    for _ in range(steps):
-        residual = rs.item()  # one host sync per iteration for the stopping test
-        if residual == 0.0:
-            reason = "zero" if start == 0.0 else "tol"
-            break
-        if residual <= stop:
+    done, reason = 0, ("zero" if start == 0.0 else None)
+    while reason is None:
+        if rs.item() <= stop:  # one host sync per iteration for the stopping test
             reason = "tol"
-            break
-        ap = matvec(p)
-        done += 1
-        curvature = _dot(p, ap)
-        if curvature.item() <= 0.0:
-            reason = "curvature"
-            break
-        alpha = rs / curvature
-        x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
-        r = [ri - alpha * api for ri, api in zip(r, ap, strict=True)]
-        rs_new = _dot(r, r)
-        p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p, strict=True)]
-        rs = rs_new
-    else:
-        if steps > 0 and start > 0.0 and rs.item() <= stop:
-            reason = "tol"
+        elif done == steps:
+            reason = "steps"
+        else:
+            ap = matvec(p)
+            done += 1
+            curvature = _dot(p, ap)
+            if curvature.item() <= 0.0:
+                reason = "curvature"
+                break
+            alpha = rs / curvature
+            x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
+            r = [ri - alpha * api for ri, api in zip(r, ap, strict=True)]
+            rs_new = _dot(r, r)
+            p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p, strict=True)]
+            rs = rs_new
     if not return_info:
         return x
     relative = math.sqrt(rs.item() / start) if start > 0.0 else 0.0
-    return x, CGInfo(iterations=done, relative_residual=relative, stop=reason if start > 0.0 else "zero")
+    return x, CGInfo(iterations=done, relative_residual=relative, stop=reason)
 
 
 def implicit_meta_gradient(
