@@ -70,6 +70,12 @@ def _models() -> dict[str, Callable[[str], tuple[L.LightningModule, L.LightningD
                               _small_sine()),
         "reptile": lambda s: (A.Reptile(MLP(1, [8, 8]), task="regression", inner_lr=0.02, inner_steps=2, lr=0.5),
                               _small_sine()),
+        # the Reptile paper's recipe: inner Adam carried across steps (beta1 > 0 to carry both moments),
+        # inner mini-batches keyed by the global task index, evaluation mini-batches by the support set
+        "reptile_paper": lambda s: (A.Reptile(MLP(1, [8, 8]), task="regression", inner_optimizer="adam",
+                                              inner_betas=(0.5, 0.99), inner_lr=0.01, inner_steps=3,
+                                              inner_batch_size=3, eval_inner_batch_size=2, lr=1.0, lr_final=0.2),
+                                    _small_sine()),
         "mamlpp": lambda s: (A.MAMLPlusPlus(MLP(1, [8, 8]), task="regression", inner_lr=0.01, inner_steps=2,
                                             msl_anneal_epochs=2, lr=0.01), _small_sine()),
         "mamlpp_conv": lambda s: (A.MAMLPlusPlus(Conv4(1, 4, 16), ways=3, inner_lr=0.1, inner_steps=2, bn="per_step",

@@ -22,8 +22,9 @@ SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 #: MAML second order (batched and per-task backward, MLP and Conv-4), ANIL and ProtoNet (named by issue 6)
 #: and every other algorithm (tests/ddp_script.py builds each)
-NAMES = ["maml", "maml_pertask", "maml_conv", "anil", "protonet", "metasgd", "reptile", "mamlpp", "mamlpp_conv",
-         "imaml", "matchingnet", "matchingnet_pertask", "relationnet", "metaoptnet", "snail", "transformer", "mann"]
+NAMES = ["maml", "maml_pertask", "maml_conv", "anil", "protonet", "metasgd", "reptile", "reptile_paper", "mamlpp",
+         "mamlpp_conv", "imaml", "matchingnet", "matchingnet_pertask", "relationnet", "metaoptnet", "snail",
+         "transformer", "mann"]
 #: models with BatchNorm running statistics used at evaluation (synchronised across ranks after each step)
 RUNNING_STATS = ["protonet", "mamlpp_conv", "matchingnet", "matchingnet_pertask", "relationnet", "metaoptnet"]
 
