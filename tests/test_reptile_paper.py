@@ -281,3 +281,51 @@ def test_plain_reptile_is_unchanged():
     """Without the new options no Adam state is kept, so older checkpoints keep loading."""
     model = Reptile(Conv4(1, 4, 8, norm="batch_no_stats", pool_blocks=2), ways=WAYS)
     assert not any(k.startswith("inner_adam") for k in model.state_dict())
+
+
+def test_gradient_accumulation_is_refused_with_the_carried_state(tmp_path):
+    for kwargs in ({}, {"inner_optimizer": "sgd"}):  # the inner Adam, or mini-batches alone
+        with pytest.raises(MetaConfigError, match="use a larger meta_batch_size instead of accumulation"):
+            _fit(_reptile(**kwargs), _batches(steps=2, tasks=1), tmp_path, accumulate_grad_batches=2)
+    _fit(_reptile(inner_optimizer="sgd", inner_batch_size=None), _batches(steps=2, tasks=1), tmp_path,
+         accumulate_grad_batches=2)  # plain Reptile: accumulation is a larger meta-batch
+
+
+def test_moment_buffers_stay_at_least_float32():
+    model = _reptile()
+    for cast, want in ((lambda m: m.to(torch.bfloat16), torch.float32), (lambda m: m.half(), torch.float32),
+                       (lambda m: m.double(), torch.float64)):
+        cast(model)
+        assert model.inner_adam_v.dtype == want and model.inner_adam_step.dtype == torch.int64
+    assert next(model.model.parameters()).dtype == torch.float64  # the rest of the module follows the cast
+
+
+class _WithUnused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = MLP(16, [12])
+        self.aux = torch.nn.Linear(12, 2)  # adapted but never used by forward
+        self.out_features = self.body.out_features
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_an_adapted_weight_the_loss_does_not_use_gets_a_zero_step(tmp_path):
+    torch.manual_seed(0)
+    model = Reptile(_WithUnused(), ways=WAYS, inner_optimizer="adam", inner_lr=0.01, inner_steps=2,
+                    inner_batch_size=4, lr=0.5).double()
+    before = model.model.backbone.aux.weight.detach().clone()
+    _fit(model, _batches(steps=2, tasks=2), tmp_path)
+    torch.testing.assert_close(model.model.backbone.aux.weight.detach(), before, rtol=0, atol=0)
+
+
+def test_adapt_in_training_mode_keeps_the_first_order_identity_path():
+    model = _reptile()
+    model.train()
+    ep = next(iter(_batches(steps=1, tasks=1)[0].tasks()))
+    fast = model.adapt(ep)
+    weight = model.model.head.weight
+    assert fast["head.weight"].requires_grad
+    (grad,) = torch.autograd.grad(fast["head.weight"].sum(), [weight])
+    torch.testing.assert_close(grad, torch.ones_like(weight))

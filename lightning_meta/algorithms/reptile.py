@@ -105,8 +105,9 @@ class Reptile(MAML):
       the task) with :func:`minibatch_generator` (keyed by the global step and the task's place in the
       meta-batch in training, by the support set's contents in evaluation, so neither depends on
       the number of processes);
-    - epsilon decays linearly from ``lr`` at the first step to ``lr_final`` at the last
-      (``trainer.estimated_stepping_batches``).
+    - epsilon decays linearly from ``lr`` towards ``lr_final``: step ``i`` of ``T``
+      (``trainer.estimated_stepping_batches``) uses ``lr + (lr_final - lr) * i / T``, as the
+      authors' code does (the last step is one ``(lr - lr_final) / T`` above ``lr_final``).
 
     Training episodes then have more examples per class than test episodes (the paper's
     ``train_shots``): set the datamodule's ``shots + queries`` for training and
@@ -126,8 +127,8 @@ class Reptile(MAML):
             examples in every step.
         eval_inner_batch_size: support examples per inner step in evaluation; ``None`` uses the
             whole support set.
-        lr_final: epsilon (the outer learning rate) at the last training step, reached linearly from
-            ``lr``; ``None`` keeps ``lr`` throughout. The paper anneals to 0.
+        lr_final: the value the outer learning rate (epsilon) decays towards, linearly over the run
+            (see above); ``None`` keeps ``lr`` throughout. The paper uses 0.
         minibatch_seed: seed of the inner mini-batch order (:func:`minibatch_generator`).
         bn: as in :class:`MAML`, but not a per-step policy: the Reptile direction never reaches
             outer-only per-step BatchNorm weights.
@@ -264,7 +265,9 @@ class Reptile(MAML):
             with torch.enable_grad():
                 leaves = {k: v.requires_grad_() for k, v in ((k, fast[k].detach()) for k in names)}
                 loss = self.loss_fn(self.forward_fast(leaves, frozen, buffers, x), y)
-                grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+                grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+            # a weight the loss does not use gets a zero gradient, as in MAML's inner loop
+            grads = tuple(torch.zeros_like(fast[k]) if g is None else g for k, g in zip(names, grads, strict=True))
             with torch.no_grad():
                 if moments is None:
                     fast = {k: fast[k] - self.inner_lr * g for k, g in zip(names, grads, strict=True)}
@@ -285,7 +288,10 @@ class Reptile(MAML):
                 callback(step, fast)
         if moments is not None and self.training and self._adam_finals is not None:
             self._adam_finals.append(self._flatten_moments(names, moments))
-        return fast
+        # first order: the result depends on the incoming weights through the identity path only
+        # (as MAML's first-order loop; a no-op for Reptile's own training, which passes detached weights)
+        return {k: adapted[k] + (fast[k] - adapted[k]).detach() if adapted[k].requires_grad else fast[k]
+                for k in names}
 
     def _start_moments(self, fast: Params) -> dict[str, tuple[Tensor | None, Tensor]]:
         """The inner Adam's moment estimates at the start of a task, one ``(m, v)`` per adapted weight."""
@@ -314,6 +320,30 @@ class Reptile(MAML):
             self.inner_adam_m.copy_(m)
             self.inner_adam_v.copy_(v)
             self.inner_adam_step.add_(self.inner_steps)
+
+    def on_fit_start(self) -> None:
+        """Also refuses gradient accumulation with the inner Adam or inner mini-batches (see the class notes)."""
+        super().on_fit_start()
+        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1)
+        if accumulate != 1 and (self.inner_optimizer == "adam" or self.inner_batch_size is not None):
+            raise MetaConfigError(
+                f"Reptile with accumulate_grad_batches={accumulate} and inner_optimizer={self.inner_optimizer!r}, "
+                f"inner_batch_size={self.inner_batch_size}: the inner Adam state would advance on every micro-batch "
+                "and the inner mini-batch order would repeat within an optimizer step; use a larger "
+                "meta_batch_size instead of accumulation (or more processes)"
+            )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Reptile:
+        """Keeps the inner Adam's moment estimates in float32 (or float64) when the module is cast to 16 bits.
+
+        A bf16 second moment barely moves: one meta-step changes it by less than bf16's rounding step.
+        """
+        super()._apply(fn, recurse)
+        for name in ("inner_adam_m", "inner_adam_v"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = buf.float()
+        return self
 
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:  # noqa: D102
         self._inner_calls = 0
@@ -356,8 +386,8 @@ class Reptile(MAML):
     def configure_optimizers(self) -> Any:
         """SGD with ``lr`` = epsilon (the paper's outer update) or Adam on the Reptile direction.
 
-        With ``lr_final`` the learning rate decays linearly, step by step, from ``lr`` at the first
-        training step to ``lr_final`` at the last (``trainer.estimated_stepping_batches`` steps).
+        With ``lr_final`` step ``i`` of ``T = trainer.estimated_stepping_batches`` uses
+        ``lr + (lr_final - lr) * i / T``.
         """
         params = [p for p in self.parameters() if p.requires_grad]
         if self.outer_optimizer == "sgd":
