@@ -799,3 +799,36 @@ def test_torchvision_backbone_refuses_files_that_are_not_state_dicts(tmp_path):
     for name, message in (("text.pth", "cannot be read as a PyTorch state dict"), ("tensor.pth", "not a state dict")):
         with pytest.raises(MetaConfigError, match=message):
             TorchvisionBackbone._load(net, str(tmp_path / name))
+
+
+def test_conv4_strided_downsampling_against_a_hand_written_forward():
+    """``downsample="stride"`` (MAML/Reptile's Omniglot network) against F.conv2d/F.batch_norm written out."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    for global_pool in (False, True):
+        net = Conv4(1, 8, 28, norm="batch_no_stats", downsample="stride", global_pool=global_pool).double()
+        convs = [m for m in net.encoder if isinstance(m, torch.nn.Conv2d)]
+        norms = [m for m in net.encoder if isinstance(m, torch.nn.BatchNorm2d)]
+        assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.encoder)
+        h = x
+        sides = []
+        for conv, bn in zip(convs, norms, strict=True):
+            h = F.conv2d(h, conv.weight, conv.bias, stride=2, padding=1)
+            h = F.relu(F.batch_norm(h, None, None, bn.weight, bn.bias, training=True, eps=bn.eps))
+            sides.append(h.shape[-1])
+        assert sides == [14, 7, 4, 2]  # TensorFlow's SAME sizes: ceil(n / 2)
+        want = h.mean(dim=(-2, -1)) if global_pool else h.flatten(1)
+        torch.testing.assert_close(net(x), want)
+        assert net.out_features == (8 if global_pool else 32) == want.shape[1]
+    assert Conv4(3, 32, 84, downsample="stride").out_shape == (32, 6, 6)  # 84 -> 42 -> 21 -> 11 -> 6
+    assert Conv4(1, 4, 28, downsample="stride", pool_blocks=2).out_shape == (4, 7, 7)
+
+
+def test_conv4_strided_options_refuse_bad_values():
+    with pytest.raises(MetaConfigError, match="use 'max_pool' or 'stride'"):
+        Conv4(downsample="avg")
+    with pytest.raises(MetaConfigError, match="needs flatten=True"):
+        Conv4(downsample="stride", global_pool=True, flatten=False)
+    net = Conv4(1, 4, 28, downsample="stride", global_pool=True)
+    with pytest.raises(MetaConfigError, match="built for 28x28 images got images of"):
+        net(torch.zeros(2, 1, 40, 40))  # 3x3 maps where 28x28 gives 2x2

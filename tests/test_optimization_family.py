@@ -170,6 +170,30 @@ def test_adapt_filter_presets_and_regex():
         MAML(MLP(1, [4]), task="regression", adapt_filter="nothing_matches_this")
 
 
+@pytest.mark.parametrize("downsample", ["max_pool", "stride"])
+def test_no_norm_preset_keeps_normalisation_weights_in_the_outer_loop(downsample):
+    """``no_norm`` equals a hand-written regex over the BatchNorm positions, and so does its meta-gradient."""
+    torch.manual_seed(0)
+    body = Conv4(1, 4, 16, norm="batch_no_stats", downsample=downsample)
+    positions = "1|5|9|13" if downsample == "max_pool" else "1|4|7|10"  # conv, bn, relu(, pool) per block
+    regex = rf"^(?!backbone\.encoder\.({positions})\.)"
+    a = MAML(copy.deepcopy(body), ways=3, inner_lr=0.3, adapt_filter="no_norm").double()
+    b = MAML(copy.deepcopy(body), ways=3, inner_lr=0.3, adapt_filter=regex).double()
+    b.load_state_dict(a.state_dict())
+    assert a.adapted_names == b.adapted_names and len(a.adapted_names) == 10
+    assert not any(isinstance(dict(a.model.named_modules())[n.rsplit(".", 1)[0]], torch.nn.BatchNorm2d)
+                   for n in a.adapted_names)
+    batch = _cls_batch(tasks=2, size=16)
+    ga, gb = _grads(a, batch), _grads(b, batch)
+    assert ga.keys() == gb.keys() and "model.backbone.encoder.1.weight" in ga  # BN weights still get outer gradients
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=0, atol=0)
+    full = MAML(copy.deepcopy(body), ways=3, inner_lr=0.3).double()
+    full.load_state_dict(a.state_dict())
+    gf = _grads(full, batch)
+    assert max((gf[k] - ga[k]).abs().max() for k in ga) > 1e-6  # adapting BN weights changes the meta-gradient
+
+
 def test_bias_only_adaptation_leaves_weights():
     torch.manual_seed(0)
     model = MAML(MLP(1, [8]), task="regression", inner_lr=0.1, adapt_filter="bias").double()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -25,16 +25,21 @@ from lightning_meta.functional.precision import (  # bf16: fp32 fast weights
 
 __all__ = ["ADAPT_PRESETS", "MAML", "BackboneWithHead", "adapt_filter_fn"]
 
-ADAPT_PRESETS = ("all", "head", "bias", "film", "lora")
+ADAPT_PRESETS = ("all", "head", "bias", "film", "lora", "no_norm")
+
+# modules whose weights the "no_norm" preset keeps out of the inner loop
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
-def adapt_filter_fn(spec: str) -> Callable[[str], bool]:
+def adapt_filter_fn(spec: str, norm_names: Collection[str] = ()) -> Callable[[str], bool]:
     r"""Parameter-name predicate of an ``adapt_filter`` preset or regular expression.
 
     Presets: ``all``; ``head`` (ANIL: only the task head); ``bias`` (BitFit: every bias);
     ``film`` (parameters whose name contains ``film`` or ``context``, e.g. CAVIA context vectors);
     ``lora`` (parameters whose name contains ``lora_``). Anything else is a regular expression
-    searched in the parameter name (``re.search``), e.g. ``"head|encoder\.12"``.
+    searched in the parameter name (``re.search``), e.g. ``"head|encoder\.12"``. ``no_norm`` (every
+    weight except those of normalisation layers) depends on module types, not names: pass
+    ``norm_names``, the parameter names of the normalisation layers (:class:`MAML` does).
 
     Example:
         >>> f = adapt_filter_fn("bias")
@@ -52,6 +57,9 @@ def adapt_filter_fn(spec: str) -> Callable[[str], bool]:
         return lambda name: "film" in name or "context" in name
     if spec == "lora":
         return lambda name: "lora_" in name
+    if spec == "no_norm":
+        excluded = frozenset(norm_names)
+        return lambda name: name not in excluded
     try:
         pattern = re.compile(spec)
     except re.error as e:
@@ -162,13 +170,18 @@ class MAML(MetaLearner):
     Args:
         backbone: the body; a linear head with ``ways`` outputs (1 for regression) is added.
         ways: classes per episode (linked from the datamodule).
-        inner_lr: inner-loop step size alpha (> 0).
+        inner_lr: inner-loop step size alpha (> 0), for the mean loss over the support set. The
+            MAML authors' classification loss is N times that (summed over the N*K support
+            examples, divided by K), so their alpha equals ``N * inner_lr`` here: the paper's 0.4
+            for 5-way Omniglot is ``inner_lr=2.0``.
         inner_steps: inner steps during meta-training (>= 1).
         eval_inner_steps: inner steps at validation/test (default: ``inner_steps``).
         first_order: first-order MAML (no second derivatives).
         adapt_filter: which parameters adapt in the inner loop: a preset of
-            :func:`adapt_filter_fn` (``all``, ``head``, ``bias``, ``film``, ``lora``) or a regular
-            expression on parameter names; the others are meta-learned in the outer loop only.
+            :func:`adapt_filter_fn` (``all``, ``head``, ``bias``, ``film``, ``lora``, ``no_norm``) or a
+            regular expression on parameter names; the others are meta-learned in the outer loop
+            only. ``no_norm`` keeps the normalisation layers' weights out of the inner loop, as the
+            MAML and MAML++ authors' code does.
         task_batching: ``loop`` adapts tasks one by one; ``vmap`` batches them with ``torch.func.vmap``
             (second order: BatchNorm/LayerNorm/InstanceNorm then run as elementary operations,
             :func:`~lightning_meta.functional.norms.decomposed_norms`, since PyTorch's fused kernels
@@ -288,7 +301,9 @@ class MAML(MetaLearner):
                     f"{type(backbone).__name__} keep none (track_running_stats=False); use bn='transductive', or a "
                     "backbone whose BatchNorm tracks statistics (e.g. Conv4 norm='batch')"
                 )
-        keep = adapt_filter_fn(adapt_filter)
+        norm_names = [f"{m_name}.{p_name}" if m_name else p_name for m_name, m in self.model.named_modules()
+                      if isinstance(m, _NORM_TYPES) for p_name, _ in m.named_parameters(recurse=False)]
+        keep = adapt_filter_fn(adapt_filter, norm_names)
         # per-step BatchNorm weights (MAML++ BNWB) are learned in the outer loop only
         self.adapted_names = [n for n, _ in self.model.named_parameters() if keep(n) and n not in per_step_norm]
         if not self.adapted_names and any(keep(n) for n in per_step_norm):

@@ -27,6 +27,12 @@ class Conv4(nn.Module):
     the authors' encoder also leaves the first two convolutions unpadded,
     ``padding=[0, 0, 1, 1]`` (28x28 -> 64x5x5, 84x84 -> 64x19x19).
 
+    The MAML and Reptile authors' Omniglot network halves the image with stride-2 convolutions
+    instead of max-pooling: ``downsample="stride"`` (28 -> 14 -> 7 -> 4 -> 2, the sizes of
+    TensorFlow's ``SAME`` padding; PyTorch pads both sides by one pixel where TensorFlow pads the
+    bottom/right only, which shifts the sampling grid by a pixel but not the sizes). MAML then averages the
+    final 2x2 map (``global_pool=True``: 64 features); Reptile flattens it (256 features).
+
     Args:
         in_channels: input channels (1 for glyphs/Omniglot, 3 for miniImageNet).
         hidden: channels of every block (64 for Omniglot, 32 for MAML on miniImageNet).
@@ -37,6 +43,10 @@ class Conv4(nn.Module):
         flatten: return ``[b, out_features]`` (default) or the feature maps ``[b, *out_shape]``.
         padding: zero padding of the 3x3 convolutions, one value for all four blocks or one per
             block (1 keeps the size; 0 trims a pixel on each side).
+        downsample: how the first ``pool_blocks`` blocks halve the image: ``max_pool`` (a 2x2
+            max-pool after the ReLU) or ``stride`` (the convolution itself has stride 2).
+        global_pool: average the final feature maps over height and width (``out_features`` =
+            ``hidden``), as MAML's Omniglot network does.
 
     Example:
         >>> import torch
@@ -47,6 +57,10 @@ class Conv4(nn.Module):
         (64, 7, 7)
         >>> Conv4(1, 64, 84, pool_blocks=2, flatten=False, padding=[0, 0, 1, 1]).out_shape
         (64, 19, 19)
+        >>> Conv4(1, 64, 28, downsample="stride").out_shape, Conv4(1, 64, 28, downsample="stride").out_features
+        ((64, 2, 2), 256)
+        >>> Conv4(1, 64, 28, downsample="stride", global_pool=True).out_features
+        64
 
     """
 
@@ -59,6 +73,8 @@ class Conv4(nn.Module):
         pool_blocks: int = 4,
         flatten: bool = True,
         padding: int | Sequence[int] = 1,
+        downsample: Literal["max_pool", "stride"] = "max_pool",
+        global_pool: bool = False,
     ) -> None:
         super().__init__()
         require_int("in_channels", in_channels, 1, "image channels: 1 for Omniglot, 3 for RGB")
@@ -73,16 +89,26 @@ class Conv4(nn.Module):
         if len(pads) != 4 or any(as_integer(p) is None or p < 0 for p in pads):
             raise MetaConfigError(f"padding={padding!r} must be an int >= 0 or four of them (one per block)")
         pads = [as_integer(p) for p in pads]
-        if pads == [1, 1, 1, 1] and image_size < 2**pool_blocks:
+        if downsample not in ("max_pool", "stride"):
+            raise MetaConfigError(f"downsample={downsample!r} is not supported; use 'max_pool' or 'stride'")
+        if not isinstance(global_pool, bool):
+            raise MetaConfigError(f"global_pool={global_pool!r} must be true or false")
+        if global_pool and not flatten:
+            raise MetaConfigError("global_pool=True returns one vector per image; it needs flatten=True")
+        strided = downsample == "stride"
+        if pads == [1, 1, 1, 1] and image_size < 2**pool_blocks and not strided:
             times = {4: "four times", 3: "three times", 2: "twice", 1: "once"}.get(pool_blocks)
             raise MetaConfigError(
                 f"Conv4 halves the image {times}; image_size={image_size} is below the minimum {2**pool_blocks}"
             )
         side = image_size
         for block, pad in enumerate(pads):
-            side += 2 * pad - 2  # a 3x3 convolution
-            if block < pool_blocks:
-                side //= 2
+            if strided and block < pool_blocks:
+                side = (side + 2 * pad - 3) // 2 + 1  # a 3x3 convolution with stride 2
+            else:
+                side += 2 * pad - 2  # a 3x3 convolution
+                if block < pool_blocks:
+                    side //= 2
             if side < 1:
                 raise MetaConfigError(f"image_size={image_size} is too small for padding={pads} and pool_blocks="
                                  f"{pool_blocks}: block {block + 1} leaves no pixel; use larger images or padding 1")
@@ -91,16 +117,19 @@ class Conv4(nn.Module):
         layers: list[nn.Module] = []
         channels = in_channels
         for block in range(4):
-            layers.append(nn.Conv2d(channels, hidden, kernel_size=3, padding=pads[block]))
+            stride = 2 if strided and block < pool_blocks else 1
+            layers.append(nn.Conv2d(channels, hidden, kernel_size=3, padding=pads[block], stride=stride))
             if norm != "none":
                 layers.append(nn.BatchNorm2d(hidden, track_running_stats=(norm == "batch")))
             layers.append(nn.ReLU(inplace=False))
-            if block < pool_blocks:
+            if block < pool_blocks and not strided:
                 layers.append(nn.MaxPool2d(2))
             channels = hidden
         self.encoder = nn.Sequential(*layers)
-        self.out_shape = (hidden, side, side)
-        self.out_features = hidden * side * side
+        self.out_shape = (hidden, 1, 1) if global_pool else (hidden, side, side)
+        self.out_features = hidden if global_pool else hidden * side * side
+        self.global_pool = global_pool
+        self._pooled_side = (side, side)
         self.flatten = flatten
         self.in_channels = in_channels
         self.image_size = image_size
@@ -108,4 +137,12 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``[b, C, H, W] -> [b, out_features]`` (or ``[b, *out_shape]`` when ``flatten=False``)."""
         out = self.encoder(x)
+        if self.global_pool:
+            if tuple(out.shape[-2:]) != self._pooled_side:  # the pooled count alone cannot tell
+                raise MetaConfigError(
+                    f"Conv4 built for {self.image_size}x{self.image_size} images got images of {list(x.shape[-2:])} "
+                    f"({list(out.shape[-2:])} maps instead of {list(self._pooled_side)} before global_pool); build "
+                    "it with image_size matching the data"
+                )
+            out = out.mean(dim=(-2, -1), keepdim=True)
         return flatten_checked(self, out, x) if self.flatten else out
