@@ -31,6 +31,15 @@ class IMAML(MAML):
     It is applied as the gradient of a surrogate loss (averaged over tasks and, under DDP, ranks).
     The logged ``train/loss`` is the mean query loss at the adapted weights.
 
+    **The authors' released code** (github.com/aravindr93/imaml_dev) departs from the paper in three
+    ways, each available here: ``inner_solver="pull_back"`` (``inner_steps`` of plain gradient
+    descent on the support loss, then one step ``phi <- phi - inner_lr * lam * (phi - theta)``),
+    ``cg_damping=1.0, lam_damping=10.0`` (it solves ``((1 + cg_damping) I + H / (lam +
+    lam_damping)) x = g``), and evaluation by plain gradient descent, ``eval_lam=0.0`` with
+    ``eval_inner_steps=16`` (its ``measure_accuracy.py --lam 0 --n_steps 16``). Its outer Adam uses
+    ``eps=1e-3`` (LightningCLI: ``--optimizer Adam --optimizer.eps 0.001``). With one CG step it
+    uses the query gradient itself where this class takes one CG iteration (a multiple of it).
+
     The other arguments are :class:`MAML`'s (described there). iMAML has no
     ``activation_checkpointing``: its inner loop keeps no graph, so its memory is already flat in
     ``inner_steps``.
@@ -45,6 +54,16 @@ class IMAML(MAML):
             of non-positive curvature (``I + H / lam`` is not positive definite: the support loss
             has curvature below ``-lam`` there) stops early with a one-time warning.
         inner_lr: step size of the inner gradient descent on the regularised support loss.
+        inner_solver: ``proximal`` (the paper: every inner step descends the support loss plus
+            ``lam / 2 * ||phi - theta||^2``) or ``pull_back`` (the authors' code: plain steps on the
+            support loss, then one step on the proximal term alone).
+        cg_damping: adds ``cg_damping * x`` to the conjugate-gradient system (0: the paper's; the
+            authors' code uses 1).
+        lam_damping: the system's Hessian term is ``H / (lam + lam_damping)`` (0: the paper's; the
+            authors' code uses 10).
+        eval_lam: the proximal strength of the inner problem at evaluation (validation, test and
+            :meth:`adapt` outside training); ``None`` uses the training inner problem, ``0`` plain
+            gradient descent on the support loss, as the authors' evaluation script does.
         bn: as in :class:`MAML`, but not a per-step policy: the implicit gradient assumes one fixed
             inner objective.
         task_batching: ``loop`` only (the conjugate-gradient solve runs task by task).
@@ -80,6 +99,10 @@ class IMAML(MAML):
         weight_decay: float = 0.0,
         task_batching: Literal["loop"] = "loop",
         first_order: bool = False,
+        inner_solver: Literal["proximal", "pull_back"] = "proximal",
+        cg_damping: float = 0.0,
+        lam_damping: float = 0.0,
+        eval_lam: float | None = None,
     ) -> None:
         if first_order:
             raise MetaConfigError(
@@ -105,10 +128,23 @@ class IMAML(MAML):
                                       "1e-5 by default, 0 solves to working precision")
         self._refuse_hooks_training_ignores(IMAML, "its implicit meta-gradient (proximal inner loop and conjugate "
                                                    "gradient)")
+        if inner_solver not in ("proximal", "pull_back"):
+            raise MetaConfigError(f"inner_solver={inner_solver!r} is not supported; use 'proximal' (the paper's) or "
+                                  "'pull_back' (the authors' code)")
+        cg_damping = require_non_negative("cg_damping", cg_damping, "0 is the paper's system, the authors' code uses 1")
+        lam_damping = require_non_negative("lam_damping", lam_damping,
+                                           "0 is the paper's system, the authors' code uses 10")
+        if eval_lam is not None:
+            eval_lam = require_non_negative("eval_lam", eval_lam, "the evaluation's proximal strength; 0 is plain "
+                                            "gradient descent, None the training inner problem")
         self.save_hyperparameters(ignore=["backbone"])
         self.lam = lam
         self.cg_steps = cg_steps
         self.cg_tol = cg_tol
+        self.inner_solver = inner_solver
+        self.cg_damping = cg_damping
+        self.lam_damping = lam_damping
+        self.eval_lam = eval_lam
         self._cg_residuals: list[float] = []  # relative residual of each solve of the last meta_loss
         self._warned_curvature = False
 
@@ -131,14 +167,21 @@ class IMAML(MAML):
         """
         theta = {k: v.detach() for k, v in adapted.items()}
         frozen = {k: v.detach() for k, v in frozen.items()}
+        evaluating = not self.training and self.eval_lam is not None
+        lam = self.eval_lam if evaluating else self.lam
+        pull_back = self.inner_solver == "pull_back" and not evaluating
 
         def proximal(phi: Params) -> Tensor:
-            return sum(((phi[k] - theta[k]) ** 2).sum() for k in theta) * (self.lam / 2)
+            return sum(((phi[k] - theta[k]) ** 2).sum() for k in theta) * (lam / 2)
 
+        penalty = None if pull_back or lam == 0 else proximal
         with torch.enable_grad():  # the shared inner loop; first order: no graph is kept through the steps
             fast = inner_adapt(self.model, theta, buffers, sx, sy, self.loss_fn, self.inner_lr, steps,
-                               first_order=True, frozen=frozen, callback=callback, penalty=proximal)
-        return {k: v.detach() for k, v in fast.items()}
+                               first_order=True, frozen=frozen, callback=callback, penalty=penalty)
+        fast = {k: v.detach() for k, v in fast.items()}
+        if pull_back:  # one gradient step on lam / 2 * ||phi - theta||^2 alone
+            fast = {k: v - self.inner_lr * lam * (v - theta[k]) for k, v in fast.items()}
+        return fast
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:  # noqa: D102
         self._cg_residuals = []
@@ -177,7 +220,8 @@ class IMAML(MAML):
                     frozen_loss = frozen_loss + q_loss / batch.num_tasks
                 _, s_loss = self._regularised_support(theta, frozen_d, buffers, ep.support_x, ep.support_y)
                 g, info = implicit_meta_gradient(s_loss, [phi[k] for k in names], list(q_grad), self.lam,
-                                                 self.cg_steps, tol=self.cg_tol, return_info=True)
+                                                 self.cg_steps, tol=self.cg_tol, return_info=True,
+                                                 damping=self.cg_damping, lam_damping=self.lam_damping)
                 residuals.append(info.relative_residual)
                 if info.stop == "curvature" and not self._warned_curvature:
                     self._warned_curvature = True

@@ -102,7 +102,7 @@ def conjugate_gradient(matvec: Callable[[Vec], Vec], b: Vec, steps: int, tol: fl
 
 def implicit_meta_gradient(
     support_loss: Callable[[Vec], Tensor], adapted: Vec, query_grad: Vec, lam: float, cg_steps: int,
-    tol: float = 1e-5, return_info: bool = False,
+    tol: float = 1e-5, return_info: bool = False, damping: float = 0.0, lam_damping: float = 0.0,
 ) -> Vec | tuple[Vec, CGInfo]:
     """``(I + H / lam)^{-1} g`` with ``H`` the Hessian of ``support_loss`` at ``adapted``, ``g = query_grad``.
 
@@ -120,6 +120,9 @@ def implicit_meta_gradient(
         tol: relative residual of ``(I + H / lam) x = g`` at which the solve stops (see
             :func:`conjugate_gradient`).
         return_info: also return the solve's :class:`CGInfo`.
+        damping: solve ``((1 + damping) I + H / (lam + lam_damping)) x = g`` instead, the damped
+            system of the iMAML authors' code (which uses ``damping=1``); 0 is the paper's.
+        lam_damping: added to ``lam`` in the system's Hessian term (the authors' code: 10; 0 is the paper's).
 
     Example:
         >>> a = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)  # H of 0.5 p^T A p
@@ -134,9 +137,11 @@ def implicit_meta_gradient(
     with torch.enable_grad():
         grads = torch.autograd.grad(support_loss(phi), phi, create_graph=True)
 
+    scale, curvature = 1.0 + damping, lam + lam_damping
+
     def matvec(v: Vec) -> Vec:
         hv = torch.autograd.grad(grads, phi, grad_outputs=v, retain_graph=True)
-        return [vi + hvi / lam for vi, hvi in zip(v, hv, strict=True)]
+        return [scale * vi + hvi / curvature for vi, hvi in zip(v, hv, strict=True)]
 
     x, info = conjugate_gradient(matvec, [g.detach() for g in query_grad], cg_steps, tol=tol, return_info=True)
     x = [t.detach() for t in x]
