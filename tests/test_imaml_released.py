@@ -106,9 +106,32 @@ def test_eval_lam_zero_is_plain_gradient_descent_at_evaluation():
         opt.step()
     for (name, p) in net.named_parameters():
         torch.testing.assert_close(fast[name], p.detach(), rtol=1e-12, atol=1e-14, msg=name)
-    # training keeps the training inner problem (pull back), and the default evaluation does too
+    # training keeps the training inner problem (pull back) ...
     model.train()
-    assert (model.adapt(ep, steps=5)["head.weight"] - fast["head.weight"]).abs().max() > 1e-6
+    trained = model.adapt(ep, steps=5)
+    assert (trained["head.weight"] - fast["head.weight"]).abs().max() > 1e-6
+    # ... and so does evaluation when eval_lam is not set
+    default = _model(eval_inner_steps=5)
+    default.eval()
+    for name, value in default.adapt(ep).items():
+        torch.testing.assert_close(value, trained[name].detach(), rtol=0, atol=0, msg=name)
+
+
+def test_report_steps_see_the_weights_after_the_pull_back():
+    """The score after the last reported step is the episode's score (the pull-back belongs to the last step)."""
+    torch.manual_seed(0)
+    model = IMAML(MLP(6, [8]), task="regression", inner_lr=0.1, lam=2.0, inner_solver="pull_back",
+                  eval_inner_steps=3, eval_report_steps=[1, 3]).double()
+    g = torch.Generator().manual_seed(3)
+    batch = collate_episodes([Episode(torch.randn(5, 6, generator=g, dtype=torch.float64),
+                                      torch.randn(5, 1, generator=g, dtype=torch.float64),
+                                      torch.randn(7, 6, generator=g, dtype=torch.float64),
+                                      torch.randn(7, 1, generator=g, dtype=torch.float64),
+                                      torch.zeros(0, dtype=torch.long)) for _ in range(3)])
+    model.eval()
+    scores = model.evaluate(batch)
+    torch.testing.assert_close(scores["mse_step3"], scores["mse"], rtol=0, atol=0)
+    assert (scores["mse_step1"] - scores["mse"]).abs().max() > 1e-6
 
 
 def test_defaults_are_the_papers_and_bad_values_are_refused():

@@ -698,3 +698,20 @@ def test_per_step_conversion_keeps_film_layers():
     add_film(body)
     model = MAML(body, ways=3, bn="per_step", inner_steps=2, adapt_filter="film")
     assert model.adapted_names and all("modulation" in n for n in model.adapted_names)
+
+
+def test_no_norm_covers_rmsnorm_and_needs_the_norm_names():
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.norm = nn.RMSNorm(4)
+            self.out_features = 4
+
+        def forward(self, x):
+            return self.norm(self.lin(x))
+
+    model = MAML(Body(), task="regression", adapt_filter="no_norm")
+    assert model.adapted_names == ["backbone.lin.weight", "backbone.lin.bias", "head.weight", "head.bias"]
+    with pytest.raises(MetaConfigError, match="pass norm_names"):
+        adapt_filter_fn("no_norm")

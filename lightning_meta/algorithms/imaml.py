@@ -175,13 +175,19 @@ class IMAML(MAML):
             return sum(((phi[k] - theta[k]) ** 2).sum() for k in theta) * (lam / 2)
 
         penalty = None if pull_back or lam == 0 else proximal
+
+        def pulled(params: Params) -> Params:  # one gradient step on lam / 2 * ||phi - theta||^2 alone
+            return {k: v.detach() - self.inner_lr * lam * (v.detach() - theta[k]) for k, v in params.items()}
+
+        report = callback
+        if pull_back and callback is not None:  # the last step's report sees the weights after the pull-back
+            def report(step: int, params: Params) -> None:
+                callback(step, pulled(params) if step == steps - 1 else params)
+
         with torch.enable_grad():  # the shared inner loop; first order: no graph is kept through the steps
             fast = inner_adapt(self.model, theta, buffers, sx, sy, self.loss_fn, self.inner_lr, steps,
-                               first_order=True, frozen=frozen, callback=callback, penalty=penalty)
-        fast = {k: v.detach() for k, v in fast.items()}
-        if pull_back:  # one gradient step on lam / 2 * ||phi - theta||^2 alone
-            fast = {k: v - self.inner_lr * lam * (v - theta[k]) for k, v in fast.items()}
-        return fast
+                               first_order=True, frozen=frozen, callback=report, penalty=penalty)
+        return pulled(fast) if pull_back else {k: v.detach() for k, v in fast.items()}
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:  # noqa: D102
         self._cg_residuals = []

@@ -28,10 +28,11 @@ __all__ = ["ADAPT_PRESETS", "MAML", "BackboneWithHead", "adapt_filter_fn"]
 ADAPT_PRESETS = ("all", "head", "bias", "film", "lora", "no_norm")
 
 # modules whose weights the "no_norm" preset keeps out of the inner loop
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_NORM_TYPES = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+                                 getattr(nn, "RMSNorm", None)) if t is not None)
 
 
-def adapt_filter_fn(spec: str, norm_names: Collection[str] = ()) -> Callable[[str], bool]:
+def adapt_filter_fn(spec: str, norm_names: Collection[str] | None = None) -> Callable[[str], bool]:
     r"""Parameter-name predicate of an ``adapt_filter`` preset or regular expression.
 
     Presets: ``all``; ``head`` (ANIL: only the task head); ``bias`` (BitFit: every bias);
@@ -58,6 +59,9 @@ def adapt_filter_fn(spec: str, norm_names: Collection[str] = ()) -> Callable[[st
     if spec == "lora":
         return lambda name: "lora_" in name
     if spec == "no_norm":
+        if norm_names is None:
+            raise MetaConfigError("adapt_filter='no_norm' depends on module types: pass norm_names, the parameter "
+                                  "names of the normalisation layers (MAML collects them from the network)")
         excluded = frozenset(norm_names)
         return lambda name: name not in excluded
     try:
@@ -172,8 +176,8 @@ class MAML(MetaLearner):
         ways: classes per episode (linked from the datamodule).
         inner_lr: inner-loop step size alpha (> 0), for the mean loss over the support set. The
             MAML authors' classification loss is N times that (summed over the N*K support
-            examples, divided by K), so their alpha equals ``N * inner_lr`` here: the paper's 0.4
-            for 5-way Omniglot is ``inner_lr=2.0``.
+            examples, divided by K), so ``inner_lr`` = N x their alpha for the same step: the
+            paper's 0.4 for 5-way Omniglot is ``inner_lr=2.0``.
         inner_steps: inner steps during meta-training (>= 1).
         eval_inner_steps: inner steps at validation/test (default: ``inner_steps``).
         first_order: first-order MAML (no second derivatives).

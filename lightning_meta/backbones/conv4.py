@@ -29,8 +29,8 @@ class Conv4(nn.Module):
 
     The MAML and Reptile authors' Omniglot network halves the image with stride-2 convolutions
     instead of max-pooling: ``downsample="stride"`` (28 -> 14 -> 7 -> 4 -> 2, the sizes of
-    TensorFlow's ``SAME`` padding; PyTorch pads both sides by one pixel where TensorFlow pads the
-    bottom/right only, which shifts the sampling grid by a pixel but not the sizes). MAML then averages the
+    TensorFlow's ``SAME`` padding; on even sizes TensorFlow pads the bottom/right only where PyTorch
+    pads both sides by one pixel, which shifts the sampling grid by a pixel but not the sizes). MAML then averages the
     final 2x2 map (``global_pool=True``: 64 features); Reptile flattens it (256 features).
 
     Args:
