@@ -1,6 +1,7 @@
 """Lightning callbacks for meta-learning (installed as ``lightning_meta.callbacks``)."""
 
 from lightning_meta.callbacks.compile import CompileMetaLoss
+from lightning_meta.callbacks.ensemble import CheckpointEnsemble
 from lightning_meta.callbacks.episode_logger import TestResultWriter
 from lightning_meta.callbacks.monitors import (
     DerivativeOrderAnnealing,
@@ -15,6 +16,7 @@ from lightning_meta.callbacks.preemption import PreemptionCheckpoint
 from lightning_meta.callbacks.progress import MetaProgressBar
 
 __all__ = [
+    "CheckpointEnsemble",
     "CompileMetaLoss",
     "DerivativeOrderAnnealing",
     "EpisodeGallery",

@@ -584,7 +584,8 @@ class MetaLearner(L.LightningModule):
         # and copy the batch into ordinary tensors.
         with torch.inference_mode(False), torch.enable_grad():
             batch = batch.clone()
-            scores = self.evaluate(batch)
+            members = self.__dict__.get("_test_ensemble") if stage == "test" else None
+            scores = self._ensemble_scores(members, batch) if members else self.evaluate(batch)
         main = self.val_metric if stage == "val" else self.test_metric
         extras = self.extra_val_metrics if stage == "val" else self.extra_test_metrics
         for name, values in scores.items():
@@ -600,6 +601,32 @@ class MetaLearner(L.LightningModule):
 
     def test_step(self, batch: Episode, batch_idx: int) -> None:  # noqa: D102
         self._eval_step(batch, "test")
+
+    def query_outputs(self, batch: Episode) -> Tensor:
+        """Query outputs ``[B, nq, ...]`` of a meta-batch (logits or values), as :meth:`evaluate` scores them.
+
+        The learner's batched path where it has one (:meth:`_batched_query_outputs`), else
+        :meth:`adapt` and :meth:`predict` task by task. Needs autograd for the adaptation (call it
+        outside ``torch.inference_mode``).
+        """
+        out = self._batched_query_outputs(batch)
+        if out is None:
+            out = torch.stack([self.predict(self.adapt(ep), ep.query_x).detach() for ep in batch.tasks()])
+        return out.detach()
+
+    def _ensemble_scores(self, members: Sequence[MetaLearner], batch: Episode) -> dict[str, Tensor]:
+        """Per-episode scores of the members' averaged predictions (``CheckpointEnsemble``).
+
+        Classification averages the members' softmax probabilities, regression their outputs.
+        """
+        outs = [m.query_outputs(batch) for m in members]
+        outs = [o.float() if o.dtype in (torch.float16, torch.bfloat16) else o for o in outs]
+        if self.task == "classification":
+            mean = torch.stack([o.softmax(-1) for o in outs]).mean(0)
+        else:
+            mean = torch.stack(outs).mean(0)
+        return {self.score_name: torch.stack([self.score_fn(mean[i], batch.query_y[i])
+                                              for i in range(batch.num_tasks)])}
 
     def _batched_query_outputs(self, batch: Episode) -> Tensor | None:
         """Query outputs ``[B, nq, ...]`` of a meta-batch computed exactly as :meth:`evaluate` scores them.
@@ -624,11 +651,7 @@ class MetaLearner(L.LightningModule):
         """
         self.check_batch(batch)
         with torch.inference_mode(False), torch.enable_grad():
-            batch = batch.clone()
-            out = self._batched_query_outputs(batch)
-            if out is None:
-                out = torch.stack([self.predict(self.adapt(ep), ep.query_x).detach() for ep in batch.tasks()])
-            out = out.detach()
+            out = self.query_outputs(batch.clone())
         if self.task == "classification":
             labels = out.argmax(-1)
             return {"labels": labels, "classes": torch.gather(batch.classes, 1, labels)}
