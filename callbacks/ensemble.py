@@ -58,14 +58,24 @@ class CheckpointEnsemble(Callback):
         self.checkpoints = None if checkpoints is None else [os.fspath(c) for c in checkpoints]
         self.top_k = top_k
         self.paths: list[str] = []
+        self._at_fit_end: list[tuple[dict[str, Any], str]] = []  # the run's final best, absolute paths
+
+    @staticmethod
+    def _keepers(trainer: L.Trainer) -> list[tuple[dict[str, Any], str]]:
+        return [({os.path.abspath(p): v for p, v in c.best_k_models.items()}, c.mode) for c in trainer.callbacks
+                if isinstance(c, ModelCheckpoint) and c.monitor is not None and c.best_k_models]
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        # a later test(ckpt_path=...) restores the ModelCheckpoint to that checkpoint's (older) state
+        self._at_fit_end = self._keepers(trainer)
 
     def _resolve(self, trainer: L.Trainer) -> list[str]:
         if self.checkpoints is not None:
             return list(self.checkpoints)
-        keepers = [(c.best_k_models, c.mode) for c in trainer.callbacks
-                   if isinstance(c, ModelCheckpoint) and c.monitor is not None and c.best_k_models]
-        if not keepers and isinstance(trainer.ckpt_path, str) and os.path.isfile(trainer.ckpt_path):
-            keepers = _saved_keepers(trainer.ckpt_path)  # lightning-meta test --ckpt_path of a finished run
+        keepers = self._at_fit_end or self._keepers(trainer)
+        ckpt = trainer.ckpt_path if isinstance(trainer.ckpt_path, str) and os.path.isfile(trainer.ckpt_path) else None
+        if not keepers and ckpt is not None:
+            keepers = _saved_keepers(ckpt)  # lightning-meta test --ckpt_path of a finished run
         if not keepers and trainer.fast_dev_run:
             return []  # a smoke run saves no checkpoints: test the model itself
         if not keepers:
@@ -77,7 +87,8 @@ class CheckpointEnsemble(Callback):
         best, mode = keepers[0]
         ranked = sorted(best.items(), key=lambda kv: float(kv[1]), reverse=mode == "max")
         paths = [p for p, _ in ranked]
-        return paths[: self.top_k] if self.top_k is not None else paths
+        paths = paths[: self.top_k] if self.top_k is not None else paths
+        return [_locate(p, ckpt) for p in paths]
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         if not hasattr(pl_module, "_ensemble_scores"):
@@ -100,9 +111,12 @@ class CheckpointEnsemble(Callback):
         finally:
             pl_module._trainer = attached
         for path in self.paths:
-            if not os.path.isfile(path):
-                raise MetaConfigError(f"checkpoint {path!r} is not a file; CheckpointEnsemble takes Lightning "
+            if os.path.isdir(path):
+                raise MetaConfigError(f"checkpoint {path!r} is a folder; CheckpointEnsemble takes Lightning "
                                       "checkpoint files (a DeepSpeed checkpoint folder is not supported)")
+            if not os.path.isfile(path):
+                raise MetaConfigError(f"checkpoint {path!r} does not exist (deleted, or a path relative to "
+                                      "another folder?)")
             state = _state_dict(path)
             member = copy.deepcopy(template)
             try:
@@ -119,6 +133,24 @@ class CheckpointEnsemble(Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         pl_module.__dict__.pop("_test_ensemble", None)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Drops the members when a test fails, so that later tests of the module score the module."""
+        pl_module.__dict__.pop("_test_ensemble", None)
+
+
+def _locate(path: str, ckpt: str | None) -> str:
+    """A listed checkpoint, or the file of the same name beside the tested checkpoint (a moved run, another folder)."""
+    if os.path.isfile(path) or ckpt is None:
+        return path
+    beside = os.path.join(os.path.dirname(os.path.abspath(ckpt)), os.path.basename(path))
+    if os.path.isfile(beside):
+        return beside
+    raise MetaConfigError(
+        f"checkpoint {path!r}, one of the best listed by the ModelCheckpoint state in {ckpt!r}, is missing (also "
+        f"beside it); that state lists the best checkpoints as of its own epoch, which may have been deleted since: "
+        "test with the run's last.ckpt, or give checkpoints=[...]"
+    )
 
 
 def _saved_keepers(path: str) -> list[tuple[dict[str, Any], str]]:

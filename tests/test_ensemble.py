@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import lightning as L
@@ -142,7 +143,7 @@ def test_bad_ensembles_are_refused(tmp_path):
     with pytest.raises(MetaConfigError, match="has no checkpoints"):
         _quiet(_trainer(tmp_path, callbacks=[CheckpointEnsemble(top_k=2)]).test, _learner("regression"),
                datamodule=_Data("regression"))
-    with pytest.raises(MetaConfigError, match="is not a file"):
+    with pytest.raises(MetaConfigError, match="is a folder"):
         _quiet(_trainer(tmp_path, callbacks=[CheckpointEnsemble([str(tmp_path)])]).test, _learner("regression"),
                datamodule=_Data("regression"))
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
@@ -167,3 +168,47 @@ def test_classification_averages_probabilities_not_logits():
     # probabilities: (0.909 + 0.000) / 2 > (0.045 + 0.525) / 2; logits would pick class 1
     assert learner._ensemble_scores(members, batch)["acc"].tolist() == [1.0]
     assert ((a + b) / 2).argmax(-1).item() == 1
+
+
+def test_testing_the_best_checkpoint_keeps_the_runs_final_members(tmp_path):
+    """test(ckpt_path="best") restores the ModelCheckpoint to that epoch's list; the members stay the final top-k."""
+    keeper = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="val/mse", mode="min", save_top_k=-1)
+    ensemble = CheckpointEnsemble(top_k=3)
+    trainer = _trainer(tmp_path, max_epochs=4, enable_checkpointing=True, callbacks=[keeper, ensemble])
+    model = _learner("regression")
+    _quiet(trainer.fit, model, datamodule=_Data("regression"))
+    final = [p for p, _ in sorted(keeper.best_k_models.items(), key=lambda kv: float(kv[1]))][:3]
+    _quiet(trainer.test, model, datamodule=_Data("regression"), ckpt_path="best", verbose=False)
+    assert ensemble.paths == [str(p) for p in final]
+
+
+def test_a_moved_run_finds_its_checkpoints_beside_the_tested_one(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    keeper = ModelCheckpoint(dirpath="ckpts", monitor="val/mse", mode="min", save_top_k=2, save_last=True)
+    trainer = _trainer(run, max_epochs=3, enable_checkpointing=True, callbacks=[keeper])
+    _quiet(trainer.fit, _learner("regression"), datamodule=_Data("regression"))
+    moved = tmp_path / "moved"
+    monkeypatch.chdir(tmp_path)
+    os.rename(run, moved)  # the saved state still lists the old places
+    assert not any(os.path.exists(p) for p in keeper.best_k_models)
+    ensemble = CheckpointEnsemble(top_k=2)
+    metrics = _quiet(_trainer(tmp_path, callbacks=[ensemble]).test, _learner("regression"),
+                     datamodule=_Data("regression"), ckpt_path=str(moved / "ckpts" / "last.ckpt"), verbose=False)[0]
+    assert metrics["test/ensemble_size"] == 2
+    assert all(p.startswith(str(moved / "ckpts")) for p in ensemble.paths)
+
+
+def test_a_failed_ensemble_test_leaves_no_members_behind(tmp_path):
+    paths = _two_checkpoints("regression", tmp_path)
+
+    class Boom(L.Callback):
+        def on_test_batch_start(self, *args):
+            raise RuntimeError("boom")
+
+    model = _learner("regression")
+    with pytest.raises(RuntimeError, match="boom"):
+        _quiet(_trainer(tmp_path, callbacks=[CheckpointEnsemble(paths), Boom()]).test, model,
+               datamodule=_Data("regression"))
+    assert "_test_ensemble" not in model.__dict__
