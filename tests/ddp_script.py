@@ -32,7 +32,7 @@ import torch
 def _sine(**kw: Any):
     from lightning_meta.datamodules import SinusoidDataModule
 
-    args = dict(meta_batch_size=4, train_episodes=16, val_episodes=6, eval_meta_batch_size=2)
+    args = dict(meta_batch_size=4, train_episodes=16, val_episodes=6, test_episodes=6, eval_meta_batch_size=2)
     return SinusoidDataModule(**{**args, **kw})
 
 
@@ -97,6 +97,10 @@ def _models() -> dict[str, Callable[[str], tuple[L.LightningModule, L.LightningD
     }
 
 
+#: learners whose run also tests a CheckpointEnsemble (of the initial and the trained weights)
+ENSEMBLE_NAMES = ("maml",)
+
+
 def _running_stats(model: torch.nn.Module) -> torch.Tensor:
     """Every BatchNorm running mean and variance of ``model``, flattened (float64)."""
     stats = [b.detach().double().flatten() for n, b in model.named_buffers()
@@ -132,6 +136,11 @@ def run_one(name: str, world: int, shards: str) -> dict[str, np.ndarray]:
     )
     init = torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
     init_stats = _running_stats(model)
+    folder = os.environ.get("DDP_SCRIPT_DIR", ".")
+    rank_tag = os.environ.get("LOCAL_RANK", "0")
+    init_ckpt = os.path.join(folder, f"{name}.init.rank{rank_tag}.ckpt")  # every rank writes its own copy
+    if name in ENSEMBLE_NAMES:
+        torch.save({"state_dict": model.state_dict()}, init_ckpt)
     trainer.fit(model, dm)
     metrics = trainer.validate(model, dm, verbose=False)[0]
     score = "val/mse" if "val/mse" in metrics else "val/acc"
@@ -139,7 +148,19 @@ def run_one(name: str, world: int, shards: str) -> dict[str, np.ndarray]:
     stats = _running_stats(model)
     last_rank_stats = trainer.strategy.all_gather(stats)[-1] if world > 1 and stats.numel() else stats
     tracked = [b.detach().flatten() for n, b in model.named_buffers() if n.endswith("num_batches_tracked")]
-    return {f"{name}/weights": flat, f"{name}/init": init,
+    extra = {}
+    if name in ENSEMBLE_NAMES:  # the test score of the ensemble of the initial and the trained weights
+        from lightning_meta.callbacks import CheckpointEnsemble
+
+        final_ckpt = os.path.join(folder, f"{name}.final.ckpt")
+        trainer.save_checkpoint(final_ckpt)  # every rank calls it; rank 0 writes
+        tester = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", logger=False,
+                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                           deterministic=True, callbacks=[CheckpointEnsemble([init_ckpt, final_ckpt])])
+        test = tester.test(model, datamodule=_models()[name](shards)[1], verbose=False)[0]
+        extra = {f"{name}/ensemble_test": np.array(test["test/mse"]), f"{name}/ensemble_n": np.array(
+            test["test/episodes"]), f"{name}/ensemble_size": np.array(test["test/ensemble_size"])}
+    return {**extra, f"{name}/weights": flat, f"{name}/init": init,
             f"{name}/running_stats": stats.numpy(), f"{name}/init_stats": init_stats.numpy(),
             f"{name}/running_stats_rank1": last_rank_stats.numpy(),
             f"{name}/stats_at_batch_end": probe.last.numpy(),

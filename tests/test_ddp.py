@@ -30,7 +30,7 @@ RUNNING_STATS = ["protonet", "mamlpp_conv", "matchingnet", "matchingnet_pertask"
 
 
 def _run(world: int, out: Path, shards: str) -> dict:
-    env = launch_env()
+    env = {**launch_env(), "DDP_SCRIPT_DIR": str(out.parent)}
     proc = subprocess.run([sys.executable, str(SCRIPT), ",".join(NAMES), str(world), str(out), shards], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -77,3 +77,12 @@ def test_batchnorm_running_statistics_match_one_rank(runs, name):
     # checkpoint callbacks (which run before the module's on_train_batch_end) see the synchronised statistics
     np.testing.assert_allclose(two[f"{name}/stats_at_batch_end"], s2, rtol=0, atol=0)
     np.testing.assert_array_equal(two[f"{name}/batches_tracked"], one[f"{name}/batches_tracked"])
+
+
+@pytest.mark.slow
+def test_checkpoint_ensemble_two_ranks_equal_one_rank(runs):
+    """The test score of an ensemble (initial + trained MAML weights) with 2 processes equals 1 process."""
+    one, two = runs
+    assert float(one["maml/ensemble_size"]) == float(two["maml/ensemble_size"]) == 2.0
+    assert float(one["maml/ensemble_n"]) == float(two["maml/ensemble_n"]) == 6.0  # every test episode once
+    np.testing.assert_allclose(two["maml/ensemble_test"], one["maml/ensemble_test"], rtol=0, atol=1e-6)
