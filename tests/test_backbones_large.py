@@ -832,3 +832,17 @@ def test_conv4_strided_options_refuse_bad_values():
     net = Conv4(1, 4, 28, downsample="stride", global_pool=True)
     with pytest.raises(MetaConfigError, match="built for 28x28 images got images of"):
         net(torch.zeros(2, 1, 40, 40))  # 3x3 maps where 28x28 gives 2x2
+
+
+def test_conv4_xavier_init_matches_the_glorot_bound():
+    torch.manual_seed(0)
+    net = Conv4(1, 16, 28, init="xavier", downsample="stride")
+    for conv in (m for m in net.encoder if isinstance(m, torch.nn.Conv2d)):
+        fan_in, fan_out = conv.in_channels * 9, conv.out_channels * 9
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        w = conv.weight.detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound  # uniform on [-bound, bound]
+        assert abs(w.std().item() - bound / 3**0.5) < 0.15 * bound  # the uniform's standard deviation
+        assert torch.count_nonzero(conv.bias) == 0
+    with pytest.raises(MetaConfigError, match="use 'default' or 'xavier'"):
+        Conv4(init="he")

@@ -47,6 +47,8 @@ class Conv4(nn.Module):
             max-pool after the ReLU) or ``stride`` (the convolution itself has stride 2).
         global_pool: average the final feature maps over height and width (``out_features`` =
             ``hidden``), as MAML's Omniglot network does.
+        init: ``default`` (PyTorch's) or ``xavier`` (Xavier/Glorot-uniform convolution weights and
+            zero biases, the initialisation of the MAML and Reptile authors' TensorFlow code).
 
     Example:
         >>> import torch
@@ -75,6 +77,7 @@ class Conv4(nn.Module):
         padding: int | Sequence[int] = 1,
         downsample: Literal["max_pool", "stride"] = "max_pool",
         global_pool: bool = False,
+        init: Literal["default", "xavier"] = "default",
     ) -> None:
         super().__init__()
         require_int("in_channels", in_channels, 1, "image channels: 1 for Omniglot, 3 for RGB")
@@ -96,6 +99,8 @@ class Conv4(nn.Module):
         if global_pool and not flatten:
             raise MetaConfigError("global_pool=True returns one vector per image; it needs flatten=True")
         strided = downsample == "stride"
+        if init not in ("default", "xavier"):
+            raise MetaConfigError(f"init={init!r} is not supported; use 'default' or 'xavier'")
         if pads == [1, 1, 1, 1] and image_size < 2**pool_blocks and not strided:
             times = {4: "four times", 3: "three times", 2: "twice", 1: "once"}.get(pool_blocks)
             raise MetaConfigError(
@@ -126,6 +131,10 @@ class Conv4(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             channels = hidden
         self.encoder = nn.Sequential(*layers)
+        if init == "xavier":
+            for conv in (m for m in self.encoder if isinstance(m, nn.Conv2d)):
+                nn.init.xavier_uniform_(conv.weight)
+                nn.init.zeros_(conv.bias)
         self.out_shape = (hidden, 1, 1) if global_pool else (hidden, side, side)
         self.out_features = hidden if global_pool else hidden * side * side
         self.global_pool = global_pool
