@@ -170,11 +170,36 @@ def run_one(name: str, world: int, shards: str) -> dict[str, np.ndarray]:
             "world": np.array(trainer.world_size), "rank": np.array(trainer.global_rank)}
 
 
+def run_ensemble_top_k(world: int) -> dict[str, np.ndarray]:
+    """MAML with a ModelCheckpoint keeping the 2 best and ``CheckpointEnsemble(top_k=2)`` testing them."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_meta import algorithms as A
+    from lightning_meta.backbones import MLP
+    from lightning_meta.callbacks import CheckpointEnsemble
+
+    L.seed_everything(0, verbose=False)
+    model = A.MAML(MLP(1, [16, 16]), task="regression", inner_lr=0.01, inner_steps=2, lr=0.01).double()
+    model.on_before_batch_transfer = lambda batch, idx: batch.to(torch.float64)  # type: ignore[method-assign]
+    folder = os.path.join(os.environ.get("DDP_SCRIPT_DIR", "."), f"ensemble_top_k.world{world}")
+    keeper = ModelCheckpoint(dirpath=folder, monitor="val/mse", mode="min", save_top_k=2)
+    ensemble = CheckpointEnsemble(top_k=2)
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_epochs=3,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        deterministic=True, callbacks=[keeper, ensemble])
+    trainer.fit(model, _sine())
+    test = trainer.test(model, _sine(), verbose=False)[0]
+    names = [os.path.basename(p) for p in ensemble.paths]
+    return {"ensemble_top_k/mse": np.array(test["test/mse"]), "ensemble_top_k/n": np.array(test["test/episodes"]),
+            "ensemble_top_k/members": np.array(sorted(names)),
+            "world": np.array(trainer.world_size), "rank": np.array(trainer.global_rank)}
+
+
 def main(names: str, world: int, out: str, shards: str) -> None:
     torch.set_num_threads(1)
     results: dict[str, np.ndarray] = {}
     for name in names.split(","):
-        results.update(run_one(name, world, shards))
+        results.update(run_ensemble_top_k(world) if name == "ensemble_top_k" else run_one(name, world, shards))
     if int(results["rank"]) == 0:
         np.savez(out, **results)
 

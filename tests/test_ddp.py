@@ -31,7 +31,8 @@ RUNNING_STATS = ["protonet", "mamlpp_conv", "matchingnet", "matchingnet_pertask"
 
 def _run(world: int, out: Path, shards: str) -> dict:
     env = {**launch_env(), "DDP_SCRIPT_DIR": str(out.parent)}
-    proc = subprocess.run([sys.executable, str(SCRIPT), ",".join(NAMES), str(world), str(out), shards], env=env,
+    proc = subprocess.run([sys.executable, str(SCRIPT), ",".join([*NAMES, "ensemble_top_k"]), str(world), str(out),
+                           shards], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = np.load(out)
@@ -86,3 +87,13 @@ def test_checkpoint_ensemble_two_ranks_equal_one_rank(runs):
     assert float(one["maml/ensemble_size"]) == float(two["maml/ensemble_size"]) == 2.0
     assert float(one["maml/ensemble_n"]) == float(two["maml/ensemble_n"]) == 6.0  # every test episode once
     np.testing.assert_allclose(two["maml/ensemble_test"], one["maml/ensemble_test"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_checkpoint_ensemble_of_the_best_two_ranks_equal_one_rank(runs):
+    """CheckpointEnsemble(top_k=2) picks the same checkpoints and scores the same with 2 processes as with 1."""
+    one, two = runs
+    assert list(one["ensemble_top_k/members"]) == list(two["ensemble_top_k/members"])
+    assert len(one["ensemble_top_k/members"]) == 2
+    assert float(one["ensemble_top_k/n"]) == float(two["ensemble_top_k/n"]) == 6.0
+    np.testing.assert_allclose(two["ensemble_top_k/mse"], one["ensemble_top_k/mse"], rtol=0, atol=1e-6)
