@@ -124,7 +124,10 @@ def test_top_k_takes_the_best_checkpoints_of_the_run(tmp_path):
     assert ensemble.paths == [p for p, _ in best] and len(ensemble.paths) == 2
     assert metrics["test/ensemble_size"] == 2
     assert "_test_ensemble" not in model.__dict__  # members are dropped after the test
-    trainer.validate(model, datamodule=_Data("regression"), verbose=False)  # validation is not ensembled
+    # validation is not ensembled: the same score as a trainer without the callback
+    ensembled = trainer.validate(model, datamodule=_Data("regression"), verbose=False)[0]
+    plain = _quiet(_trainer(tmp_path).validate, model, datamodule=_Data("regression"), verbose=False)[0]
+    assert ensembled["val/mse"] == plain["val/mse"] and "test/ensemble_size" not in ensembled
     # a later test-only run (lightning-meta test --ckpt_path) finds the same members in the saved state
     again = CheckpointEnsemble(top_k=2)
     later = _quiet(_trainer(tmp_path, callbacks=[again]).test, _learner("regression"),

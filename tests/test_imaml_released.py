@@ -141,3 +141,8 @@ def test_defaults_are_the_papers_and_bad_values_are_refused():
                           ({"lam_damping": float("nan")}, "lam_damping=nan"), ({"eval_lam": -0.5}, "eval_lam=-0.5")):
         with pytest.raises(MetaConfigError, match=match):
             IMAML(MLP(6, [8]), ways=3, **kwargs)
+
+
+def test_the_curvature_warning_names_the_damped_system():
+    assert _model()._system_name() == "2 I + H / (lam + 10)"
+    assert _model(cg_damping=0.0, lam_damping=0.0)._system_name() == "I + H / lam"

@@ -129,6 +129,7 @@ def test_imaml_warns_once_when_the_solve_meets_negative_curvature():
         model.meta_loss(batch)
     hits = [w for w in caught if "non-positive curvature" in str(w.message)]
     assert len(hits) == 1 and "Raise lam" in str(hits[0].message)
+    assert "(I + H / lam is not positive definite" in str(hits[0].message)
 
 
 # ------------------------------------------------------------ bad-input review (tenth session)

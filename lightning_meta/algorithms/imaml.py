@@ -189,6 +189,12 @@ class IMAML(MAML):
                                first_order=True, frozen=frozen, callback=report, penalty=penalty)
         return pulled(fast) if pull_back else {k: v.detach() for k, v in fast.items()}
 
+    def _system_name(self) -> str:
+        """The matrix of the conjugate-gradient system, as the warnings name it."""
+        if self.cg_damping == 0 and self.lam_damping == 0:
+            return "I + H / lam"
+        return f"{1 + self.cg_damping:g} I + H / (lam + {self.lam_damping:g})"
+
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:  # noqa: D102
         self._cg_residuals = []
         log_now = self._log_this_step()  # before the step moves global_step (as the base does)
@@ -233,8 +239,8 @@ class IMAML(MAML):
                     self._warned_curvature = True
                     rank_zero_warn(
                         f"IMAML: conjugate gradient met a direction of non-positive curvature after "
-                        f"{info.iterations} step(s) (I + H / lam is not positive definite at the adapted weights, "
-                        f"lam={self.lam}); that task's meta-gradient is the partial solve (relative residual "
+                        f"{info.iterations} step(s) ({self._system_name()} is not positive definite at the adapted "
+                        f"weights, lam={self.lam}); that task's meta-gradient is the partial solve (relative residual "
                         f"{info.relative_residual:.3g}). Raise lam, run more inner steps, or use bn='frozen' "
                         "(batch-statistics BatchNorm makes the support loss non-convex). Warned once per model."
                     )

@@ -261,9 +261,9 @@ class Reptile(MAML):
         beta1, beta2 = self.inner_betas
         step0 = int(self.inner_adam_step) if moments is not None else 0
         for step, idx in enumerate(batches):
-            x, y = (sx, sy) if idx is None else (sx[idx.to(sx.device)], sy[idx.to(sy.device)])
+            x, y = (sx, sy) if idx is None else (sx[idx.to(sx.device)], sy[idx.to(sx.device)])
             with torch.enable_grad():
-                leaves = {k: v.requires_grad_() for k, v in ((k, fast[k].detach()) for k in names)}
+                leaves = {k: fast[k].detach().requires_grad_() for k in names}
                 loss = self.loss_fn(self.forward_fast(leaves, frozen, buffers, x), y)
                 grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
             # a weight the loss does not use gets a zero gradient, as in MAML's inner loop
@@ -276,11 +276,11 @@ class Reptile(MAML):
                     correction1, correction2 = 1.0 - beta1**t, 1.0 - beta2**t
                     new = {}
                     for k, g in zip(names, grads, strict=True):
-                        m, v = moments[k]
+                        m, v = moments[k]  # m is None when beta1 = 0: the first moment is the gradient
                         g = g.to(v.dtype)
-                        m = beta1 * m + (1.0 - beta1) * g if m is not None else g
                         v = beta2 * v + (1.0 - beta2) * g * g
-                        moments[k] = (m if beta1 > 0 else None, v)
+                        m = g if m is None else beta1 * m + (1.0 - beta1) * g
+                        moments[k] = (None if beta1 == 0 else m, v)
                         update = (m / correction1) / ((v / correction2).sqrt() + self.inner_eps)
                         new[k] = fast[k] - (self.inner_lr * update).to(fast[k].dtype)
                     fast = new
