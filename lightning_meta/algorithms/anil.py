@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_meta.algorithms.base import TaskKind
-from lightning_meta.algorithms.maml import MAML
+from lightning_meta.algorithms.maml import MAML, EvalMode
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params, inner_adapt
 from lightning_meta.functional.inner_loop import PER_STEP_POLICIES
@@ -37,6 +37,8 @@ class ANIL(MAML):
         bn: as in :class:`MAML`, but not a per-step policy: the body runs once per task, outside
             the inner loop.
         activation_checkpointing: as in :class:`MAML`; it covers only the head's inner steps.
+        eval_mode: as in :class:`MAML`: ``nil`` evaluates with the paper's NIL (no inner loop, no
+            head: cosine similarity of the body's features to the support set's).
 
     Example:
         >>> from lightning_meta.backbones import Conv4
@@ -63,6 +65,7 @@ class ANIL(MAML):
         weight_decay: float = 0.0,
         per_task_backward: bool = False,
         activation_checkpointing: bool = False,
+        eval_mode: EvalMode = "adapt",
     ) -> None:
         if bn in PER_STEP_POLICIES:
             raise MetaConfigError(
@@ -73,7 +76,8 @@ class ANIL(MAML):
                          eval_inner_steps=eval_inner_steps, first_order=first_order, adapt_filter="head",
                          task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn,
                          eval_report_steps=eval_report_steps, task=task, lr=lr, weight_decay=weight_decay,
-                         per_task_backward=per_task_backward, activation_checkpointing=activation_checkpointing)
+                         per_task_backward=per_task_backward, activation_checkpointing=activation_checkpointing,
+                         eval_mode=eval_mode)
         self.save_hyperparameters(ignore=["backbone"])
 
     def task_query_outputs(

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_meta.algorithms.base import TaskKind
-from lightning_meta.algorithms.maml import MAML
+from lightning_meta.algorithms.maml import MAML, EvalMode
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError, require_int, require_non_negative, require_positive
 from lightning_meta.functional import BNPolicy, Params, bn_policy
@@ -103,6 +103,7 @@ class IMAML(MAML):
         cg_damping: float = 0.0,
         lam_damping: float = 0.0,
         eval_lam: float | None = None,
+        eval_mode: EvalMode = "adapt",
     ) -> None:
         if first_order:
             raise MetaConfigError(
@@ -121,7 +122,8 @@ class IMAML(MAML):
         super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=True, adapt_filter=adapt_filter,
                          task_batching="loop", bn=bn, eval_report_steps=eval_report_steps, task=task, lr=lr,
-                         weight_decay=weight_decay)
+                         weight_decay=weight_decay,
+                         eval_mode=eval_mode)
         require_positive("lam", lam, "the proximal regularisation; the paper uses 0.5-2")
         require_int("cg_steps", cg_steps, 1, "the paper uses 5")
         cg_tol = require_non_negative("cg_tol", cg_tol, "the relative residual at which conjugate gradient stops; "

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from lightning_meta.algorithms.base import MetaLearner, TaskKind
+from lightning_meta.algorithms.matching import matching_log_probs
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError, as_integer, require_int, require_positive
 from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
@@ -23,7 +24,9 @@ from lightning_meta.functional.precision import (  # bf16: fp32 fast weights
     upcast_low_precision,
 )
 
-__all__ = ["ADAPT_PRESETS", "MAML", "BackboneWithHead", "adapt_filter_fn"]
+__all__ = ["ADAPT_PRESETS", "MAML", "BackboneWithHead", "EvalMode", "adapt_filter_fn"]
+
+EvalMode = Literal["adapt", "nil"]
 
 ADAPT_PRESETS = ("all", "head", "bias", "film", "lora", "no_norm")
 
@@ -213,6 +216,19 @@ class MAML(MetaLearner):
             meta-gradients (tested). ``torch.func.grad`` refuses checkpointing's saved-tensor hooks,
             so these steps use ``torch.autograd.grad``; needs ``task_batching='loop'``. Changes
             nothing for first-order steps (they keep no inner graph).
+        eval_mode: how validation, test and ``predict`` classify a task. ``adapt`` (the default)
+            runs the inner loop, ``eval_inner_steps`` steps on the support set. ``nil`` runs no inner
+            loop and drops the head: NIL ("No Inner Loop", Raghu et al. 2020, section 5). The body
+            embeds the support and the query images (each set on its own, as in the inner loop);
+            a query's class probabilities are the support labels weighted by a softmax, over the
+            support, of the cosine similarities between its embedding and theirs, the classifier
+            of Matching Networks (:func:`~lightning_meta.algorithms.matching.matching_log_probs`,
+            temperature 1). The outputs are log-probabilities. Since the head is not used,
+            evaluation episodes may have another number of ways than training. With per-step
+            BatchNorm the body uses the first step's statistics and weights. Classification only;
+            training is unchanged, and :meth:`adapt` / :meth:`predict` still run the inner loop.
+            A trained checkpoint can be tested either way
+            (``lightning-meta test ... --model.init_args.eval_mode nil``).
 
     Example:
         >>> from lightning_meta.backbones import MLP
@@ -249,8 +265,19 @@ class MAML(MetaLearner):
         weight_decay: float = 0.0,
         per_task_backward: bool = False,
         activation_checkpointing: bool = False,
+        eval_mode: EvalMode = "adapt",
     ) -> None:
         super().__init__(ways=ways, task=task, lr=lr, weight_decay=weight_decay, per_task_backward=per_task_backward)
+        if eval_mode not in ("adapt", "nil"):
+            raise MetaConfigError(f"eval_mode={eval_mode!r} is not supported; use 'adapt' (the inner loop) or 'nil' "
+                                  "(no inner loop: cosine similarity to the support set's features)")
+        if eval_mode == "nil" and task != "classification":
+            raise MetaConfigError(f"eval_mode='nil' weights the support set's labels, so it needs "
+                                  f"task='classification' (got task={task!r}); use eval_mode='adapt' for regression")
+        if eval_mode == "nil" and eval_report_steps:
+            raise MetaConfigError(f"eval_mode='nil' takes no inner step, so eval_report_steps="
+                                  f"{list(eval_report_steps)} has nothing to report; drop eval_report_steps or use "
+                                  "eval_mode='adapt'")
         inner_lr = require_positive("inner_lr", inner_lr, "MAML uses 0.4 on Omniglot, 0.01 on sinusoid")
         require_int("inner_steps", inner_steps, 1, "MAML needs at least one inner step")
         eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
@@ -333,6 +360,7 @@ class MAML(MetaLearner):
         self.bn = bn
         self.eval_report_steps = report
         self.activation_checkpointing = activation_checkpointing
+        self.eval_mode = eval_mode
 
     # ------------------------------------------------------------- params
     def meta_parameters(self) -> Params:
@@ -488,8 +516,10 @@ class MAML(MetaLearner):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or self.task != "classification":
             return
-        for attr, shape_attr, which in (("ways", "episode_shape", "training"),
-                                        ("eval_ways", "eval_episode_shape", "validation/test")):
+        checked = [("ways", "episode_shape", "training")]
+        if self.eval_mode != "nil":  # NIL evaluation does not use the head: any number of ways
+            checked.append(("eval_ways", "eval_episode_shape", "validation/test"))
+        for attr, shape_attr, which in checked:
             ways = getattr(dm, attr, None)
             fixed = getattr(dm, shape_attr, "fixed") == "fixed"
             if isinstance(ways, int) and not isinstance(ways, bool) and ways > 0 and fixed and ways != self.ways:
@@ -499,7 +529,12 @@ class MAML(MetaLearner):
                     "datamodule's eval_ways to the same value"
                 )
 
+    def _nil_evaluation(self) -> bool:
+        return self.eval_mode == "nil" and not self.training
+
     def _check_ways(self, batch: Episode) -> None:
+        if self._nil_evaluation():  # NIL does not use the head: any number of ways
+            return
         if batch.ways and batch.ways != self.ways:
             raise MetaConfigError(
                 f"episodes are {batch.ways}-way but {type(self).__name__} was built with ways={self.ways}; "
@@ -560,12 +595,52 @@ class MAML(MetaLearner):
         self._train_scores = torch.stack([self.score_fn(o.detach(), batch.query_y[i]) for i, o in enumerate(outs)])
         return losses.mean()
 
+    def nil_query_outputs(self, batch: Episode) -> Tensor:
+        """NIL's log class probabilities ``[B, nq, ways]`` of a meta-batch's queries (see ``eval_mode``).
+
+        No inner loop and no head: the body's features of each task's support and query sets
+        (BatchNorm as in the inner loop's first step), then Matching Networks' cosine-attention
+        classifier over the support set. Runs in any mode; evaluation uses it when
+        ``eval_mode='nil'``.
+
+        Example:
+            >>> from lightning_meta import Episode, collate_episodes
+            >>> from lightning_meta.backbones import MLP
+            >>> model = MAML(MLP(4, [8]), ways=2, eval_mode="nil").eval()
+            >>> ep = Episode(torch.randn(4, 4), torch.tensor([0, 0, 1, 1]), torch.randn(3, 4),
+            ...              torch.tensor([0, 1, 1]), torch.tensor([7, 9]))
+            >>> out = model.nil_query_outputs(collate_episodes([ep]))
+            >>> out.shape, bool(torch.allclose(out.exp().sum(-1), torch.ones(1, 3)))
+            (torch.Size([1, 3, 2]), True)
+
+        """
+        params = {k[len("backbone."):]: v.detach() for k, v in self.model.named_parameters()
+                  if k.startswith("backbone.")}
+        buffers = {k[len("backbone."):]: v for k, v in self.model_buffers().items() if k.startswith("backbone.")}
+        body = self.model.backbone
+        outs = []
+        with torch.no_grad(), bn_policy(self.model, self.bn), norm_step(self.model, 0):
+            for ep in batch.tasks():
+                fs = functional_call(body, (params, buffers), (ep.support_x,))
+                fq = functional_call(body, (params, buffers), (ep.query_x,))
+                outs.append(matching_log_probs(fq.flatten(1), fs.flatten(1), ep.support_y, ep.ways))
+        return torch.stack(outs)
+
+    def _batched_query_outputs(self, batch: Episode) -> Tensor | None:
+        """NIL's outputs in evaluation with ``eval_mode='nil'`` (what :meth:`evaluate` scores), else None."""
+        return self.nil_query_outputs(batch) if self._nil_evaluation() else None
+
     def evaluate(self, batch: Episode) -> dict[str, Tensor]:
         """Per-episode query scores after ``eval_inner_steps`` (and after each ``eval_report_steps``).
 
         A subclass that overrides :meth:`adapt` or :meth:`predict` is evaluated with them (the
         generic per-task path; ``eval_report_steps`` are then not reported).
         """
+        if self._nil_evaluation():
+            self.check_batch(batch)
+            out = self.nil_query_outputs(batch)
+            return {self.score_name: torch.stack([self.score_fn(out[i], batch.query_y[i])
+                                                  for i in range(batch.num_tasks)])}
         if self._overrides_hooks_of(MAML):
             return MetaLearner.evaluate(self, batch)
         self.check_batch(batch)  # also when called directly; a subclass may relax it

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_meta.algorithms.base import TaskKind
-from lightning_meta.algorithms.maml import MAML, parameter_keys
+from lightning_meta.algorithms.maml import MAML, EvalMode, parameter_keys
 from lightning_meta.errors import MetaConfigError
 from lightning_meta.functional import BNPolicy, Params
 
@@ -56,12 +56,14 @@ class MetaSGD(MAML):
         weight_decay: float = 0.0,
         per_task_backward: bool = False,
         activation_checkpointing: bool = False,
+        eval_mode: EvalMode = "adapt",
     ) -> None:
         super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=first_order, adapt_filter=adapt_filter,
                          task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn,
                          eval_report_steps=eval_report_steps, task=task, lr=lr, weight_decay=weight_decay,
-                         per_task_backward=per_task_backward, activation_checkpointing=activation_checkpointing)
+                         per_task_backward=per_task_backward, activation_checkpointing=activation_checkpointing,
+                         eval_mode=eval_mode)
         if init_range is not None:
             bounds = list(init_range)
             if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1] < math.inf:

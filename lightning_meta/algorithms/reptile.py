@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from lightning_meta.algorithms.base import TaskKind
-from lightning_meta.algorithms.maml import MAML
+from lightning_meta.algorithms.maml import MAML, EvalMode
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError, require_int, require_non_negative, require_number, require_positive
 from lightning_meta.functional import BNPolicy, bn_policy
@@ -172,6 +172,7 @@ class Reptile(MAML):
         eval_inner_batch_size: int | None = None,
         lr_final: float | None = None,
         minibatch_seed: int = 0,
+        eval_mode: EvalMode = "adapt",
     ) -> None:
         if inner_optimizer not in ("sgd", "adam"):
             raise MetaConfigError(f"inner_optimizer={inner_optimizer!r} is not supported; use 'sgd' or 'adam'")
@@ -203,7 +204,7 @@ class Reptile(MAML):
         super().__init__(backbone, ways=ways, inner_lr=inner_lr, inner_steps=inner_steps,
                          eval_inner_steps=eval_inner_steps, first_order=True, adapt_filter=adapt_filter,
                          task_batching=task_batching, vmap_chunk_size=vmap_chunk_size, bn=bn, task=task, lr=lr,
-                         weight_decay=weight_decay)
+                         weight_decay=weight_decay, eval_mode=eval_mode)
         adapted = set(self.adapted_names)
         idle = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in adapted]
         if idle:

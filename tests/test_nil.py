@@ -1,0 +1,165 @@
+"""NIL evaluation (Raghu et al. 2020, section 5): no inner loop, no head, cosine attention over the support set.
+
+The reference below is written differently from the library: the body module is called directly
+(not through ``functional_call``), the cosine similarities come from explicit norms, the softmax
+from ``exp`` and a sum, and the labels are weighted with a one-hot matrix product, in
+probabilities rather than log-probabilities.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from episode_fixtures import cls_batch
+
+from lightning_meta.algorithms import ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile
+from lightning_meta.backbones import Conv4
+from lightning_meta.errors import MetaConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_nil_probs(body: torch.nn.Module, sx, sy, qx, ways: int) -> torch.Tensor:
+    """Class probabilities of NIL for one task, the body used as a plain module."""
+    with torch.no_grad():
+        fs, fq = body(sx).flatten(1), body(qx).flatten(1)
+    fs = fs / fs.norm(dim=1, keepdim=True)
+    fq = fq / fq.norm(dim=1, keepdim=True)
+    w = torch.exp(fq @ fs.T)
+    attention = w / w.sum(dim=1, keepdim=True)
+    return attention @ F.one_hot(sy, ways).to(attention.dtype)
+
+
+def body(norm="batch_no_stats"):
+    torch.manual_seed(0)
+    return Conv4(1, 8, 16, norm=norm).double()
+
+
+@pytest.mark.parametrize("cls", [MAML, ANIL])
+@pytest.mark.parametrize("norm", ["batch_no_stats", "batch"])
+def test_nil_equals_a_written_out_reference(cls, norm):
+    """bn='transductive' (the default): each set normalised with its own statistics, also in eval mode."""
+    batch = cls_batch(tasks=2, ways=3, shots=2, queries=4)
+    model = cls(body(norm), ways=3, eval_mode="nil").double().eval()
+    out = model.query_outputs(batch)
+    assert out.shape == (2, 12, 3)
+    twin = copy.deepcopy(model.model.backbone).train()  # batch statistics (its running ones are not used)
+    refs = [reference_nil_probs(twin, ep.support_x, ep.support_y, ep.query_x, 3) for ep in batch.tasks()]
+    for i in range(2):
+        torch.testing.assert_close(out[i].exp(), refs[i], rtol=0, atol=1e-12)
+    acc = model.evaluate(batch)["acc"]
+    expected = [(refs[i].argmax(1) == batch.query_y[i]).double().mean() for i in range(2)]
+    torch.testing.assert_close(acc.double(), torch.stack(expected))
+
+
+def test_nil_ignores_the_head_and_adapt_mode_does_not():
+    batch = cls_batch(tasks=1, ways=3, shots=2, queries=4)
+    nil = MAML(body(), ways=3, inner_lr=0.5, eval_mode="nil").double().eval()
+    adapt = MAML(body(), ways=3, inner_lr=0.5).double().eval()
+    adapt.load_state_dict(nil.state_dict())
+    before_nil, before_adapt = nil.query_outputs(batch), adapt.query_outputs(batch)
+    with torch.no_grad():
+        for m in (nil, adapt):
+            m.model.head.weight.mul_(-3.0).add_(0.7)
+            m.model.head.bias.add_(1.0)
+    torch.testing.assert_close(nil.query_outputs(batch), before_nil, rtol=0, atol=0)
+    assert not torch.allclose(adapt.query_outputs(batch), before_adapt)
+
+
+def test_nil_is_the_same_for_every_learner_of_the_family():
+    batch = cls_batch(tasks=2, ways=3, shots=1, queries=2)
+    ref = MAML(body(), ways=3, eval_mode="nil").double().eval().query_outputs(batch)
+    learners = [(ANIL, {}), (MetaSGD, {}), (IMAML, {}), (Reptile, {}), (MAMLPlusPlus, {"bn": "per_step_transductive"})]
+    for cls, kw in learners:
+        model = cls(body(), ways=3, eval_mode="nil", **kw).double().eval()
+        torch.testing.assert_close(model.query_outputs(batch), ref, rtol=0, atol=1e-12, msg=cls.__name__)
+
+
+def test_training_is_unchanged_by_eval_mode():
+    batch = cls_batch(tasks=2, ways=3, shots=1, queries=2)
+    grads = []
+    for mode in ("adapt", "nil"):
+        model = MAML(body(), ways=3, inner_lr=0.5, eval_mode=mode).double().train()
+        model.meta_loss(batch).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_nil_uses_the_bn_policy_frozen_running_statistics():
+    batch = cls_batch(tasks=1, ways=3, shots=2, queries=3)
+    model = MAML(body(norm="batch"), ways=3, bn="frozen", eval_mode="nil").double().eval()
+    with torch.no_grad():  # running statistics away from (0, 1), so batch statistics would differ
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    saved = copy.deepcopy(model.state_dict())
+    ep = batch.task(0)
+    ref = reference_nil_probs(model.model.backbone.eval(), ep.support_x, ep.support_y, ep.query_x, 3)
+    torch.testing.assert_close(model.query_outputs(batch)[0].exp(), ref, rtol=0, atol=1e-12)
+    for k, v in model.state_dict().items():  # evaluation leaves the running statistics alone
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
+
+
+def test_nil_with_per_step_batchnorm_uses_the_first_step():
+    """MAML++'s per-step BatchNorm: NIL normalises with the first inner step's running statistics and weights."""
+    batch = cls_batch(tasks=1, ways=3, shots=2, queries=3)
+    model = MAMLPlusPlus(body(norm="batch"), ways=3, inner_steps=3, bn="per_step", eval_mode="nil").double().eval()
+    plain = body(norm="batch").eval()
+    with torch.no_grad():
+        pairs = [(a, b) for a, b in zip(model.model.backbone.modules(), plain.modules(), strict=True)]
+        for per_step, bn in ((a, b) for a, b in pairs if isinstance(b, torch.nn.BatchNorm2d)):
+            per_step.running_mean.uniform_(-0.5, 0.5)
+            per_step.running_var.uniform_(0.5, 2.0)
+            per_step.weight.uniform_(0.5, 1.5)
+            per_step.bias.uniform_(-0.2, 0.2)
+            bn.running_mean.copy_(per_step.running_mean[0])
+            bn.running_var.copy_(per_step.running_var[0])
+            bn.weight.copy_(per_step.weight[0])
+            bn.bias.copy_(per_step.bias[0])
+        for a, b in pairs:
+            if isinstance(b, torch.nn.Conv2d):
+                b.weight.copy_(a.weight)
+                b.bias.copy_(a.bias)
+    ep = batch.task(0)
+    ref = reference_nil_probs(plain, ep.support_x, ep.support_y, ep.query_x, 3)
+    torch.testing.assert_close(model.query_outputs(batch)[0].exp(), ref, rtol=0, atol=1e-12)
+
+
+def test_nil_evaluates_another_number_of_ways_than_training():
+    model = ANIL(body(), ways=5, eval_mode="nil").double().eval()
+    batch = cls_batch(tasks=2, ways=3, shots=2, queries=2)
+    assert model.evaluate(batch)["acc"].shape == (2,)
+    assert model.predict_step(batch, 0)["labels"].max() <= 2
+    with pytest.raises(MetaConfigError, match="3-way"):  # the inner loop needs the head's ways
+        ANIL(body(), ways=5).double().eval().evaluate(batch)
+    model.train()
+    with pytest.raises(MetaConfigError, match="3-way"):  # training still adapts the 5-way head
+        model.meta_loss(batch)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"eval_mode": "none"}, "eval_mode='none' is not supported"),
+    ({"eval_mode": "nil", "task": "regression"}, "needs task='classification'"),
+    ({"eval_mode": "nil", "eval_report_steps": [1]}, "drop eval_report_steps"),
+])
+def test_bad_eval_mode_is_refused_at_construction(kwargs, message):
+    with pytest.raises(MetaConfigError, match=message):
+        MAML(body(), ways=3, **kwargs)
+
+
+def test_nil_from_the_command_line_on_another_way(tmp_path, monkeypatch):
+    from lightning_meta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "--config", str(ROOT / "configs" / "anil_glyphs.yaml"), "--trainer.fast_dev_run", "1",
+                "--data.init_args.meta_batch_size", "2", "--data.init_args.eval_meta_batch_size", "2",
+                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                "--model.init_args.eval_mode", "nil", "--data.init_args.eval_ways", "3"])
+    assert cli.model.eval_mode == "nil" and cli.model.ways == 5
+    result = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    assert 0.0 <= result["test/acc"] <= 1.0
