@@ -846,3 +846,43 @@ def test_conv4_xavier_init_matches_the_glorot_bound():
         assert torch.count_nonzero(conv.bias) == 0
     with pytest.raises(MetaConfigError, match="use 'default' or 'xavier'"):
         Conv4(init="he")
+
+
+def test_conv4_leaky_relu_against_a_hand_written_forward():
+    """``activation="leaky_relu"`` (MAML++'s network): F.conv2d/F.batch_norm/F.leaky_relu/F.max_pool2d written out."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    for slope in (0.01, 0.2):
+        net = Conv4(1, 8, 28, norm="batch_no_stats", activation="leaky_relu", negative_slope=slope).double()
+        convs = [m for m in net.encoder if isinstance(m, torch.nn.Conv2d)]
+        norms = [m for m in net.encoder if isinstance(m, torch.nn.BatchNorm2d)]
+        h = x
+        for conv, bn in zip(convs, norms, strict=True):
+            h = F.batch_norm(F.conv2d(h, conv.weight, conv.bias, padding=1), None, None, bn.weight, bn.bias,
+                             training=True, eps=bn.eps)
+            h = F.max_pool2d(torch.where(h > 0, h, slope * h), 2)
+        torch.testing.assert_close(net(x), h.flatten(1))
+        assert (net(x) < 0).any()  # a ReLU network's max-pooled output would be >= 0
+    with pytest.raises(MetaConfigError, match="use 'relu' or 'leaky_relu'"):
+        Conv4(activation="gelu")
+    with pytest.raises(MetaConfigError, match="only applies to activation='leaky_relu'"):
+        Conv4(negative_slope=0.2)
+    with pytest.raises(MetaConfigError, match="negative_slope"):
+        Conv4(activation="leaky_relu", negative_slope=-1.0)
+
+
+def test_conv4_head_init_reaches_the_learners_head():
+    """``head_init``: the MAML authors' standard-normal (Omniglot) or Glorot-uniform (miniImageNet) head, zero bias."""
+    torch.manual_seed(0)
+    normal = MAML(Conv4(1, 64, 28, head_init="normal"), ways=20).model.head
+    w = normal.weight.detach()
+    assert abs(w.mean().item()) < 0.05 and abs(w.std().item() - 1.0) < 0.05  # 1280 draws of N(0, 1)
+    assert torch.count_nonzero(normal.bias) == 0
+    xavier = ANIL(Conv4(1, 64, 28, head_init="xavier"), ways=20).model.head
+    bound = (6.0 / (64 + 20)) ** 0.5
+    assert xavier.weight.abs().max() <= bound and xavier.weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(xavier.bias) == 0
+    default = MAML(Conv4(1, 64, 28), ways=20).model.head  # PyTorch's: uniform(+-1/sqrt(64)), nonzero bias
+    assert default.weight.abs().max() <= 1 / 8 and torch.count_nonzero(default.bias) == 20
+    with pytest.raises(MetaConfigError, match="use 'default', 'normal' or 'xavier'"):
+        Conv4(head_init="zeros")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +24,7 @@ from lightning_meta.cli import console_main
 from lightning_meta.data.augment import AffineAugmentedSource, random_affine
 from lightning_meta.data.convert import (
     assign_alphabets,
+    assign_characters,
     convert_imagefolder,
     convert_miniimagenet,
     convert_omniglot,
@@ -606,8 +608,6 @@ def test_affine_shift_and_shear_move_the_content_as_documented():
     (100, (0.64, 0.16, 0.2), {"train": 64, "val": 16, "test": 20}),
 ])
 def test_ratio_split_counts(n, ratios, expected):
-    from collections import Counter
-
     from lightning_meta.data.convert import _ratio_split
 
     assert dict(Counter(_ratio_split(n, ratios, seed=0))) == expected
@@ -730,3 +730,70 @@ def test_auto_channels_pick_rgb_when_any_class_starts_in_color(tmp_path):
         for i in range(2):
             Image.fromarray(np.full((8, 8), 40 * k + i, np.uint8)).save(gray / f"c{k}" / f"{i}.png")
     assert convert_imagefolder(gray, tmp_path / "out_gray").meta["mode"] == "L"
+
+
+# --------------------------------------------------------------------------- Omniglot by character, several sets
+def _second_set(tmp_path: Path) -> Path:
+    """A copy of the fake set with renamed alphabets, standing in for images_evaluation."""
+    dest = tmp_path / "images_evaluation_fake"
+    for a in ALPHABETS:
+        shutil.copytree(OMNI / a, dest / f"{a.split('_')[0]}_eval")
+    return dest
+
+
+def test_omniglot_split_by_character_counts_seed_and_groups(tmp_path):
+    index = convert_omniglot(OMNI, tmp_path / "a", split_by="character", val_characters=3, test_characters=5,
+                             seed=4)
+    splits = {c.name: c.split for c in index.classes}
+    assert len(splits) == 16 and Counter(splits.values()) == {"train": 8, "val": 3, "test": 5}
+    assert {c.group for c in index.classes} == set(ALPHABETS)  # the alphabet stays the group
+    per_alphabet = {a: {s for n, s in splits.items() if n.startswith(a + "/")} for a in ALPHABETS}
+    assert any(len(s) > 1 for s in per_alphabet.values())  # characters of one alphabet in several splits
+    assert load_index(str(tmp_path / "a")).meta["split_by"] == "character"
+    again = convert_omniglot(OMNI, tmp_path / "b", split_by="character", val_characters=3, test_characters=5, seed=4)
+    assert {c.name: c.split for c in again.classes} == splits
+    other = convert_omniglot(OMNI, tmp_path / "c", split_by="character", val_characters=3, test_characters=5, seed=5)
+    assert {c.name: c.split for c in other.classes} != splits
+    assert assign_characters(sorted(splits), 3, 5, seed=4) == splits  # the function the converter uses
+
+
+def test_omniglot_several_sets_are_merged(tmp_path):
+    second = _second_set(tmp_path)
+    index = convert_omniglot([OMNI, second], tmp_path / "o", split_by="character", val_characters=4,
+                             test_characters=10, rotations=True, rotation_splits=["train"], fmt="npy")
+    names = {c.name.rsplit("/rot", 1)[0] for c in index.classes}
+    assert len(names) == 32 and Counter(c.split for c in index.classes) == {"train": 18 * 4, "val": 4, "test": 10}
+    reader = IndexedReader(index)  # a class from the second set holds that set's drawings
+    pos = next(i for i, c in enumerate(index.classes) if c.name == "Beta_eval/character02")
+    src = sorted((second / "Beta_eval" / "character02").glob("*.png"))
+    assert index.classes[pos].count == len(src)
+    np.testing.assert_array_equal(_images(index, reader, pos)[0], omniglot_image(src[0].read_bytes(), 28))
+    assert load_index(str(tmp_path / "o")).meta["input"] == [str(OMNI), str(second)]
+    by_alphabet = convert_omniglot([OMNI, second], tmp_path / "p", test_alphabets=["Beta_eval", "Beta"])
+    assert Counter(c.split for c in by_alphabet.classes) == {"train": 24, "test": 8}
+
+
+def test_omniglot_character_split_refuses_bad_options(tmp_path):
+    with pytest.raises(MetaConfigError, match=r"alphabet 'Alpha_\(fake\)' is in .* and in"):
+        convert_omniglot([OMNI, OMNI], tmp_path / "o")
+    with pytest.raises(MetaConfigError, match="add split_by='character'"):
+        convert_omniglot(OMNI, tmp_path / "o", test_characters=4)
+    with pytest.raises(MetaConfigError, match="drop the alphabet options"):
+        convert_omniglot(OMNI, tmp_path / "o", split_by="character", test_alphabets=["Beta"])
+    with pytest.raises(MetaConfigError, match="exceeds the 16 characters"):
+        convert_omniglot(OMNI, tmp_path / "o", split_by="character", val_characters=10, test_characters=7)
+    with pytest.raises(MetaConfigError, match="must be an integer >= 0"):
+        convert_omniglot(OMNI, tmp_path / "o", split_by="character", val_characters=-1)
+    with pytest.raises(MetaConfigError, match="use 'alphabet' or 'character'"):
+        convert_omniglot(OMNI, tmp_path / "o", split_by="stroke")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_convert_omniglot_two_sets_by_character(tmp_path, capsys):
+    second = _second_set(tmp_path)
+    main(["omniglot", str(OMNI), str(second), str(tmp_path / "o"), "--split-by", "character",
+          "--val-characters", "2", "--test-characters", "6", "--seed", "1"])
+    assert "32 classes (train 24, val 2, test 6)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["omniglot", str(OMNI), str(tmp_path / "x"), "--test-characters", "3"])
+    assert e.value.code == 2 and "--split-by character" in capsys.readouterr().err

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from lightning_meta.backbones._shapes import flatten_checked
-from lightning_meta.errors import MetaConfigError, as_integer, require_int
+from lightning_meta.errors import MetaConfigError, as_integer, require_int, require_non_negative
 
 __all__ = ["Conv4"]
 
@@ -49,6 +50,15 @@ class Conv4(nn.Module):
             ``hidden``), as MAML's Omniglot network does.
         init: ``default`` (PyTorch's) or ``xavier`` (Xavier/Glorot-uniform convolution weights and
             zero biases, the initialisation of the MAML and Reptile authors' TensorFlow code).
+        activation: ``relu``, or ``leaky_relu`` (slope ``negative_slope``) as in the MAML++
+            authors' network.
+        negative_slope: slope of ``leaky_relu`` for negative inputs (0.01, PyTorch's and the
+            MAML++ code's default); only with ``activation="leaky_relu"``.
+        head_init: initialisation of the linear task head a learner puts on top (the MAML family's
+            :class:`~lightning_meta.algorithms.maml.BackboneWithHead`): ``default`` (PyTorch's),
+            ``normal`` (standard-normal weights, zero bias: the MAML authors' Omniglot head) or
+            ``xavier`` (Glorot-uniform weights, zero bias: their miniImageNet head). Learners
+            without a head ignore it.
 
     Example:
         >>> import torch
@@ -78,6 +88,9 @@ class Conv4(nn.Module):
         downsample: Literal["max_pool", "stride"] = "max_pool",
         global_pool: bool = False,
         init: Literal["default", "xavier"] = "default",
+        activation: Literal["relu", "leaky_relu"] = "relu",
+        negative_slope: float = 0.01,
+        head_init: Literal["default", "normal", "xavier"] = "default",
     ) -> None:
         super().__init__()
         require_int("in_channels", in_channels, 1, "image channels: 1 for Omniglot, 3 for RGB")
@@ -101,6 +114,15 @@ class Conv4(nn.Module):
         strided = downsample == "stride"
         if init not in ("default", "xavier"):
             raise MetaConfigError(f"init={init!r} is not supported; use 'default' or 'xavier'")
+        if activation not in ("relu", "leaky_relu"):
+            raise MetaConfigError(f"activation={activation!r} is not supported; use 'relu' or 'leaky_relu'")
+        negative_slope = require_non_negative("negative_slope", negative_slope,
+                                              "the leaky ReLU's slope for negative inputs; MAML++ uses 0.01")
+        if activation == "relu" and negative_slope != 0.01:
+            raise MetaConfigError(f"negative_slope={negative_slope} only applies to activation='leaky_relu' (got "
+                                  "activation='relu'); set activation: leaky_relu or drop negative_slope")
+        if head_init not in ("default", "normal", "xavier"):
+            raise MetaConfigError(f"head_init={head_init!r} is not supported; use 'default', 'normal' or 'xavier'")
         if pads == [1, 1, 1, 1] and image_size < 2**pool_blocks and not strided:
             times = {4: "four times", 3: "three times", 2: "twice", 1: "once"}.get(pool_blocks)
             raise MetaConfigError(
@@ -126,7 +148,7 @@ class Conv4(nn.Module):
             layers.append(nn.Conv2d(channels, hidden, kernel_size=3, padding=pads[block], stride=stride))
             if norm != "none":
                 layers.append(nn.BatchNorm2d(hidden, track_running_stats=(norm == "batch")))
-            layers.append(nn.ReLU(inplace=False))
+            layers.append(nn.ReLU() if activation == "relu" else nn.LeakyReLU(negative_slope))
             if block < pool_blocks and not strided:
                 layers.append(nn.MaxPool2d(2))
             channels = hidden
@@ -142,6 +164,19 @@ class Conv4(nn.Module):
         self.flatten = flatten
         self.in_channels = in_channels
         self.image_size = image_size
+        self.head_init = head_init
+
+    def init_head(self, head: nn.Linear) -> None:
+        """Initialise the learner's linear task head as ``head_init`` says (called by ``BackboneWithHead``)."""
+        if self.head_init == "default":
+            return
+        with torch.no_grad():
+            if self.head_init == "normal":
+                nn.init.normal_(head.weight, 0.0, 1.0)
+            else:
+                nn.init.xavier_uniform_(head.weight)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[b, C, H, W] -> [b, out_features]`` (or ``[b, *out_shape]`` when ``flatten=False``)."""

@@ -5,8 +5,9 @@ Three layouts are understood (each a subcommand, each also a Python function):
 - ``imagefolder``: ``<root>/<class>/<image>`` (one folder per class), or with ``--split-folders``
   ``<root>/<train|val|test>/<class>/<image>``; classes may be split by ``--split-ratios``.
 - ``omniglot``: ``<root>/<Alphabet>/<characterNN>/<drawing>.png`` as released by Lake et al.,
-  read from the folder or straight from the zip (``images_background_small1.zip``); classes are
-  split into train/val/test *by alphabet*; ``--rotations`` adds the 90/180/270 degree rotations
+  read from the folder or straight from the zip (``images_background_small1.zip``), one set or
+  several merged; classes are split into train/val/test *by alphabet* (the default) or *by
+  character* (``--split-by character``, the MAML authors' protocol); ``--rotations`` adds the 90/180/270 degree rotations
   of every character as new classes (x4, as in the MAML and ProtoNet papers). Images are
   inverted (ink = 255, like the embedded glyphs) and shrunk by area averaging to ``--image-size``.
 - ``miniimagenet``: the Ravi & Larochelle split files ``train.csv``/``val.csv``/``test.csv``
@@ -21,6 +22,9 @@ the ordinary permissions of the current umask.
 
 Example:
     ``lightning-meta convert omniglot images_background_small1.zip data/small1 --rotations --val-fraction 0.2``
+
+    ``lightning-meta convert omniglot images_background.zip images_evaluation.zip data/maml --split-by character
+    --val-characters 100 --test-characters 423 --rotations`` (1100 / 100 / 423 characters, as MAML)
 
 """
 
@@ -48,7 +52,7 @@ import numpy as np
 
 from lightning_meta.data.faults import DECODE_ERRORS
 from lightning_meta.data.shards import INDEX_NAME, ShardIndex, ShardWriter, publish_permissions
-from lightning_meta.errors import MetaConfigError
+from lightning_meta.errors import MetaConfigError, as_integer
 
 __all__ = [
     "ImageRecipe",
@@ -372,6 +376,7 @@ class _ClassPlan:
     group: str | None
     files: list[str]
     rotations: tuple[int, ...] = (0,)
+    tree: SourceTree | None = None  # where the files are when a converter reads several sources
 
 
 def _write(
@@ -395,12 +400,13 @@ def _write(
     plans = sorted(plans, key=lambda p: order.get(p.split, len(order)))  # stable: keeps the name order
     shape: tuple[int, ...] | None = None
     first: str | None = None
-    sources = (tree.path, meta.get("input"))  # a second guard for every converter (each checks first)
+    # a second guard for every converter (each checks first)
+    sources = (tree.path, *(meta.get("input") if isinstance(meta.get("input"), list) else [meta.get("input")]))
     with _atomic_output(out_dir, overwrite, sources) as tmp, _maybe_pool(workers) as pool:
         with ShardWriter(tmp, prefix=prefix, max_samples=max_samples, meta={**meta, "format": fmt}) as writer:
             class_id = 0
             for plan in plans:
-                images = _decode_all(tree, plan.files, recipe, pool)
+                images = _decode_all(plan.tree or tree, plan.files, recipe, pool)
                 for img, f in zip(images, plan.files, strict=True):
                     if shape is None:
                         shape, first = img.shape, f
@@ -415,8 +421,10 @@ def _write(
                     writer.add_class(class_id, rotated, name=name, split=plan.split, group=plan.group, ext=fmt)
                     class_id += 1
         index = writer.index
+        inputs = meta.get("input", "")
         (tmp / "README.txt").write_text(
-            f"Shards written by `lightning-meta convert {meta.get('layout', '')}` from {meta.get('input', '')}.\n"
+            f"Shards written by `lightning-meta convert {meta.get('layout', '')}` from "
+            f"{' and '.join(map(str, inputs)) if isinstance(inputs, list) else inputs}.\n"
             f"{len(index.classes)} classes; splits and provenance are in {INDEX_NAME}.\n")
     index.path = str(Path(os.path.expanduser(os.fspath(out_dir))).absolute() / INDEX_NAME)
     index.shards = [str(Path(index.path).parent / Path(p).name) for p in index.shards]
@@ -690,8 +698,43 @@ def assign_alphabets(
     return split
 
 
+def assign_characters(
+    characters: Sequence[str], val_characters: int = 0, test_characters: int = 0, seed: int = 0
+) -> dict[str, str]:
+    """Split of each character: a seeded permutation of the sorted names, ``val`` first, then ``test``.
+
+    The MAML authors' Omniglot split: 1623 characters of both sets shuffled, 1100 train, 100
+    validation and 423 test (``val_characters=100, test_characters=423``). Their order came from
+    ``os.listdir`` and Python's ``random.shuffle`` with seed 1, which is not reproducible across
+    machines, so this split has their sizes, not their characters.
+
+    Example:
+        >>> split = assign_characters([f"A/c{i}" for i in range(10)], val_characters=2, test_characters=3)
+        >>> sorted(split.values()).count("train"), sorted(split.values()).count("test")
+        (5, 3)
+
+    Raises:
+        MetaConfigError: for negative counts or counts above the number of characters.
+
+    """
+    names = sorted(characters)
+    for name, value in (("val_characters", val_characters), ("test_characters", test_characters)):
+        if as_integer(value) is None or value < 0:
+            raise MetaConfigError(f"{name}={value!r} must be an integer >= 0 (characters in that split)")
+    if val_characters + test_characters > len(names):
+        raise MetaConfigError(f"val_characters={val_characters} + test_characters={test_characters} exceeds the "
+                              f"{len(names)} characters of the source(s); lower the counts")
+    order = [names[i] for i in np.random.default_rng(np.random.SeedSequence([seed, 3302])).permutation(len(names))]
+    split = {c: "train" for c in names}
+    for c in order[:val_characters]:
+        split[c] = "val"
+    for c in order[val_characters:val_characters + test_characters]:
+        split[c] = "test"
+    return split
+
+
 def convert_omniglot(
-    source: str | os.PathLike,
+    source: str | os.PathLike | Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     image_size: int | None = 28,
     rotations: bool = False,
@@ -705,16 +748,25 @@ def convert_omniglot(
     overwrite: bool = False,
     max_samples: int = 5000,
     workers: int = 0,
+    split_by: Literal["alphabet", "character"] = "alphabet",
+    val_characters: int = 0,
+    test_characters: int = 0,
 ) -> ShardIndex:
-    """Converts an Omniglot set (folder or zip) to shards split by alphabet.
+    """Converts one or more Omniglot sets (folders or zips) to shards split by alphabet or by character.
 
     Every character is a class whose ``group`` is its alphabet; with ``rotations`` each character
     of the ``rotation_splits`` also gives three more classes, its drawings rotated by 90, 180 and
     270 degrees (``numpy.rot90``, counter-clockwise), named ``<Alphabet>/<character>/rotNNN``.
     Images are stored inverted (ink = 255) at ``image_size`` (see :func:`omniglot_image`).
 
+    Splits: by alphabet (the default; explicit lists or seeded fractions, so test alphabets are
+    unseen in training, the Lake et al. protocol), or by character (``split_by="character"``:
+    seeded counts of characters, so an alphabet's characters may fall in several splits, the MAML
+    authors' protocol: both sets, ``val_characters=100, test_characters=423``, 1100 train).
+
     Args:
-        source: ``images_background*.zip`` / ``images_evaluation.zip`` or the extracted folder.
+        source: ``images_background*.zip`` / ``images_evaluation.zip`` or an extracted folder, or a
+            list of them (their alphabets are merged; an alphabet may appear in one only).
         out_dir: destination folder, created atomically.
         image_size: output side (default 28, as in the few-shot literature); None keeps 105.
         rotations: x4 class expansion.
@@ -723,41 +775,82 @@ def convert_omniglot(
         test_alphabets: explicit alphabet names of the test split.
         val_fraction: seeded fraction of the alphabets for validation, instead of a list.
         test_fraction: seeded fraction of the alphabets for test (the remaining alphabets are train).
-        seed: seed of the fraction split.
+        seed: seed of the fraction or character split.
         fmt: ``png`` or ``npy``.
         overwrite: replace a non-empty ``out_dir``.
         max_samples: samples per shard.
         workers: decoding processes (0 = this process).
+        split_by: ``alphabet`` or ``character`` (see above).
+        val_characters: with ``split_by="character"``, characters of the validation split.
+        test_characters: with ``split_by="character"``, characters of the test split (the rest train).
 
     Raises:
         MetaConfigError: missing input, wrong layout, an empty character folder, bad split options, an
-            ``out_dir`` that is, contains or lies inside ``source``.
+            alphabet in two sources, an ``out_dir`` that is, contains or lies inside a source.
 
     """
-    _check_output_outside(out_dir, source)
-    tree = SourceTree(source, "omniglot source")
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not sources:
+        raise MetaConfigError("no omniglot source given; pass images_background / images_evaluation (zip or folder)")
+    if split_by not in ("alphabet", "character"):
+        raise MetaConfigError(f"split_by={split_by!r} is not supported; use 'alphabet' or 'character'")
+    if split_by == "alphabet" and (val_characters or test_characters):
+        raise MetaConfigError(f"val_characters={val_characters} / test_characters={test_characters} split characters; "
+                              "add split_by='character' (--split-by character) or split alphabets instead")
+    if split_by == "character" and (val_alphabets or test_alphabets or val_fraction or test_fraction):
+        raise MetaConfigError("split_by='character' splits characters by count; drop the alphabet options "
+                              "(val/test_alphabets, val/test_fraction) or use split_by='alphabet'")
+    _check_output_outside(out_dir, *sources)
+    trees: list[SourceTree] = []
     try:
         bad = [s for s in rotation_splits if s not in SPLITS]
         if bad:
             raise MetaConfigError(f"rotation split {bad[0]!r} is not one of {', '.join(SPLITS)}")
-        prefix, alphabets = omniglot_alphabets(tree)
-        split_of = assign_alphabets(list(alphabets), val_alphabets, test_alphabets, val_fraction, test_fraction, seed)
+        alphabets: dict[str, dict[str, list[str]]] = {}
+        home: dict[str, tuple[SourceTree, str]] = {}
+        for src in sources:
+            tree = SourceTree(src, "omniglot source")
+            trees.append(tree)
+            prefix, found = omniglot_alphabets(tree)
+            for a, chars in found.items():
+                if a in alphabets:
+                    raise MetaConfigError(f"alphabet {a!r} is in {home[a][0].path} and in {tree.path}; give each "
+                                          "Omniglot set once (e.g. images_background and images_evaluation)")
+                alphabets[a] = chars
+                home[a] = (tree, prefix)
+        if split_by == "character":
+            by_char = assign_characters([f"{a}/{c}" for a in alphabets for c in alphabets[a]],
+                                        val_characters, test_characters, seed)
+            split_of = lambda a, c: by_char[f"{a}/{c}"]  # noqa: E731
+        else:
+            by_alpha = assign_alphabets(list(alphabets), val_alphabets, test_alphabets, val_fraction,
+                                        test_fraction, seed)
+            split_of = lambda a, c: by_alpha[a]  # noqa: E731
         rot = tuple(ROTATIONS) if rotations else (0,)
         plans = []
         for a in sorted(alphabets):
             for c in sorted(alphabets[a]):
-                s = split_of[a]
-                plans.append(_ClassPlan(f"{a}/{c}", s, a, alphabets[a][c], rot if s in rotation_splits else (0,)))
-        _check_class_files(plans, f"{tree.path}/{prefix}", "omniglot")
+                s = split_of(a, c)
+                plans.append(_ClassPlan(f"{a}/{c}", s, a, alphabets[a][c], rot if s in rotation_splits else (0,),
+                                        tree=home[a][0]))
+        for a in sorted(alphabets):
+            _check_class_files([p for p in plans if p.group == a], f"{home[a][0].path}/{home[a][1]}", "omniglot")
         size = _check_size(image_size)
         recipe = ImageRecipe(mode="L", size=size, invert=True, resample="box")
-        meta = {"source": "lightning-meta convert", "layout": "omniglot", "input": str(tree.path),
+        inputs = [str(t.path) for t in trees]
+        meta = {"source": "lightning-meta convert", "layout": "omniglot",
+                "input": inputs[0] if len(inputs) == 1 else inputs,
                 "image_size": image_size or 105, "ink": "255 (inverted from black-on-white)",
                 "rotations": list(rot), "rotation_splits": list(rotation_splits) if rotations else [],
-                "alphabet_splits": {a: split_of[a] for a in sorted(split_of)}, "seed": seed}
-        return _write(tree, plans, out_dir, recipe, fmt, "omniglot", meta, overwrite, max_samples, workers)
+                "split_by": split_by, "seed": seed}
+        if split_by == "alphabet":
+            meta["alphabet_splits"] = {a: by_alpha[a] for a in sorted(by_alpha)}
+        else:
+            meta["character_counts"] = {"val": val_characters, "test": test_characters}
+        return _write(trees[0], plans, out_dir, recipe, fmt, "omniglot", meta, overwrite, max_samples, workers)
     finally:
-        tree.close()
+        for tree in trees:
+            tree.close()
 
 
 # --------------------------------------------------------------------------- miniImageNet
@@ -866,7 +959,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, help="seed of --split-ratios")
 
     sp = sub.add_parser("omniglot", help="<root>/<Alphabet>/<characterNN>/*.png, a folder or the release zip")
-    sp.add_argument("source", help="images_background*.zip / images_evaluation.zip or an extracted folder")
+    sp.add_argument("source", nargs="+",
+                    help="images_background*.zip / images_evaluation.zip or extracted folders (several are merged)")
     common(sp, 28, "square output side (default 28; 0 keeps 105x105)")
     sp.add_argument("--rotations", action="store_true",
                     help="x4 classes: add every character rotated by 90, 180 and 270 degrees as new classes")
@@ -876,7 +970,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--test-alphabets", nargs="+", metavar="NAME", help="alphabets of the test split")
     sp.add_argument("--val-fraction", type=float, default=0.0, help="seeded fraction of alphabets for validation")
     sp.add_argument("--test-fraction", type=float, default=0.0, help="seeded fraction of alphabets for test")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the fraction split")
+    sp.add_argument("--split-by", choices=["alphabet", "character"], default="alphabet",
+                    help="split alphabets (default; unseen alphabets at test) or characters (the MAML authors' "
+                         "protocol: both sets, --val-characters 100 --test-characters 423)")
+    sp.add_argument("--val-characters", type=int, default=0, help="with --split-by character: validation characters")
+    sp.add_argument("--test-characters", type=int, default=0, help="with --split-by character: test characters")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the fraction or character split")
 
     sp = sub.add_parser("miniimagenet", help="Ravi & Larochelle split csv files + images/, resized to 84x84 RGB")
     sp.add_argument("root", help="folder holding train.csv, val.csv, test.csv and images/")
@@ -903,7 +1002,8 @@ def main(argv: list[str] | None = None) -> None:
                                      rotations=args.rotations, rotation_splits=args.rotation_splits or list(SPLITS),
                                      val_alphabets=args.val_alphabets, test_alphabets=args.test_alphabets,
                                      val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                                     seed=args.seed, **common)
+                                     seed=args.seed, split_by=args.split_by, val_characters=args.val_characters,
+                                     test_characters=args.test_characters, **common)
         else:
             index = convert_miniimagenet(args.root, args.output, images=args.images, image_size=args.image_size,
                                          **common)
