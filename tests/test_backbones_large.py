@@ -886,3 +886,43 @@ def test_conv4_head_init_reaches_the_learners_head():
     assert default.weight.abs().max() <= 1 / 8 and torch.count_nonzero(default.bias) == 20
     with pytest.raises(MetaConfigError, match="use 'default', 'normal' or 'xavier'"):
         Conv4(head_init="zeros")
+
+
+def test_conv4_batchnorm_without_scale_matches_the_offset_only_forward_and_trains():
+    """``norm_scale=False`` (the MAML authors' BatchNorm: offset, no scale) in every inner-loop engine."""
+    from lightning_meta.algorithms import MAMLPlusPlus
+
+    torch.manual_seed(0)
+    net = Conv4(1, 6, 28, norm="batch_no_stats", norm_scale=False, downsample="stride", global_pool=True).double()
+    norms = [m for m in net.encoder if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.weight is None and m.bias is not None for m in norms)
+    assert not any(k.endswith(f"{i}.weight") for k in net.state_dict() for i in (1, 4, 7, 10))
+    with torch.no_grad():
+        for m in norms:
+            m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    h = x
+    for conv, bn in zip((m for m in net.encoder if isinstance(m, torch.nn.Conv2d)), norms, strict=True):
+        h = F.conv2d(h, conv.weight, conv.bias, stride=2, padding=1)
+        mean, var = h.mean(dim=(0, 2, 3), keepdim=True), h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        h = F.relu((h - mean) / torch.sqrt(var + bn.eps) + bn.bias.view(1, -1, 1, 1))
+    torch.testing.assert_close(net(x), h.mean(dim=(-2, -1)))
+
+    batch = _cls_batch(tasks=2, ways=3, shots=1, queries=2, size=28)
+    grads = {}
+    for engine in ("loop", "vmap"):
+        torch.manual_seed(1)
+        body = Conv4(1, 6, 28, norm="batch_no_stats", norm_scale=False).double()
+        model = MAML(body, ways=3, inner_lr=0.5, adapt_filter="no_norm", task_batching=engine).double()
+        model.meta_loss(batch).backward()
+        grads[engine] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert any("encoder.1.bias" in n for n in grads["loop"])  # the offsets train in the outer loop
+    for n, g in grads["loop"].items():
+        torch.testing.assert_close(grads["vmap"][n], g, rtol=1e-9, atol=1e-12, msg=n)
+    pp = MAMLPlusPlus(Conv4(1, 6, 28, norm="batch", norm_scale=False), ways=3, inner_steps=2, bn="per_step").double()
+    per_step = [m for m in pp.modules() if type(m).__name__ == "PerStepBatchNorm"]
+    assert per_step and all(m.weight is None and m.bias.shape == (2, 6) for m in per_step)
+    pp.meta_loss(batch).backward()
+    assert all(torch.isfinite(m.bias.grad).all() and m.bias.grad.abs().sum() > 0 for m in per_step)
+    with pytest.raises(MetaConfigError, match="norm='none' has no BatchNorm"):
+        Conv4(norm="none", norm_scale=False)

@@ -59,6 +59,9 @@ class Conv4(nn.Module):
             ``normal`` (standard-normal weights, zero bias: the MAML authors' Omniglot head) or
             ``xavier`` (Glorot-uniform weights, zero bias: their miniImageNet head). Learners
             without a head ignore it.
+        norm_scale: ``False`` drops BatchNorm's learned scale and keeps its offset, as the MAML
+            authors' TensorFlow code (``tf.contrib.layers.batch_norm`` without ``scale``); each
+            layer's ``weight`` is then ``None``.
 
     Example:
         >>> import torch
@@ -91,6 +94,7 @@ class Conv4(nn.Module):
         activation: Literal["relu", "leaky_relu"] = "relu",
         negative_slope: float = 0.01,
         head_init: Literal["default", "normal", "xavier"] = "default",
+        norm_scale: bool = True,
     ) -> None:
         super().__init__()
         require_int("in_channels", in_channels, 1, "image channels: 1 for Omniglot, 3 for RGB")
@@ -121,6 +125,11 @@ class Conv4(nn.Module):
         if activation == "relu" and negative_slope != 0.01:
             raise MetaConfigError(f"negative_slope={negative_slope} only applies to activation='leaky_relu' (got "
                                   "activation='relu'); set activation: leaky_relu or drop negative_slope")
+        if not isinstance(norm_scale, bool):
+            raise MetaConfigError(f"norm_scale={norm_scale!r} must be true or false")
+        if not norm_scale and norm == "none":
+            raise MetaConfigError("norm_scale=False removes BatchNorm's scale, but norm='none' has no BatchNorm; "
+                                  "use norm='batch' or 'batch_no_stats', or drop norm_scale")
         if head_init not in ("default", "normal", "xavier"):
             raise MetaConfigError(f"head_init={head_init!r} is not supported; use 'default', 'normal' or 'xavier'")
         if pads == [1, 1, 1, 1] and image_size < 2**pool_blocks and not strided:
@@ -147,7 +156,10 @@ class Conv4(nn.Module):
             stride = 2 if strided and block < pool_blocks else 1
             layers.append(nn.Conv2d(channels, hidden, kernel_size=3, padding=pads[block], stride=stride))
             if norm != "none":
-                layers.append(nn.BatchNorm2d(hidden, track_running_stats=(norm == "batch")))
+                bn = nn.BatchNorm2d(hidden, track_running_stats=(norm == "batch"))
+                if not norm_scale:
+                    bn.register_parameter("weight", None)  # F.batch_norm then applies the offset alone
+                layers.append(bn)
             layers.append(nn.ReLU() if activation == "relu" else nn.LeakyReLU(negative_slope))
             if block < pool_blocks and not strided:
                 layers.append(nn.MaxPool2d(2))

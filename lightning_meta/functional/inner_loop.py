@@ -196,9 +196,12 @@ class PerStepBatchNorm(nn.Module):
         ref = bn.weight if bn.weight is not None else bn.running_mean
         new = new.to(device=ref.device if ref is not None else None,
                      dtype=ref.dtype if ref is not None else None)
+        if bn.affine and bn.weight is None:  # an offset without a scale (Conv4 norm_scale=False)
+            new.register_parameter("weight", None)
         with torch.no_grad():
             if bn.affine:
-                new.weight.copy_(bn.weight.detach().expand(steps, -1))
+                if bn.weight is not None:
+                    new.weight.copy_(bn.weight.detach().expand(steps, -1))
                 new.bias.copy_(bn.bias.detach().expand(steps, -1))
             if bn.running_mean is not None:
                 new.running_mean.copy_(bn.running_mean.expand(steps, -1))
