@@ -9,8 +9,8 @@ Three layouts are understood (each a subcommand, each also a Python function):
   several merged; classes are split into train/val/test *by alphabet* (the default) or *by
   character* (``--split-by character``, the MAML authors' protocol); ``--rotations`` adds the
   90/180/270 degree rotations of every character as new classes (x4, as in the MAML and ProtoNet
-  papers). Images are
-  inverted (ink = 255, like the embedded glyphs) and shrunk by area averaging to ``--image-size``.
+  papers). Images are inverted (ink = 255, like the embedded glyphs) and shrunk by area averaging
+  to ``--image-size``.
 - ``miniimagenet``: the Ravi & Larochelle split files ``train.csv``/``val.csv``/``test.csv``
   (columns ``filename,label``) and an ``images/`` folder, resized to 84x84 RGB.
 
