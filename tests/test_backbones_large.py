@@ -884,13 +884,17 @@ def test_conv4_head_init_reaches_the_learners_head():
     assert torch.count_nonzero(xavier.bias) == 0
     default = MAML(Conv4(1, 64, 28), ways=20).model.head  # PyTorch's: uniform(+-1/sqrt(64)), nonzero bias
     assert default.weight.abs().max() <= 1 / 8 and torch.count_nonzero(default.bias) == 20
+    film = MAML(FiLMBackbone(Conv4(1, 64, 28, head_init="normal")), ways=20).model.head  # through a wrapper
+    assert abs(film.weight.std().item() - 1.0) < 0.05 and torch.count_nonzero(film.bias) == 0
+    lora = MAML(LoRABackbone(MLP(4, [64], init="truncated_normal"), rank=2), ways=20).model.head
+    assert lora.weight.abs().max() <= 0.02 and torch.count_nonzero(lora.bias) == 0  # MLP's scheme: std 0.01, cut at 2
     with pytest.raises(MetaConfigError, match="use 'default', 'normal' or 'xavier'"):
         Conv4(head_init="zeros")
 
 
 def test_conv4_batchnorm_without_scale_matches_the_offset_only_forward_and_trains():
     """``norm_scale=False`` (the MAML authors' BatchNorm: offset, no scale) in every inner-loop engine."""
-    from lightning_meta.algorithms import MAMLPlusPlus
+    from lightning_meta.algorithms import MAMLPlusPlus, MetaSGD
 
     torch.manual_seed(0)
     net = Conv4(1, 6, 28, norm="batch_no_stats", norm_scale=False, downsample="stride", global_pool=True).double()
@@ -909,16 +913,21 @@ def test_conv4_batchnorm_without_scale_matches_the_offset_only_forward_and_train
     torch.testing.assert_close(net(x), h.mean(dim=(-2, -1)))
 
     batch = _cls_batch(tasks=2, ways=3, shots=1, queries=2, size=28)
-    grads = {}
-    for engine in ("loop", "vmap"):
-        torch.manual_seed(1)
-        body = Conv4(1, 6, 28, norm="batch_no_stats", norm_scale=False).double()
-        model = MAML(body, ways=3, inner_lr=0.5, adapt_filter="no_norm", task_batching=engine).double()
-        model.meta_loss(batch).backward()
-        grads[engine] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert any("encoder.1.bias" in n for n in grads["loop"])  # the offsets train in the outer loop
-    for n, g in grads["loop"].items():
-        torch.testing.assert_close(grads["vmap"][n], g, rtol=1e-9, atol=1e-12, msg=n)
+    for adapt_filter in ("no_norm", "all"):  # offsets outer-only (the MAML authors') or adapted too
+        grads = {}
+        for engine in ("loop", "vmap"):  # the fused kernel against vmap's elementary-operation BatchNorm
+            torch.manual_seed(1)
+            body = Conv4(1, 6, 28, norm="batch_no_stats", norm_scale=False).double()
+            model = MAML(body, ways=3, inner_lr=0.5, adapt_filter=adapt_filter, task_batching=engine).double()
+            model.meta_loss(batch).backward()
+            grads[engine] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert grads["loop"]["model.backbone.encoder.1.bias"].abs().sum() > 0  # the offsets train
+        for n, g in grads["loop"].items():
+            torch.testing.assert_close(grads["vmap"][n], g, rtol=1e-9, atol=1e-12, msg=f"{adapt_filter} {n}")
+    for model in (MetaSGD(Conv4(1, 6, 28, norm_scale=False), ways=3),
+                  MAML(Conv4(1, 6, 28, norm_scale=False), ways=3, bn="frozen")):
+        model.meta_loss(batch.to(torch.float32)).backward()  # second order through an adapted offset
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     pp = MAMLPlusPlus(Conv4(1, 6, 28, norm="batch", norm_scale=False), ways=3, inner_steps=2, bn="per_step").double()
     per_step = [m for m in pp.modules() if type(m).__name__ == "PerStepBatchNorm"]
     assert per_step and all(m.weight is None and m.bias.shape == (2, 6) for m in per_step)
@@ -926,3 +935,24 @@ def test_conv4_batchnorm_without_scale_matches_the_offset_only_forward_and_train
     assert all(torch.isfinite(m.bias.grad).all() and m.bias.grad.abs().sum() > 0 for m in per_step)
     with pytest.raises(MetaConfigError, match="norm='none' has no BatchNorm"):
         Conv4(norm="none", norm_scale=False)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_offset_batchnorm_equals_batchnorm_with_its_scale_fixed_at_one(momentum):
+    from lightning_meta.backbones.conv4 import OffsetBatchNorm2d
+
+    torch.manual_seed(0)
+    ours, ref = OffsetBatchNorm2d(3, momentum=momentum), nn.BatchNorm2d(3, momentum=momentum)
+    with torch.no_grad():
+        ours.bias.uniform_(-1, 1)
+        ref.bias.copy_(ours.bias)
+    for step in range(3):  # training updates the same running statistics; evaluation uses them
+        x = torch.randn(4, 3, 5, 5) * (step + 1)
+        torch.testing.assert_close(ours(x), ref(x))
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, k), getattr(ref, k))
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(ours(x), ref(x))
+    untracked = OffsetBatchNorm2d(3, track_running_stats=False).eval()  # always batch statistics
+    torch.testing.assert_close(untracked(x), F.batch_norm(x, None, None, None, untracked.bias, True))

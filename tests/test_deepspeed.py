@@ -200,6 +200,23 @@ def test_a_shard_checkpoint_is_evaluated_under_deepspeed(tmp_path):
     assert 0.0 <= results[0]["test/acc"] <= 1.0
 
 
+def test_nil_validation_under_zero3_equals_plain(tmp_path):
+    """NIL runs the body module itself, so ZeRO-3 gathers its partitioned weights (a detached copy has none)."""
+    from lightning_meta.datamodules import ShardDataModule
+
+    shards = _shards(tmp_path)
+    scores = {}
+    for strategy in ("deepspeed_cpu_stage_3", "auto"):
+        dm = ShardDataModule(shards=shards, ways=3, shots=1, queries=2, eval_queries=2, meta_batch_size=2,
+                             eval_meta_batch_size=2, train_episodes=4, val_episodes=4, test_episodes=2)
+        torch.manual_seed(0)
+        model = ANIL(Conv4(1, 32, 16), ways=3, inner_lr=0.4, lr=0.01, eval_mode="nil")
+        trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        scores[strategy] = trainer.validate(model, dm, verbose=False)[0]["val/acc"]
+    assert scores["deepspeed_cpu_stage_3"] == pytest.approx(scores["auto"], abs=1e-6)
+
+
 # ------------------------------------------------------------------ slow tests
 def _shards(tmp_path: Path) -> str:
     from lightning_meta.data.glyphs import generate_glyphs

@@ -163,3 +163,28 @@ def test_nil_from_the_command_line_on_another_way(tmp_path, monkeypatch):
     assert cli.model.eval_mode == "nil" and cli.model.ways == 5
     result = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     assert 0.0 <= result["test/acc"] <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nil_with_low_precision_weights_and_running_statistics(dtype):
+    """bf16-true / fp16 weights with bn='frozen': the body runs with its own-dtype buffers (was a dtype clash)."""
+    batch = cls_batch(tasks=2, ways=3, shots=2, queries=3, dtype=torch.float32)
+    full = MAML(body(norm="batch").float(), ways=3, bn="frozen", eval_mode="nil").eval()
+    low = copy.deepcopy(full).to(dtype)
+    ref = full.query_outputs(batch).exp()
+    out = low.query_outputs(batch.to(dtype)).exp()
+    assert out.dtype == torch.float32  # the cosine attention runs in float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0.05)
+
+
+def test_nil_in_training_mode_evaluates_and_restores_the_mode():
+    """Called in training mode, NIL still evaluates: MAML++'s per-step statistics are not collected."""
+    batch = cls_batch(tasks=1, ways=3, shots=2, queries=3)
+    model = MAMLPlusPlus(body(norm="batch"), ways=3, inner_steps=2, bn="per_step", eval_mode="nil").double()
+    saved = copy.deepcopy(model.state_dict())
+    model.train()
+    train_out = model.nil_query_outputs(batch)
+    assert model.training and model.model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(train_out, model.eval().nil_query_outputs(batch), rtol=0, atol=0)

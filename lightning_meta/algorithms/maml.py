@@ -599,9 +599,10 @@ class MAML(MetaLearner):
         """NIL's log class probabilities ``[B, nq, ways]`` of a meta-batch's queries (see ``eval_mode``).
 
         No inner loop and no head: the body's features of each task's support and query sets
-        (BatchNorm as in the inner loop's first step), then Matching Networks' cosine-attention
-        classifier over the support set. Runs in any mode; evaluation uses it when
-        ``eval_mode='nil'``.
+        (BatchNorm as in the inner loop's first step, in evaluation mode), then Matching Networks'
+        cosine-attention classifier over the support set. It can be called in either mode and
+        always evaluates (no running statistics are collected, dropout is off); validation and
+        test use it when ``eval_mode='nil'``.
 
         Example:
             >>> from lightning_meta import Episode, collate_episodes
@@ -614,16 +615,21 @@ class MAML(MetaLearner):
             (torch.Size([1, 3, 2]), True)
 
         """
-        params = {k[len("backbone."):]: v.detach() for k, v in self.model.named_parameters()
-                  if k.startswith("backbone.")}
-        buffers = {k[len("backbone."):]: v for k, v in self.model_buffers().items() if k.startswith("backbone.")}
+        # the body module itself (no functional weights: nothing adapts), so DeepSpeed ZeRO-3 gathers its
+        # partitioned weights and bf16/fp16 weights meet buffers of their own dtype; in evaluation mode
+        # whatever the learner's mode, so that no running (or per-step) statistics are collected
         body = self.model.backbone
+        was_training = self.model.training
         outs = []
-        with torch.no_grad(), bn_policy(self.model, self.bn), norm_step(self.model, 0):
-            for ep in batch.tasks():
-                fs = functional_call(body, (params, buffers), (ep.support_x,))
-                fq = functional_call(body, (params, buffers), (ep.query_x,))
-                outs.append(matching_log_probs(fq.flatten(1), fs.flatten(1), ep.support_y, ep.ways))
+        try:
+            self.model.eval()
+            with torch.no_grad(), bn_policy(self.model, self.bn), norm_step(self.model, 0):
+                for ep in batch.tasks():
+                    with low_precision_autocast(ep.support_x):
+                        fs, fq = body(ep.support_x), body(ep.query_x)
+                    outs.append(matching_log_probs(fq.flatten(1), fs.flatten(1), ep.support_y, ep.ways))
+        finally:
+            self.model.train(was_training)
         return torch.stack(outs)
 
     def _batched_query_outputs(self, batch: Episode) -> Tensor | None:

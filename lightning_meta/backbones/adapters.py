@@ -416,6 +416,12 @@ def _preview(names: list[str], n: int = 8) -> str:
     return f"{names[:n]}{' ...' if len(names) > n else ''}" if names else "none"
 
 
+def _init_head_like(backbone: nn.Module, head: nn.Linear) -> None:
+    init_head = getattr(backbone, "init_head", None)
+    if callable(init_head):  # e.g. Conv4(head_init=...), MLP(init="truncated_normal")
+        init_head(head)
+
+
 def _out_features(backbone: nn.Module, who: str) -> int:
     d = getattr(backbone, "out_features", None)
     if not isinstance(d, int) or d <= 0:
@@ -470,6 +476,10 @@ class LoRABackbone(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return self.body(x)
 
+    def init_head(self, head: nn.Linear) -> None:
+        """Initialise a learner's task head as the wrapped backbone would (its ``init_head``), if it says how."""
+        _init_head_like(self.body, head)
+
 
 class FiLMBackbone(nn.Module):
     """Any backbone with FiLM (or CAVIA context) layers after chosen layers (:func:`add_film`), from YAML.
@@ -499,3 +509,7 @@ class FiLMBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return self.body(x)
+
+    def init_head(self, head: nn.Linear) -> None:
+        """Initialise a learner's task head as the wrapped backbone would (its ``init_head``), if it says how."""
+        _init_head_like(self.body, head)

@@ -6,14 +6,52 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_meta.backbones._shapes import flatten_checked
 from lightning_meta.errors import MetaConfigError, as_integer, require_int, require_non_negative
 
-__all__ = ["Conv4"]
+__all__ = ["Conv4", "OffsetBatchNorm2d"]
 
 Norm = Literal["batch", "batch_no_stats", "none"]
+
+
+class OffsetBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with a learned offset and no scale (``weight`` is ``None``), as TensorFlow's default.
+
+    The kernel receives a constant scale of ones: PyTorch's ``batch_norm`` cannot be
+    differentiated twice with ``weight=None`` once its bias is part of an inner loop (second-order
+    MAML adapting the offset fails in the backward), and with ones it can. The running-statistics
+    logic is ``nn.BatchNorm2d``'s.
+
+    Example:
+        >>> bn = OffsetBatchNorm2d(3)
+        >>> bn.weight is None, [n for n, _ in bn.named_parameters()]
+        (True, ['bias'])
+        >>> torch.allclose(bn(torch.randn(4, 3, 2, 2)).mean((0, 2, 3)), torch.zeros(3), atol=1e-6)
+        True
+
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 track_running_stats: bool = True) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True,
+                         track_running_stats=track_running_stats)
+        self.register_parameter("weight", None)
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: D102
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return F.batch_norm(input, self.running_mean if keep_running else None,
+                            self.running_var if keep_running else None, torch.ones_like(self.bias), self.bias,
+                            use_batch_stats, momentum, self.eps)
 
 
 class Conv4(nn.Module):
@@ -156,10 +194,8 @@ class Conv4(nn.Module):
             stride = 2 if strided and block < pool_blocks else 1
             layers.append(nn.Conv2d(channels, hidden, kernel_size=3, padding=pads[block], stride=stride))
             if norm != "none":
-                bn = nn.BatchNorm2d(hidden, track_running_stats=(norm == "batch"))
-                if not norm_scale:
-                    bn.register_parameter("weight", None)  # F.batch_norm then applies the offset alone
-                layers.append(bn)
+                bn_type = nn.BatchNorm2d if norm_scale else OffsetBatchNorm2d
+                layers.append(bn_type(hidden, track_running_stats=(norm == "batch")))
             layers.append(nn.ReLU() if activation == "relu" else nn.LeakyReLU(negative_slope))
             if block < pool_blocks and not strided:
                 layers.append(nn.MaxPool2d(2))

@@ -216,8 +216,9 @@ class PerStepBatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalises ``[b, C, ...]`` with the statistics and affine weights of the current step."""
         s = min(self.step, self.steps - 1)
-        w = None if self.weight is None else self.weight[s]
         b = None if self.bias is None else self.bias[s]
+        # an offset without a scale: a constant scale of ones, which batch_norm's double backward needs
+        w = (None if b is None else torch.ones_like(b)) if self.weight is None else self.weight[s]
         if not self.training and self.eval_running_stats:
             return F.batch_norm(x, self.running_mean[s], self.running_var[s], w, b, False, 0.0, self.eps)
         if self.training and not _recomputing():
