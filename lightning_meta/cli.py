@@ -7,6 +7,7 @@ datamodules are chosen by class name (``--model MAML``, ``--data ShardDataModule
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import os
@@ -244,12 +245,45 @@ class MetaCLI(LightningCLI):
                                   "file; pass another checkpoint (the run's checkpoints/ folder holds the others)"
                                   ) from None
 
+    def parse_arguments(self, parser, args) -> None:  # noqa: D102
+        self._argv = [] if isinstance(args, dict) else [str(a) for a in (sys.argv[1:] if args is None else args)]
+        super().parse_arguments(parser, args)
+
+    def _model_args_on_command_line(self) -> set[str]:
+        """The model's init arguments set on the command line (``--model.init_args.X`` or ``--model.X``)."""
+        keys = set()
+        for token in getattr(self, "_argv", []):
+            if token.startswith("--model."):
+                path = token[len("--model."):].split("=", 1)[0].split(".")
+                path = path[1:] if path[0] == "init_args" else path
+                if path and path[0]:
+                    keys.add(path[0])
+        return keys
+
     def _parse_ckpt_path(self) -> None:
-        """Check ``--ckpt_path`` first: Lightning (>= 2.5) loads its hyperparameters right after parsing."""
+        """Check ``--ckpt_path`` first, then let the command line's model settings win over the checkpoint's.
+
+        Lightning (>= 2.5) loads the checkpoint's hyperparameters right after parsing and lets them
+        override everything, so ``test --ckpt_path CKPT --model.init_args.eval_mode nil`` (or
+        ``eval_inner_steps``) was silently tested with the checkpoint's values (Lightning issue
+        20801, PR 21455). The values given on the command line are put back; those of config
+        files still give way to the checkpoint's, as in Lightning.
+        """
         self._check_checkpoint_file()
         parent = getattr(super(), "_parse_ckpt_path", None)
-        if parent is not None:
-            parent()
+        if parent is None:
+            return
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
+        given = {k: copy.deepcopy(init_args[k]) for k in self._model_args_on_command_line()
+                 if init_args is not None and k in init_args}
+        class_path = model.get("class_path") if given else None
+        parent()
+        model = self.config[subcommand].get("model") if subcommand else None
+        if given and model is not None and model.get("class_path") == class_path:
+            for k, v in given.items():
+                model["init_args"][k] = v
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Name the checkpoint and the fix when its weights do not fit the configured model."""

@@ -188,3 +188,23 @@ def test_nil_in_training_mode_evaluates_and_restores_the_mode():
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
     torch.testing.assert_close(train_out, model.eval().nil_query_outputs(batch), rtol=0, atol=0)
+
+
+def test_command_line_model_settings_win_over_the_checkpoints(tmp_path, monkeypatch):
+    """``test --ckpt_path CKPT --model.init_args.eval_mode nil``: Lightning loads the checkpoint's hyperparameters
+    after parsing and let them override the command line, so NIL (or another eval_inner_steps) was silently
+    not used. The command line wins now; a config file still gives way to the checkpoint, as in Lightning."""
+    from lightning_meta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+             "--data.init_args.meta_batch_size", "2", "--data.init_args.eval_meta_batch_size", "2"]
+    config = str(ROOT / "configs" / "anil_glyphs.yaml")  # inner_lr 0.4, eval_inner_steps 10, eval_mode adapt
+    fit = main(["fit", "--config", config, "--trainer.fast_dev_run", "1", "--model.init_args.inner_lr", "0.3", *quiet])
+    fit.trainer.save_checkpoint(tmp_path / "anil.ckpt")
+    cli = main(["test", "--config", config, "--ckpt_path", str(tmp_path / "anil.ckpt"), "--trainer.limit_test_batches",
+                "2", "--model.init_args.eval_mode", "nil", "--model.eval_inner_steps", "3",
+                "--data.init_args.eval_ways", "3", *quiet])
+    assert (cli.model.eval_mode, cli.model.eval_inner_steps) == ("nil", 3)  # the command line's
+    assert cli.model.inner_lr == 0.3  # the checkpoint's, over the config file's 0.4
+    assert 0.0 <= cli.trainer.callback_metrics["test/acc"] <= 1.0  # 3-way episodes: only NIL can test them
