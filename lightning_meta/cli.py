@@ -125,6 +125,45 @@ class MetaSaveConfig(SaveConfigCallback):
         self.already_saved = True
 
 
+def _command_line_tokens(args) -> list[str]:
+    """The command line LightningCLI parses: ``args`` as a list, ``sys.argv`` when None; none for a dict/Namespace.
+
+    Example:
+        >>> _command_line_tokens(["test", "--model.eval_mode", "nil"]), _command_line_tokens({"model": {}})
+        (['test', '--model.eval_mode', 'nil'], [])
+
+    """
+    from jsonargparse import Namespace
+
+    if isinstance(args, (dict, Namespace)):  # a configuration, not a command line
+        return []
+    return [str(a) for a in (sys.argv[1:] if args is None else args)]
+
+
+def _mapping(value: str) -> dict | None:
+    """``value`` read as a JSON/YAML mapping (``'{"eval_mode": "nil"}'``), else None."""
+    if not value.lstrip().startswith("{"):
+        return None
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _import_class(path: str | None):
+    """The class a ``class_path`` names, or None when it cannot be imported."""
+    if not isinstance(path, str) or "." not in path:
+        return None
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
 def _check_linked_ways(cfg) -> None:
     """Refuse an explicit ``model.init_args.ways`` that the link from ``data`` would silently replace.
 
@@ -246,18 +285,34 @@ class MetaCLI(LightningCLI):
                                   ) from None
 
     def parse_arguments(self, parser, args) -> None:  # noqa: D102
-        self._argv = [] if isinstance(args, dict) else [str(a) for a in (sys.argv[1:] if args is None else args)]
+        self._argv = _command_line_tokens(args)
         super().parse_arguments(parser, args)
 
     def _model_args_on_command_line(self) -> set[str]:
-        """The model's init arguments set on the command line (``--model.init_args.X`` or ``--model.X``)."""
-        keys = set()
-        for token in getattr(self, "_argv", []):
-            if token.startswith("--model."):
-                path = token[len("--model."):].split("=", 1)[0].split(".")
-                path = path[1:] if path[0] == "init_args" else path
-                if path and path[0]:
-                    keys.add(path[0])
+        """The model's init arguments set on the command line.
+
+        ``--model.init_args.X V``, ``--model.X V`` (also with ``=``), ``--model.init_args '{X: V}'``
+        and ``--model '{class_path: ..., init_args: {X: V}}'``; a class name or a file given to
+        ``--model`` names no argument (a file is a config file).
+        """
+        argv = getattr(self, "_argv", [])
+        keys: set[str] = set()
+        for i, token in enumerate(argv):
+            name, sep, value = token.partition("=")
+            if name != "--model" and not name.startswith("--model."):
+                continue
+            if not sep:
+                value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+            path = [p for p in name[len("--model"):].split(".") if p]
+            named = path[1:] if path[:1] == ["init_args"] else path
+            if named:  # --model.init_args.X or --model.X
+                keys.add(named[0])
+                continue
+            mapping = _mapping(value)
+            if mapping is not None and path == ["init_args"]:
+                keys |= {str(k) for k in mapping}
+            elif mapping is not None and isinstance(mapping.get("init_args"), dict):
+                keys |= {str(k) for k in mapping["init_args"]}
         return keys
 
     def _parse_ckpt_path(self) -> None:
@@ -267,7 +322,10 @@ class MetaCLI(LightningCLI):
         override everything, so ``test --ckpt_path CKPT --model.init_args.eval_mode nil`` (or
         ``eval_inner_steps``) was silently tested with the checkpoint's values (Lightning issue
         20801, PR 21455). The values given on the command line are put back; those of config
-        files still give way to the checkpoint's, as in Lightning.
+        files (and of ``args`` given as a dict) still give way to the checkpoint's, as in
+        Lightning. The model's class is the checkpoint's (Lightning's rule); when it differs from
+        the configured one, a warning names both, and the command line's values the checkpoint's
+        class does not take are named as dropped.
         """
         self._check_checkpoint_file()
         parent = getattr(super(), "_parse_ckpt_path", None)
@@ -278,12 +336,23 @@ class MetaCLI(LightningCLI):
         init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
         given = {k: copy.deepcopy(init_args[k]) for k in self._model_args_on_command_line()
                  if init_args is not None and k in init_args}
-        class_path = model.get("class_path") if given else None
+        before = model.get("class_path") if given else None
         parent()
         model = self.config[subcommand].get("model") if subcommand else None
-        if given and model is not None and model.get("class_path") == class_path:
-            for k, v in given.items():
-                model["init_args"][k] = v
+        if not given or model is None:
+            return
+        after = model.get("class_path")
+        after_cls = _import_class(after)
+        same = after == before or (after_cls is not None and after_cls is _import_class(before))
+        accepted = set(inspect.signature(after_cls.__init__).parameters) if after_cls is not None else set(given)
+        kept = {k: v for k, v in given.items() if same or k in accepted}
+        for k, v in kept.items():
+            model["init_args"][k] = v
+        if not same:
+            dropped = sorted(set(given) - set(kept))
+            rank_zero_warn(f"--ckpt_path holds a {after} model, not the configured {before}: it is built as {after} "
+                           f"(the checkpoint's class); the command line's {sorted(kept)} are applied to it"
+                           + (f", {dropped} do not apply" if dropped else ""))
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Name the checkpoint and the fix when its weights do not fit the configured model."""

@@ -956,3 +956,8 @@ def test_offset_batchnorm_equals_batchnorm_with_its_scale_fixed_at_one(momentum)
     torch.testing.assert_close(ours(x), ref(x))
     untracked = OffsetBatchNorm2d(3, track_running_stats=False).eval()  # always batch statistics
     torch.testing.assert_close(untracked(x), F.batch_norm(x, None, None, None, untracked.bias, True))
+    from lightning_meta.functional.inner_loop import PerStepBatchNorm
+
+    per_step = PerStepBatchNorm.from_batchnorm(OffsetBatchNorm2d(3, track_running_stats=False).double(), steps=2)
+    assert per_step.weight is None and per_step.bias.dtype == torch.float64  # was a float32 copy
+    torch.testing.assert_close(per_step(x.double()), F.batch_norm(x.double(), None, None, None, None, True))

@@ -9,6 +9,7 @@ probabilities rather than log-probabilities.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,46 @@ def test_command_line_model_settings_win_over_the_checkpoints(tmp_path, monkeypa
     assert (cli.model.eval_mode, cli.model.eval_inner_steps) == ("nil", 3)  # the command line's
     assert cli.model.inner_lr == 0.3  # the checkpoint's, over the config file's 0.4
     assert 0.0 <= cli.trainer.callback_metrics["test/acc"] <= 1.0  # 3-way episodes: only NIL can test them
+
+    # the class written another way, values as a JSON mapping
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = main(["test", "--config", config, "--ckpt_path", str(tmp_path / "anil.ckpt"),
+                    "--trainer.limit_test_batches", "1", "--model", "lightning_meta.algorithms.anil.ANIL",
+                    "--model.init_args", '{"eval_mode": "nil", "eval_inner_steps": 4}', *quiet])
+    assert (type(cli.model).__name__, cli.model.eval_mode, cli.model.eval_inner_steps) == ("ANIL", "nil", 4)
+    assert not [w for w in caught if "holds a" in str(w.message)]  # the same class: no warning
+    # a checkpoint of another class: built as the checkpoint's class (Lightning's rule), with a warning;
+    # the command line's values that class takes are kept
+    maml = str(ROOT / "configs" / "maml_glyphs.yaml")
+    with pytest.warns(UserWarning, match=r"holds a lightning_meta\.algorithms\.ANIL model, not the configured"):
+        cli = main(["test", "--config", maml, "--ckpt_path", str(tmp_path / "anil.ckpt"),
+                    "--trainer.limit_test_batches", "1", "--model.init_args.eval_mode", "nil", *quiet])
+    assert (type(cli.model).__name__, cli.model.eval_mode) == ("ANIL", "nil")
+
+
+@pytest.mark.parametrize("argv, keys", [
+    (["--model.init_args.eval_mode", "nil"], {"eval_mode"}),
+    (["--model.eval_mode=nil", "--model.eval_inner_steps", "3"], {"eval_mode", "eval_inner_steps"}),
+    (["--model.init_args", '{"eval_mode": "nil", "lr": 0.1}'], {"eval_mode", "lr"}),
+    (["--model.init_args={lr: 0.1}"], {"lr"}),
+    (["--model", '{"class_path": "ANIL", "init_args": {"eval_mode": "nil"}}'], {"eval_mode"}),
+    (["--model", "ANIL", "--model.init_args.backbone.init_args.hidden", "8"], {"backbone"}),
+    (["--model", "model.yaml"], set()),  # a config file: the checkpoint's values win over it
+    (["--modelx", "1", "--data.init_args.ways", "3"], set()),
+])
+def test_model_arguments_found_on_the_command_line(argv, keys):
+    from types import SimpleNamespace
+
+    from lightning_meta.cli import MetaCLI, _command_line_tokens
+
+    assert MetaCLI._model_args_on_command_line(SimpleNamespace(_argv=_command_line_tokens(argv))) == keys
+
+
+def test_arguments_given_as_a_mapping_are_not_a_command_line():
+    from jsonargparse import Namespace
+
+    from lightning_meta.cli import _command_line_tokens
+
+    assert _command_line_tokens({"model": {"init_args": {"eval_mode": "nil"}}}) == []
+    assert _command_line_tokens(Namespace(model=Namespace(eval_mode="nil"))) == []  # was a crash

@@ -98,8 +98,10 @@ class Conv4(nn.Module):
             ``xavier`` (Glorot-uniform weights, zero bias: their miniImageNet head). Learners
             without a head ignore it.
         norm_scale: ``False`` drops BatchNorm's learned scale and keeps its offset, as the MAML
-            authors' TensorFlow code (``tf.contrib.layers.batch_norm`` without ``scale``); each
-            layer's ``weight`` is then ``None``.
+            authors' TensorFlow code (``tf.contrib.layers.batch_norm`` without ``scale``): the layers
+            are :class:`OffsetBatchNorm2d` (``weight`` is ``None``). Lightning's
+            ``sync_batchnorm=True`` would replace them by plain ``SyncBatchNorm`` layers, with which
+            second-order MAML cannot adapt the offsets; MAML normalises per task and needs no sync.
 
     Example:
         >>> import torch

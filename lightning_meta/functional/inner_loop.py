@@ -193,7 +193,7 @@ class PerStepBatchNorm(nn.Module):
         momentum = 0.1 if bn.momentum is None else float(bn.momentum)
         new = cls(bn.num_features, steps, eps=bn.eps, momentum=momentum, affine=bn.affine,
                   eval_running_stats=eval_running_stats)
-        ref = bn.weight if bn.weight is not None else bn.running_mean
+        ref = next((t for t in (bn.weight, bn.bias, bn.running_mean) if t is not None), None)
         new = new.to(device=ref.device if ref is not None else None,
                      dtype=ref.dtype if ref is not None else None)
         if bn.affine and bn.weight is None:  # an offset without a scale (Conv4 norm_scale=False)
