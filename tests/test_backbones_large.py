@@ -897,7 +897,8 @@ def test_conv4_batchnorm_without_scale_matches_the_offset_only_forward_and_train
     from lightning_meta.algorithms import MAMLPlusPlus, MetaSGD
 
     torch.manual_seed(0)
-    net = Conv4(1, 6, 28, norm="batch_no_stats", norm_scale=False, downsample="stride", global_pool=True).double()
+    net = Conv4(1, 6, 28, norm="batch_no_stats", norm_scale=False, norm_eps=1e-3, downsample="stride",
+                global_pool=True).double()
     norms = [m for m in net.encoder if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(m.weight is None and m.bias is not None for m in norms)
     assert not any(k.endswith(f"{i}.weight") for k in net.state_dict() for i in (1, 4, 7, 10))
@@ -909,7 +910,7 @@ def test_conv4_batchnorm_without_scale_matches_the_offset_only_forward_and_train
     for conv, bn in zip((m for m in net.encoder if isinstance(m, torch.nn.Conv2d)), norms, strict=True):
         h = F.conv2d(h, conv.weight, conv.bias, stride=2, padding=1)
         mean, var = h.mean(dim=(0, 2, 3), keepdim=True), h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        h = F.relu((h - mean) / torch.sqrt(var + bn.eps) + bn.bias.view(1, -1, 1, 1))
+        h = F.relu((h - mean) / torch.sqrt(var + 1e-3) + bn.bias.view(1, -1, 1, 1))  # TensorFlow's epsilon
     torch.testing.assert_close(net(x), h.mean(dim=(-2, -1)))
 
     batch = _cls_batch(tasks=2, ways=3, shots=1, queries=2, size=28)
@@ -935,6 +936,8 @@ def test_conv4_batchnorm_without_scale_matches_the_offset_only_forward_and_train
     assert all(torch.isfinite(m.bias.grad).all() and m.bias.grad.abs().sum() > 0 for m in per_step)
     with pytest.raises(MetaConfigError, match="norm='none' has no BatchNorm"):
         Conv4(norm="none", norm_scale=False)
+    with pytest.raises(MetaConfigError, match="norm_eps"):
+        Conv4(norm_eps=0.0)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

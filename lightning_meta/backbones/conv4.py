@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_meta.backbones._shapes import flatten_checked
-from lightning_meta.errors import MetaConfigError, as_integer, require_int, require_non_negative
+from lightning_meta.errors import MetaConfigError, as_integer, require_int, require_non_negative, require_positive
 
 __all__ = ["Conv4", "OffsetBatchNorm2d"]
 
@@ -102,6 +102,8 @@ class Conv4(nn.Module):
             are :class:`OffsetBatchNorm2d` (``weight`` is ``None``). Lightning's
             ``sync_batchnorm=True`` would replace them by plain ``SyncBatchNorm`` layers, with which
             second-order MAML cannot adapt the offsets; MAML normalises per task and needs no sync.
+        norm_eps: BatchNorm's epsilon (> 0): PyTorch's 1e-5 by default; TensorFlow's
+            ``batch_norm``, which the MAML authors' code uses, defaults to 1e-3.
 
     Example:
         >>> import torch
@@ -135,6 +137,7 @@ class Conv4(nn.Module):
         negative_slope: float = 0.01,
         head_init: Literal["default", "normal", "xavier"] = "default",
         norm_scale: bool = True,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         require_int("in_channels", in_channels, 1, "image channels: 1 for Omniglot, 3 for RGB")
@@ -170,6 +173,7 @@ class Conv4(nn.Module):
         if not norm_scale and norm == "none":
             raise MetaConfigError("norm_scale=False removes BatchNorm's scale, but norm='none' has no BatchNorm; "
                                   "use norm='batch' or 'batch_no_stats', or drop norm_scale")
+        norm_eps = require_positive("norm_eps", norm_eps, "BatchNorm's epsilon: 1e-5 in PyTorch, 1e-3 in TensorFlow")
         if head_init not in ("default", "normal", "xavier"):
             raise MetaConfigError(f"head_init={head_init!r} is not supported; use 'default', 'normal' or 'xavier'")
         if pads == [1, 1, 1, 1] and image_size < 2**pool_blocks and not strided:
@@ -197,7 +201,7 @@ class Conv4(nn.Module):
             layers.append(nn.Conv2d(channels, hidden, kernel_size=3, padding=pads[block], stride=stride))
             if norm != "none":
                 bn_type = nn.BatchNorm2d if norm_scale else OffsetBatchNorm2d
-                layers.append(bn_type(hidden, track_running_stats=(norm == "batch")))
+                layers.append(bn_type(hidden, eps=norm_eps, track_running_stats=(norm == "batch")))
             layers.append(nn.ReLU() if activation == "relu" else nn.LeakyReLU(negative_slope))
             if block < pool_blocks and not strided:
                 layers.append(nn.MaxPool2d(2))
