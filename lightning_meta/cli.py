@@ -176,10 +176,10 @@ def _check_linked_ways(cfg) -> None:
     model_ways, data_ways, class_path = get("model.init_args.ways"), get("data.init_args.ways"), get("model.class_path")
     if not isinstance(model_ways, int) or not isinstance(data_ways, int) or not isinstance(class_path, str):
         return
+    cls = _import_class(class_path)
     try:
-        module, name = class_path.rsplit(".", 1)
-        default = inspect.signature(getattr(importlib.import_module(module), name)).parameters["ways"].default
-    except (ImportError, AttributeError, KeyError, ValueError, TypeError):
+        default = inspect.signature(cls).parameters["ways"].default
+    except (KeyError, ValueError, TypeError):  # no class, or no ways argument
         return
     if model_ways not in (default, data_ways):
         raise MetaConfigError(

@@ -625,8 +625,7 @@ class MetaLearner(L.LightningModule):
             mean = torch.stack([o.softmax(-1) for o in outs]).mean(0)
         else:
             mean = torch.stack(outs).mean(0)
-        return {self.score_name: torch.stack([self.score_fn(mean[i], batch.query_y[i])
-                                              for i in range(batch.num_tasks)])}
+        return {self.score_name: self.per_task_score(mean, batch.query_y)}
 
     def _batched_query_outputs(self, batch: Episode) -> Tensor | None:
         """Query outputs ``[B, nq, ...]`` of a meta-batch computed exactly as :meth:`evaluate` scores them.

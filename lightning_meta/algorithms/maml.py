@@ -13,6 +13,7 @@ from torch.func import functional_call, vmap
 
 from lightning_meta.algorithms.base import MetaLearner, TaskKind
 from lightning_meta.algorithms.matching import matching_log_probs
+from lightning_meta.backbones.adapters import init_head_like
 from lightning_meta.episode import Episode
 from lightning_meta.errors import MetaConfigError, as_integer, require_int, require_positive
 from lightning_meta.functional import BNPolicy, Params, bn_policy, inner_adapt
@@ -149,9 +150,7 @@ class BackboneWithHead(nn.Module):
             )
         self.backbone = backbone
         self.head = _TaskHead(d, out_features)  # an nn.Linear (bf16: see _TaskHead)
-        init_head = getattr(backbone, "init_head", None)
-        if callable(init_head):  # the body's initialisation scheme covers the head (MLP truncated_normal)
-            init_head(self.head)
+        init_head_like(backbone, self.head)  # the body's initialisation scheme covers the head
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         with low_precision_autocast(x):  # bf16: float32 fast weights in a bf16 module
@@ -644,9 +643,7 @@ class MAML(MetaLearner):
         """
         if self._nil_evaluation():
             self.check_batch(batch)
-            out = self.nil_query_outputs(batch)
-            return {self.score_name: torch.stack([self.score_fn(out[i], batch.query_y[i])
-                                                  for i in range(batch.num_tasks)])}
+            return {self.score_name: self.per_task_score(self.nil_query_outputs(batch), batch.query_y)}
         if self._overrides_hooks_of(MAML):
             return MetaLearner.evaluate(self, batch)
         self.check_batch(batch)  # also when called directly; a subclass may relax it

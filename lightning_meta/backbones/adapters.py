@@ -416,7 +416,8 @@ def _preview(names: list[str], n: int = 8) -> str:
     return f"{names[:n]}{' ...' if len(names) > n else ''}" if names else "none"
 
 
-def _init_head_like(backbone: nn.Module, head: nn.Linear) -> None:
+def init_head_like(backbone: nn.Module, head: nn.Linear) -> None:
+    """Initialise a learner's linear ``head`` with ``backbone.init_head`` when the backbone has one."""
     init_head = getattr(backbone, "init_head", None)
     if callable(init_head):  # e.g. Conv4(head_init=...), MLP(init="truncated_normal")
         init_head(head)
@@ -478,7 +479,7 @@ class LoRABackbone(nn.Module):
 
     def init_head(self, head: nn.Linear) -> None:
         """Initialise a learner's task head as the wrapped backbone would (its ``init_head``), if it says how."""
-        _init_head_like(self.body, head)
+        init_head_like(self.body, head)
 
 
 class FiLMBackbone(nn.Module):
@@ -512,4 +513,4 @@ class FiLMBackbone(nn.Module):
 
     def init_head(self, head: nn.Linear) -> None:
         """Initialise a learner's task head as the wrapped backbone would (its ``init_head``), if it says how."""
-        _init_head_like(self.body, head)
+        init_head_like(self.body, head)

@@ -808,34 +808,34 @@ def convert_omniglot(
         if bad:
             raise MetaConfigError(f"rotation split {bad[0]!r} is not one of {', '.join(SPLITS)}")
         alphabets: dict[str, dict[str, list[str]]] = {}
-        home: dict[str, tuple[SourceTree, str]] = {}
+        home: dict[str, SourceTree] = {}
+        prefixes: list[str] = []
         for src in sources:
             tree = SourceTree(src, "omniglot source")
             trees.append(tree)
             prefix, found = omniglot_alphabets(tree)
+            prefixes.append(prefix)
             for a, chars in found.items():
                 if a in alphabets:
-                    raise MetaConfigError(f"alphabet {a!r} is in {home[a][0].path} and in {tree.path}; give each "
+                    raise MetaConfigError(f"alphabet {a!r} is in {home[a].path} and in {tree.path}; give each "
                                           "Omniglot set once (e.g. images_background and images_evaluation)")
                 alphabets[a] = chars
-                home[a] = (tree, prefix)
+                home[a] = tree
+        names = [f"{a}/{c}" for a in sorted(alphabets) for c in sorted(alphabets[a])]
         if split_by == "character":
-            by_char = assign_characters([f"{a}/{c}" for a in alphabets for c in alphabets[a]],
-                                        val_characters, test_characters, seed)
-            split_of = lambda a, c: by_char[f"{a}/{c}"]  # noqa: E731
+            split_of = assign_characters(names, val_characters, test_characters, seed)
         else:
             by_alpha = assign_alphabets(list(alphabets), val_alphabets, test_alphabets, val_fraction,
                                         test_fraction, seed)
-            split_of = lambda a, c: by_alpha[a]  # noqa: E731
+            split_of = {n: by_alpha[n.split("/", 1)[0]] for n in names}
         rot = tuple(ROTATIONS) if rotations else (0,)
         plans = []
-        for a in sorted(alphabets):
-            for c in sorted(alphabets[a]):
-                s = split_of(a, c)
-                plans.append(_ClassPlan(f"{a}/{c}", s, a, alphabets[a][c], rot if s in rotation_splits else (0,),
-                                        tree=home[a][0]))
-        for a in sorted(alphabets):
-            _check_class_files([p for p in plans if p.group == a], f"{home[a][0].path}/{home[a][1]}", "omniglot")
+        for name in names:
+            a, c = name.split("/", 1)
+            s = split_of[name]
+            plans.append(_ClassPlan(name, s, a, alphabets[a][c], rot if s in rotation_splits else (0,), tree=home[a]))
+        for tree, prefix in zip(trees, prefixes, strict=True):
+            _check_class_files([p for p in plans if p.tree is tree], f"{tree.path}/{prefix}", "omniglot")
         size = _check_size(image_size)
         recipe = ImageRecipe(mode="L", size=size, invert=True, resample="box")
         inputs = [str(t.path) for t in trees]
