@@ -88,8 +88,7 @@ class Episode:
             if t.is_floating_point():
                 out[f.name] = t.to(*args, **kwargs)
             else:  # only move integer tensors, never cast them to a float dtype
-                dev = kwargs.get("device", next((a.device if isinstance(a, Tensor) else a for a in args
-                                                 if isinstance(a, (str, torch.device, Tensor))), None))
+                dev = _device_argument(args, kwargs)
                 out[f.name] = t.to(dev) if dev is not None else t
         moved = Episode(**out)
         if "_samples" in self.__dict__:  # a shard batch's decode counts (ShardDataModule.consumed_batch)
@@ -99,6 +98,22 @@ class Episode:
     def clone(self) -> Episode:
         """A copy whose tensors are ordinary (not inference-mode) tensors."""
         return Episode(*(getattr(self, f.name).clone() for f in fields(self)))
+
+
+def _device_argument(args: tuple, kwargs: dict) -> torch.device | str | int | None:
+    """The device that ``Tensor.to(*args, **kwargs)`` would move to, or ``None`` when it names none.
+
+    A device may come as ``device=``, a string, a :class:`torch.device`, a CUDA index (``to(0)``)
+    or a tensor whose device to match.
+    """
+    if "device" in kwargs:
+        return kwargs["device"]
+    for a in args:
+        if isinstance(a, Tensor):
+            return a.device
+        if isinstance(a, (str, torch.device)) or (isinstance(a, int) and not isinstance(a, bool)):
+            return a
+    return None
 
 
 def collate_episodes(episodes: Sequence[Episode]) -> Episode:

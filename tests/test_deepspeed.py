@@ -221,6 +221,52 @@ def test_nil_validation_under_zero3_equals_plain(tmp_path, monkeypatch):
     assert scores["deepspeed_cpu_stage_3"] == pytest.approx(scores["auto"], abs=1e-6)
 
 
+
+def test_cpu_strategy_runs_where_deepspeed_picked_cuda(tmp_path):
+    """On a machine with a GPU, DeepSpeed's process-wide accelerator is CUDA and its engine moved the model there
+    while Lightning kept deepspeed_cpu's batches on the CPU: every step failed with a device mismatch (seen on an
+    H200). Faked here by installing DeepSpeed's CUDA accelerator: the strategy trains on the CPU as the plain run
+    does and keeps the CPU accelerator afterwards (ZeRO-3 parameters on the CPU are gathered through it); the CUDA
+    strategy gives the replaced one back when it sets up."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    from lightning_meta.strategies.deepspeed import _REPLACED_DS_ACCELERATOR
+
+    from lightning_meta.datamodules import SinusoidDataModule
+
+    weights = {}
+    original = get_accelerator()
+    cuda = CUDA_Accelerator()
+    try:
+        for strategy in ("deepspeed_cpu_stage_2", "auto"):
+            set_accelerator(cuda)
+            torch.manual_seed(0)
+            model = MAML(MLP(1, [8]), task="regression", inner_lr=0.01, lr=0.01)
+            trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=2, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                limit_val_batches=0, default_root_dir=tmp_path)
+            trainer.fit(model, SinusoidDataModule(meta_batch_size=2, train_episodes=4))
+            assert trainer.global_step == 2
+            weights[strategy] = torch.cat([p.detach().flatten() for p in model.parameters()])
+            if strategy != "auto":
+                assert get_accelerator().device_name() == "cpu"
+                with pytest.raises(RuntimeError, match="only supported on CUDA"):  # no GPU here, after the swap
+                    MetaDeepSpeedStrategy(stage=2).setup_environment()
+                assert get_accelerator() is cuda and not _REPLACED_DS_ACCELERATOR
+    finally:
+        set_accelerator(original)
+        _REPLACED_DS_ACCELERATOR.clear()
+    assert weights["auto"].device.type == "cpu"
+    torch.testing.assert_close(weights["deepspeed_cpu_stage_2"], weights["auto"], rtol=0, atol=1e-6)
+
+
+def test_cpu_strategy_refuses_a_gpu_device():
+    strategy = CPUDeepSpeedStrategy(stage=2, parallel_devices=[torch.device("cuda", 0)])
+    with pytest.raises(MetaConfigError, match=r"cuda:0.*--trainer.accelerator cpu.*deepspeed_meta_stage_2"):
+        strategy.setup_environment()
+
+
 # ------------------------------------------------------------------ slow tests
 def _shards(tmp_path: Path) -> str:
     from lightning_meta.data.glyphs import generate_glyphs

@@ -127,6 +127,25 @@ def test_to_casts_floats_and_keeps_integer_dtypes(args, kwargs):
     torch.testing.assert_close(out.support_x, ep.support_x.double())
 
 
+def test_to_moves_integer_tensors_with_every_spelling_of_the_device():
+    from dataclasses import fields
+
+    from lightning_meta.episode import _device_argument
+
+    ep = collate_episodes([make_episode(), make_episode(seed=1)])
+    meta = torch.empty(0, device="meta")
+    for args, kwargs in [(("meta",), {}), ((torch.device("meta"),), {}), ((), {"device": "meta"}), ((meta,), {})]:
+        out = ep.to(*args, **kwargs)
+        for f in fields(out):
+            assert getattr(out, f.name).device.type == "meta", (args, kwargs, f.name)
+        assert out.support_y.dtype == torch.long and out.classes.dtype == torch.long
+    # a CUDA index, ep.to(0), moved the images to cuda:0 and left the labels and class ids on the CPU
+    assert _device_argument((0,), {}) == 0
+    assert _device_argument(("cuda:1", torch.float16), {}) == "cuda:1"
+    assert _device_argument((torch.float64,), {}) is None
+    assert _device_argument((), {"dtype": torch.float64}) is None
+
+
 def test_to_keeps_float_targets_float_for_regression():
     ep = make_regression_episode()
     out = ep.to(torch.float64)

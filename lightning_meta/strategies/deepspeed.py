@@ -220,6 +220,41 @@ def prepare_zero3_adapted(module: torch.nn.Module, adapted: list[str]) -> int:
     return stripped
 
 
+#: DeepSpeed's process-wide accelerator that :class:`CPUDeepSpeedStrategy` replaced by the CPU one
+_REPLACED_DS_ACCELERATOR: list[Any] = []
+
+
+def _use_deepspeed_cpu_accelerator() -> None:
+    """Make DeepSpeed's process-wide accelerator the CPU one (:class:`CPUDeepSpeedStrategy`).
+
+    DeepSpeed chooses one accelerator per process, CUDA whenever a GPU is visible, and its engine
+    moves the model to that device; Lightning keeps the CPU strategy's batches on the CPU, so on a
+    machine with a GPU every step failed with a CPU/CUDA device mismatch. The CPU accelerator stays
+    after the run, because the process's ZeRO-3 parameters live on the CPU and gathering them later
+    (``deepspeed.zero.GatheredParameters``) goes through it; :class:`MetaDeepSpeedStrategy` gives the
+    replaced accelerator back when it sets up on GPUs in the same process.
+    """
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    current = get_accelerator()
+    if current.device_name() == "cpu":
+        return
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    _REPLACED_DS_ACCELERATOR[:] = [current]
+    set_accelerator(CPU_Accelerator())
+
+
+def _give_back_deepspeed_accelerator() -> None:
+    """Reinstall the accelerator :func:`_use_deepspeed_cpu_accelerator` replaced, if it did."""
+    if not _REPLACED_DS_ACCELERATOR:
+        return
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        set_accelerator(_REPLACED_DS_ACCELERATOR.pop())
+
+
 class MetaDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` with meta-learning checks (CUDA GPUs).
 
@@ -305,6 +340,11 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
         self._zero3_adapted = adapted
         rank_zero_info(f"ZeRO-3: keeping the {len(adapted)} adapted parameter tensors unpartitioned "
                        f"(stage3_param_persistence_threshold={zero['stage3_param_persistence_threshold']})")
+
+    @override
+    def setup_environment(self) -> None:
+        _give_back_deepspeed_accelerator()  # after a CPUDeepSpeedStrategy run in this process
+        super().setup_environment()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -464,6 +504,12 @@ class CPUDeepSpeedStrategy(MetaDeepSpeedStrategy):
 
     @override
     def setup_environment(self) -> None:
+        if self.root_device.type != "cpu":
+            raise MetaConfigError(
+                f"strategy {self.strategy_name}_stage_{self.zero_stage} runs on CPU processes, but the trainer's "
+                f"device is {self.root_device}; set accelerator='cpu' (--trainer.accelerator cpu), or use "
+                f"deepspeed_meta_stage_{self.zero_stage} on GPUs")
+        _use_deepspeed_cpu_accelerator()
         # skip DeepSpeedStrategy's "CUDA only" check; DDPStrategy sets the device up and calls setup_distributed
         DDPStrategy.setup_environment(self)
 
