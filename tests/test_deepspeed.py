@@ -229,6 +229,7 @@ def test_cpu_strategy_runs_where_deepspeed_picked_cuda(tmp_path):
     does and keeps the CPU accelerator afterwards (ZeRO-3 parameters on the CPU are gathered through it); the CUDA
     strategy gives the replaced one back when it sets up."""
     from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
     from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
 
     from lightning_meta.strategies.deepspeed import _REPLACED_DS_ACCELERATOR
@@ -236,7 +237,7 @@ def test_cpu_strategy_runs_where_deepspeed_picked_cuda(tmp_path):
     from lightning_meta.datamodules import SinusoidDataModule
 
     weights = {}
-    original = get_accelerator()
+    original, saved = get_accelerator(), list(_REPLACED_DS_ACCELERATOR)  # as an earlier test left them
     cuda = CUDA_Accelerator()
     try:
         for strategy in ("deepspeed_cpu_stage_2", "auto"):
@@ -251,12 +252,18 @@ def test_cpu_strategy_runs_where_deepspeed_picked_cuda(tmp_path):
             weights[strategy] = torch.cat([p.detach().flatten() for p in model.parameters()])
             if strategy != "auto":
                 assert get_accelerator().device_name() == "cpu"
+                gpu = MetaDeepSpeedStrategy(stage=2, parallel_devices=[torch.device("cuda", 0)])
                 with pytest.raises(RuntimeError, match="only supported on CUDA"):  # no GPU here, after the swap
-                    MetaDeepSpeedStrategy(stage=2).setup_environment()
+                    gpu.setup_environment()
                 assert get_accelerator() is cuda and not _REPLACED_DS_ACCELERATOR
+                # with nothing saved (DS_ACCELERATOR=cpu, or the saved one lost), a new CUDA accelerator
+                set_accelerator(original if original.device_name() == "cpu" else CPU_Accelerator())
+                with pytest.raises(RuntimeError, match="only supported on CUDA"):
+                    gpu.setup_environment()
+                assert get_accelerator().device_name() == "cuda"
     finally:
         set_accelerator(original)
-        _REPLACED_DS_ACCELERATOR.clear()
+        _REPLACED_DS_ACCELERATOR[:] = saved
     assert weights["auto"].device.type == "cpu"
     torch.testing.assert_close(weights["deepspeed_cpu_stage_2"], weights["auto"], rtol=0, atol=1e-6)
 

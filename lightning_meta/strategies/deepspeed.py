@@ -232,7 +232,7 @@ def _use_deepspeed_cpu_accelerator() -> None:
     machine with a GPU every step failed with a CPU/CUDA device mismatch. The CPU accelerator stays
     after the run, because the process's ZeRO-3 parameters live on the CPU and gathering them later
     (``deepspeed.zero.GatheredParameters``) goes through it; :class:`MetaDeepSpeedStrategy` gives the
-    replaced accelerator back when it sets up on GPUs in the same process.
+    CUDA accelerator back when it sets up on a GPU in the same process.
     """
     from deepspeed.accelerator import get_accelerator, set_accelerator
 
@@ -245,14 +245,21 @@ def _use_deepspeed_cpu_accelerator() -> None:
     set_accelerator(CPU_Accelerator())
 
 
-def _give_back_deepspeed_accelerator() -> None:
-    """Reinstall the accelerator :func:`_use_deepspeed_cpu_accelerator` replaced, if it did."""
-    if not _REPLACED_DS_ACCELERATOR:
-        return
+def _use_deepspeed_cuda_accelerator() -> None:
+    """Make DeepSpeed's accelerator a CUDA one again where a CPU one is installed (:class:`MetaDeepSpeedStrategy`).
+
+    The one :func:`_use_deepspeed_cpu_accelerator` replaced, if it saved one, else a new one.
+    """
     from deepspeed.accelerator import get_accelerator, set_accelerator
 
-    if get_accelerator().device_name() == "cpu":
+    if get_accelerator().device_name() != "cpu":
+        return
+    if _REPLACED_DS_ACCELERATOR:
         set_accelerator(_REPLACED_DS_ACCELERATOR.pop())
+    else:
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+        set_accelerator(CUDA_Accelerator())
 
 
 class MetaDeepSpeedStrategy(DeepSpeedStrategy):
@@ -343,7 +350,8 @@ class MetaDeepSpeedStrategy(DeepSpeedStrategy):
 
     @override
     def setup_environment(self) -> None:
-        _give_back_deepspeed_accelerator()  # after a CPUDeepSpeedStrategy run in this process
+        if self.parallel_devices and self.root_device.type == "cuda":
+            _use_deepspeed_cuda_accelerator()  # e.g. after a CPUDeepSpeedStrategy run in this process
         super().setup_environment()
 
     @override
