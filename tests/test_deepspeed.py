@@ -232,9 +232,8 @@ def test_cpu_strategy_runs_where_deepspeed_picked_cuda(tmp_path):
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
     from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
 
-    from lightning_meta.strategies.deepspeed import _REPLACED_DS_ACCELERATOR
-
     from lightning_meta.datamodules import SinusoidDataModule
+    from lightning_meta.strategies.deepspeed import _REPLACED_DS_ACCELERATOR
 
     weights = {}
     original, saved = get_accelerator(), list(_REPLACED_DS_ACCELERATOR)  # as an earlier test left them

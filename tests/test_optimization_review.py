@@ -81,7 +81,8 @@ def test_mamlpp_resumes_from_a_checkpoint_with_rates_for_evaluation_steps(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(2, [ModelCheckpoint(dirpath=tmp_path, filename="new", every_n_train_steps=2)]).fit(model, data())
-    ckpt = torch.load(tmp_path / "new.ckpt", weights_only=False, map_location="cpu")  # trained on a GPU where one is visible
+    # map_location: the fit above runs on a GPU where one is visible
+    ckpt = torch.load(tmp_path / "new.ckpt", weights_only=False, map_location="cpu")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     rate_names = [n for n in ckpt["state_dict"] if n.startswith("step_lrs.")]
     assert rate_names
