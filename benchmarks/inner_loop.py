@@ -85,6 +85,32 @@ def body() -> Conv4:
     return Conv4(1, 64, SIZE, norm="batch_no_stats").to(DEVICE)
 
 
+def small_conv4_arguments(description: str, steps: int, rounds: int) -> argparse.Namespace:
+    """Command line of the scripts that shrink the Conv-4 until kernels cost little; applies it.
+
+    ``--hidden`` and ``--size`` replace :func:`body` and ``SIZE`` of this module for the process;
+    one thread.
+    """
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--hidden", type=int, default=1, help="channels of every Conv-4 block (64 in the speed table)")
+    p.add_argument("--size", type=int, default=16, help="image side (>= 16 for four 2x2 poolings)")
+    p.add_argument("--meta-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--rounds", type=int, default=rounds)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    global SIZE, body
+    SIZE = a.size
+
+    def small_body() -> Conv4:
+        torch.manual_seed(0)
+        return Conv4(1, a.hidden, a.size, norm="batch_no_stats").to(DEVICE)
+
+    body = small_body
+    a.parser = p
+    return a
+
+
 ONE_BACKWARD = "MAML 2nd order, one backward over the meta-batch"
 
 

@@ -14,7 +14,6 @@ Needs ``higher`` (``pip install -e ".[bench]"``).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,28 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inner_loop  # noqa: E402  (the same contenders as the speed table)
 
-from lightning_meta.backbones import Conv4  # noqa: E402
-
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=1, help="channels of every Conv-4 block (64 in the speed table)")
-    p.add_argument("--size", type=int, default=16, help="image side (>= 16 for four 2x2 poolings)")
-    p.add_argument("--meta-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=15)
-    a = p.parse_args()
-    torch.set_num_threads(1)
-    inner_loop.SIZE = a.size
-
-    def small_body() -> Conv4:
-        torch.manual_seed(0)
-        return Conv4(1, a.hidden, a.size, norm="batch_no_stats")
-
-    inner_loop.body = small_body
+    a = inner_loop.small_conv4_arguments(__doc__.splitlines()[0], steps=5, rounds=15)
     runs, modules, peer = inner_loop.contenders(a.steps)
     if not peer.startswith("higher"):
-        p.error("higher is not installed: pip install -e '.[bench]'")
+        a.parser.error("higher is not installed: pip install -e '.[bench]'")
     names = ["MAML 2nd order", peer]
     batch = inner_loop.make_batch(a.meta_batch)
     for name in names:  # warm-up

@@ -76,3 +76,16 @@ def test_per_task_step_gives_the_whole_batch_meta_gradient(bench):
     for a, b, c in zip(whole.parameters(), per_task.parameters(), default.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(a.grad, c.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_task_split_overhead_script_runs_and_times_three_variants():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "task_split_overhead.py"
+    out = subprocess.run([sys.executable, str(script), "--meta-batch", "2", "--steps", "1", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "ms per" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["per-call", "setup once", "one backward"], out
+    assert rows[0].endswith("| 1.000x |")

@@ -168,3 +168,33 @@ def test_a_parameter_gradient_hook_sees_the_meta_gradient_once(tmp_path):
         model.training_step(batch, 0).backward()
         grads[split] = model.model.head.weight.grad.clone()
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("cls", [MAML, ANIL, MetaSGD, MAMLPlusPlus])
+def test_task_losses_do_the_setup_once_and_equal_one_meta_loss_call_per_task(cls):
+    """MAML's own meta-loss yields its per-task terms with the parameter dicts and BatchNorm policy
+    set up once per meta-batch; values, their gradients and the training scores equal one
+    ``meta_loss`` call per task (the generic path, which MAML++'s own loss keeps)."""
+    from lightning_meta.algorithms.base import MetaLearner
+
+    model = _learner(cls).train()
+    batch = _Data(1).batches[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = {}
+    for name, fn in (("setup once", type(model)._task_losses), ("per call", MetaLearner._task_losses)):
+        losses, grads, scores = [], [], []
+        for loss in fn(model, batch):
+            losses.append(loss.detach())
+            grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+            scores.append(model._train_scores)
+        got[name] = losses, grads, scores
+    assert len(got["setup once"][0]) == batch.num_tasks
+    torch.testing.assert_close(got["setup once"][0], got["per call"][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got["setup once"][2], got["per call"][2], rtol=0, atol=0)
+    for a, b in zip(got["setup once"][1], got["per call"][1], strict=True):
+        for ga, gb in zip(a, b, strict=True):
+            assert (ga is None) == (gb is None)
+            if ga is not None:
+                torch.testing.assert_close(ga, gb, rtol=0, atol=1e-12)
+    hoisted = type(model)._task_losses is not MetaLearner._task_losses and type(model).meta_loss is MAML.meta_loss
+    assert hoisted == (cls is not MAMLPlusPlus)

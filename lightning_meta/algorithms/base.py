@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -404,9 +404,12 @@ class MetaLearner(L.LightningModule):
         grads: list[Tensor | None] = [None] * len(params)
         total = torch.zeros((), device=self.device)
         scores, shown = [], []
-        for i in range(batch.num_tasks):
+        task_losses = self._task_losses(batch)
+        while True:
             self._train_scores, self._display_loss = None, None
-            loss = self.meta_loss(batch.select(i)) / batch.num_tasks
+            loss = next(task_losses, None)
+            if loss is None:
+                break
             got = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
             for k, g in enumerate(got):
                 if g is not None:
@@ -421,6 +424,16 @@ class MetaLearner(L.LightningModule):
         surrogate = sum(((p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None),
                         torch.zeros((), device=self.device))
         return surrogate - surrogate.detach() + total
+
+    def _task_losses(self, batch: Episode) -> Iterator[Tensor]:
+        """Each task's share ``meta_loss(task) / B`` of the meta-loss, in order, one at a time.
+
+        :meth:`_task_split_loss` differentiates each before asking for the next, and reads
+        ``_train_scores`` / ``_display_loss`` after each. A learner whose :meth:`meta_loss` has
+        per-call setup may override this to do it once per meta-batch, yielding the same values.
+        """
+        for i in range(batch.num_tasks):
+            yield self.meta_loss(batch.select(i)) / batch.num_tasks
 
     def _per_task_step(self, batch: Episode) -> Tensor:
         """One optimizer step with a backward per task; returns the (detached) meta-loss."""

@@ -594,6 +594,26 @@ class MAML(MetaLearner):
         self._train_scores = torch.stack([self.score_fn(o.detach(), batch.query_y[i]) for i, o in enumerate(outs)])
         return losses.mean()
 
+    def _task_losses(self, batch: Episode) -> Iterator[Tensor]:
+        """:meth:`meta_loss`'s per-task terms with its setup (parameter dicts, BatchNorm policy) done once.
+
+        Only for MAML's own :meth:`meta_loss` with the per-task loop (MAML, ANIL, Meta-SGD); otherwise
+        (MAML++'s loss, a subclass's ``adapt``/``predict``) one :meth:`meta_loss` call per task.
+        """
+        if type(self).meta_loss is not MAML.meta_loss or self._overrides_hooks_of(MAML) or self.task_batching != "loop":
+            yield from super()._task_losses(batch)
+            return
+        self.check_batch(batch)
+        adapted, frozen = self.split_parameters()
+        buffers = self.model_buffers()
+        args = (self.inner_steps, self.first_order)
+        with bn_policy(self.model, self.bn):
+            for ep in batch.tasks():
+                out = self.task_query_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y, ep.query_x,
+                                              *args)[0]
+                self._train_scores = self.score_fn(out.detach(), ep.query_y).reshape(1)
+                yield self.loss_fn(out, ep.query_y) / batch.num_tasks
+
     def nil_query_outputs(self, batch: Episode) -> Tensor:
         """NIL's log class probabilities ``[B, nq, ways]`` of a meta-batch's queries (see ``eval_mode``).
 
