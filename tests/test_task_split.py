@@ -198,3 +198,31 @@ def test_task_losses_do_the_setup_once_and_equal_one_meta_loss_call_per_task(cls
                 torch.testing.assert_close(ga, gb, rtol=0, atol=1e-12)
     hoisted = type(model)._task_losses is not MetaLearner._task_losses and type(model).meta_loss is MAML.meta_loss
     assert hoisted == (cls is not MAMLPlusPlus)
+
+
+def test_an_error_between_tasks_closes_the_task_losses_at_once(monkeypatch):
+    """The per-task terms come from a generator that holds MAML's BatchNorm policy open between
+    tasks; an error in a task's gradient closes it right away (not when the traceback is freed)."""
+    model = _learner(MAML).train()
+    batch = _Data(1).batches[0]
+    closed = []
+    inner = MAML._task_losses
+
+    def recording(self, b):
+        try:
+            yield from inner(self, b)
+        finally:
+            closed.append(True)
+
+    monkeypatch.setattr(MAML, "_task_losses", recording)
+    real_grad = torch.autograd.grad
+
+    def failing(outputs, inputs, *args, **kwargs):
+        if "create_graph" not in kwargs:  # the outer per-task gradient (inner steps pass create_graph)
+            raise RuntimeError("boom")
+        return real_grad(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", failing)
+    with pytest.raises(RuntimeError, match="boom") as info:
+        model._task_split_loss(batch)
+    assert closed == [True] and info.value is not None  # the traceback (and its frames) still held here

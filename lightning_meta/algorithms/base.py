@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -404,21 +405,24 @@ class MetaLearner(L.LightningModule):
         grads: list[Tensor | None] = [None] * len(params)
         total = torch.zeros((), device=self.device)
         scores, shown = [], []
-        task_losses = self._task_losses(batch)
-        while True:
-            self._train_scores, self._display_loss = None, None
-            loss = next(task_losses, None)
-            if loss is None:
-                break
-            got = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
-            for k, g in enumerate(got):
-                if g is not None:
-                    grads[k] = g if grads[k] is None else grads[k] + g
-            total = total + loss.detach()
-            if self._train_scores is not None:
-                scores.append(self._train_scores)
-            if self._display_loss is not None:
-                shown.append(self._display_loss)
+        # closing: an error between two tasks leaves the generator's BatchNorm policy at once, not when
+        # the traceback that holds this frame is freed
+        with contextlib.closing(self._task_losses(batch)) as task_losses:
+            while True:
+                self._train_scores, self._display_loss = None, None
+                loss = next(task_losses, None)
+                if loss is None:
+                    break
+                got = (torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad
+                       else [None] * len(params))
+                for k, g in enumerate(got):
+                    if g is not None:
+                        grads[k] = g if grads[k] is None else grads[k] + g
+                total = total + loss.detach()
+                if self._train_scores is not None:
+                    scores.append(self._train_scores)
+                if self._display_loss is not None:
+                    shown.append(self._display_loss)
         self._train_scores = torch.cat(scores) if scores else None
         self._display_loss = torch.stack(shown).mean() if shown else None
         surrogate = sum(((p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None),
@@ -437,8 +441,6 @@ class MetaLearner(L.LightningModule):
 
     def _per_task_step(self, batch: Episode) -> Tensor:
         """One optimizer step with a backward per task; returns the (detached) meta-loss."""
-        import contextlib
-
         opt = self.optimizers()
         self._check_per_task_schedulers()
         opt.zero_grad()
