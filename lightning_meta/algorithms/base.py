@@ -407,12 +407,9 @@ class MetaLearner(L.LightningModule):
         scores, shown = [], []
         # closing: an error between two tasks leaves the generator's BatchNorm policy at once, not when
         # the traceback that holds this frame is freed
+        self._train_scores, self._display_loss = None, None
         with contextlib.closing(self._task_losses(batch)) as task_losses:
-            while True:
-                self._train_scores, self._display_loss = None, None
-                loss = next(task_losses, None)
-                if loss is None:
-                    break
+            for loss in task_losses:
                 got = (torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad
                        else [None] * len(params))
                 for k, g in enumerate(got):
@@ -423,6 +420,7 @@ class MetaLearner(L.LightningModule):
                     scores.append(self._train_scores)
                 if self._display_loss is not None:
                     shown.append(self._display_loss)
+                self._train_scores, self._display_loss = None, None  # what the next task sets
         self._train_scores = torch.cat(scores) if scores else None
         self._display_loss = torch.stack(shown).mean() if shown else None
         surrogate = sum(((p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None),

@@ -576,19 +576,19 @@ class MAML(MetaLearner):
         """
         if self._overrides_hooks_of(MAML):
             return MetaLearner.meta_loss(self, batch)
-        self.check_batch(batch)  # also when called directly; a subclass may relax it
-        adapted, frozen = self.split_parameters()
-        buffers = self.model_buffers()
-        args = (self.inner_steps, self.first_order)
-        with bn_policy(self.model, self.bn):
-            if self.task_batching == "vmap":
+        if self.task_batching == "loop":
+            outs = list(self._each_task_query_outputs(batch))
+        else:
+            self.check_batch(batch)  # also when called directly; a subclass may relax it
+            adapted, frozen = self.split_parameters()
+            buffers = self.model_buffers()
+            args = (self.inner_steps, self.first_order)
+            with bn_policy(self.model, self.bn):
                 fn = lambda a, f, b, sx, sy, qx: self.task_query_outputs(a, f, b, sx, sy, qx, *args)[0]  # noqa: E731
                 out = self._vmap_tasks(fn, adapted, frozen, buffers, batch, self.first_order)
-                losses = self.per_task_loss(out, batch.query_y)
-                self._train_scores = self.per_task_score(out.detach(), batch.query_y)
-                return losses.mean()
-            outs = [self.task_query_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y, ep.query_x,
-                                            *args)[0] for ep in batch.tasks()]
+            losses = self.per_task_loss(out, batch.query_y)
+            self._train_scores = self.per_task_score(out.detach(), batch.query_y)
+            return losses.mean()
         # equal query counts per task: the mean of per-task means is the mean over all queries
         losses = torch.stack([self.loss_fn(o, batch.query_y[i]) for i, o in enumerate(outs)])
         self._train_scores = torch.stack([self.score_fn(o.detach(), batch.query_y[i]) for i, o in enumerate(outs)])
@@ -603,16 +603,22 @@ class MAML(MetaLearner):
         if type(self).meta_loss is not MAML.meta_loss or self._overrides_hooks_of(MAML) or self.task_batching != "loop":
             yield from super()._task_losses(batch)
             return
-        self.check_batch(batch)
+        for out, query_y in zip(self._each_task_query_outputs(batch), batch.query_y, strict=True):
+            self._train_scores = self.score_fn(out.detach(), query_y).reshape(1)
+            yield self.loss_fn(out, query_y) / batch.num_tasks
+
+    def _each_task_query_outputs(self, batch: Episode) -> Iterator[Tensor]:
+        """Each task's query outputs after the inner loop, one at a time (the per-task loop of :meth:`meta_loss`).
+
+        The parameter and buffer dicts and the BatchNorm policy are set up once for the meta-batch.
+        """
+        self.check_batch(batch)  # also when called directly; a subclass may relax it
         adapted, frozen = self.split_parameters()
         buffers = self.model_buffers()
-        args = (self.inner_steps, self.first_order)
         with bn_policy(self.model, self.bn):
             for ep in batch.tasks():
-                out = self.task_query_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y, ep.query_x,
-                                              *args)[0]
-                self._train_scores = self.score_fn(out.detach(), ep.query_y).reshape(1)
-                yield self.loss_fn(out, ep.query_y) / batch.num_tasks
+                yield self.task_query_outputs(adapted, frozen, buffers, ep.support_x, ep.support_y, ep.query_x,
+                                              self.inner_steps, self.first_order)[0]
 
     def nil_query_outputs(self, batch: Episode) -> Tensor:
         """NIL's log class probabilities ``[B, nq, ways]`` of a meta-batch's queries (see ``eval_mode``).

@@ -220,10 +220,6 @@ def prepare_zero3_adapted(module: torch.nn.Module, adapted: list[str]) -> int:
     return stripped
 
 
-#: DeepSpeed's process-wide accelerator that :class:`CPUDeepSpeedStrategy` replaced by the CPU one
-_REPLACED_DS_ACCELERATOR: list[Any] = []
-
-
 def _use_deepspeed_cpu_accelerator() -> None:
     """Make DeepSpeed's process-wide accelerator the CPU one (:class:`CPUDeepSpeedStrategy`).
 
@@ -231,32 +227,22 @@ def _use_deepspeed_cpu_accelerator() -> None:
     moves the model to that device; Lightning keeps the CPU strategy's batches on the CPU, so on a
     machine with a GPU every step failed with a CPU/CUDA device mismatch. The CPU accelerator stays
     after the run, because the process's ZeRO-3 parameters live on the CPU and gathering them later
-    (``deepspeed.zero.GatheredParameters``) goes through it; :class:`MetaDeepSpeedStrategy` gives the
-    CUDA accelerator back when it sets up on a GPU in the same process.
-    """
-    from deepspeed.accelerator import get_accelerator, set_accelerator
-
-    current = get_accelerator()
-    if current.device_name() == "cpu":
-        return
-    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-
-    _REPLACED_DS_ACCELERATOR[:] = [current]
-    set_accelerator(CPU_Accelerator())
-
-
-def _use_deepspeed_cuda_accelerator() -> None:
-    """Make DeepSpeed's accelerator a CUDA one again where a CPU one is installed (:class:`MetaDeepSpeedStrategy`).
-
-    The one :func:`_use_deepspeed_cpu_accelerator` replaced, if it saved one, else a new one.
+    (``deepspeed.zero.GatheredParameters``) goes through it; :class:`MetaDeepSpeedStrategy` installs
+    a CUDA one again when it sets up on a GPU in the same process.
     """
     from deepspeed.accelerator import get_accelerator, set_accelerator
 
     if get_accelerator().device_name() != "cpu":
-        return
-    if _REPLACED_DS_ACCELERATOR:
-        set_accelerator(_REPLACED_DS_ACCELERATOR.pop())
-    else:
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
+
+
+def _use_deepspeed_cuda_accelerator() -> None:
+    """Make DeepSpeed's accelerator a CUDA one where a CPU one is installed (:class:`MetaDeepSpeedStrategy`)."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() == "cpu":
         from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
 
         set_accelerator(CUDA_Accelerator())
